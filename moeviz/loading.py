@@ -1,0 +1,122 @@
+"""Loading models and tokenizers: the shipped demo, a local path, or a Hugging Face hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .adapters import family_of
+
+DEMO = "demo"
+
+
+def demo_path() -> Path:
+    from .demo import CHECKPOINT_DIR
+
+    return CHECKPOINT_DIR
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` is CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA was asked for but torch sees no GPU (is this a CPU build of torch?).")
+    return dev
+
+
+def resolve_source(name_or_path: str | os.PathLike) -> str:
+    """`demo` → the shipped checkpoint; a path must exist; anything else is a hub id."""
+    name = str(name_or_path)
+    if name == DEMO:
+        return str(demo_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a transformers checkpoint.")
+        return str(path)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+    if looks_local:
+        raise FileNotFoundError(f"No such model directory: {path}")
+    return name
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    source = resolve_source(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise OSError(
+            f"Could not load the config of {name_or_path!r}: not a local checkpoint, and the "
+            f"Hugging Face Hub did not provide it (offline, a typo, or a gated model?). {err}"
+        ) from err
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEMO,
+    device: str = "auto",
+    dtype: torch.dtype | str | None = None,
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+) -> tuple[PreTrainedModel, object | None]:
+    """Load a MoE causal LM and its tokenizer (None when the checkpoint has none).
+
+    The architecture is checked from the config before any weight is read, so an
+    unsupported model fails fast. `dtype=None` keeps the checkpoint's dtype on a GPU and
+    uses float32 on the CPU. `device_map="auto"` spreads a large model over all GPUs.
+    """
+    config = load_config(name_or_path, trust_remote_code)
+    family_of(config)  # raises for unsupported architectures
+    source = resolve_source(name_or_path)
+    dev = resolve_device(device)
+    if dtype is None:
+        dtype = "auto" if dev.type == "cuda" else torch.float32
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if device_map is None:
+        model.to(dev)
+    model.eval()
+    model.name_or_path = str(name_or_path)
+    return model, load_tokenizer(source, trust_remote_code)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    local = Path(source)
+    if local.is_dir() and not any((local / f).is_file() for f in _TOKENIZER_FILES):
+        return None  # transformers would build an empty tokenizer from nothing
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        return None  # e.g. a random model saved without tokenizer: use the `random` text source
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """A short hash of the config and of a strided sample of every parameter.
+
+    Two loads of the same weights agree; a pruned or retrained model differs. Cheap even
+    for large models: at most 64 numbers per tensor are read.
+    """
+    h = hashlib.sha256()
+    config = model.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"):
+        config.pop(key, None)
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, param in model.state_dict().items():
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // 64)
+        sample = flat[::step][:64].float().cpu()
+        h.update(name.encode())
+        h.update(str(tuple(param.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
