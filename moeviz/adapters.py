@@ -227,6 +227,21 @@ class Adapter:
     def top_k(self) -> int:
         return self.layers[0].top_k
 
+    def summary(self) -> list[dict]:
+        """One row per MoE layer: sizes and parameter counts, for tables."""
+        rows = []
+        for layer in self.layers:
+            w = layer.expert_weights(0)
+            per_expert = sum(t.numel() for t in (w.gate, w.up, w.down) if t is not None)
+            shared = sum(p.numel() for m in layer.shared for p in m.parameters())
+            rows.append(dict(
+                layer_idx=layer.layer_idx, num_experts=layer.num_experts, top_k=layer.top_k,
+                hidden_size=layer.hidden_size, intermediate_size=layer.intermediate_size,
+                layout="fused" if layer.fused else "module list",
+                expert_params=per_expert * layer.num_experts, shared_params=shared,
+            ))
+        return rows
+
 
 def family_of(config) -> Family:
     """The family of a transformers config, or a ValueError naming the supported ones."""

@@ -1,0 +1,16 @@
+"""moeviz dashboard: `streamlit run app.py`. Pages live in pages/ and call moeviz functions."""
+
+import streamlit as st
+
+st.set_page_config(page_title="moeviz", layout="wide")
+
+st.sidebar.title("moeviz")
+st.sidebar.text_input(
+    "Model", value="demo", key="model_name",
+    help="'demo' (the shipped model, offline), a local checkpoint path or a Hugging Face id",
+)
+
+page = st.navigation([
+    st.Page("pages/overview.py", title="Overview", default=True),
+])
+page.run()

@@ -1,0 +1,123 @@
+"""Calibration: one pass over the data with the observer attached, cached on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from .adapters import Adapter, get_adapter
+from .data import parse_source, sample_sequences
+from .loading import model_fingerprint
+from .observe import Observer
+from .stats import STATS_VERSION, ExpertStats, StatsError
+
+DEFAULT_CACHE_DIR = Path("cache")
+Progress = Callable[[int, int], None]  # (done, total) in sequences
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    data: str = "demo"  # a text source (see moeviz.data): demo, demo:code, a file, a dataset, random
+    num_samples: int = 64  # calibration sequences
+    seq_len: int = 128  # tokens per sequence
+    batch_size: int = 8  # sequences per forward pass; halved on a CUDA out-of-memory error
+    seed: int = 0  # sampling of texts and of probe tokens
+    probe_tokens: int = 256  # per layer, tokens on which every expert runs; 0 turns probes off
+    cache_dir: Path = DEFAULT_CACHE_DIR
+
+    def key_fields(self) -> dict:
+        """What the statistics depend on (batch size and cache location do not count)."""
+        return dict(data=str(parse_source(self.data)), num_samples=self.num_samples,
+                    seq_len=self.seq_len, seed=self.seed, probe_tokens=self.probe_tokens)
+
+
+def cache_key(fingerprint: str, config: CalibConfig) -> str:
+    blob = json.dumps(dict(config.key_fields(), model=fingerprint, version=STATS_VERSION), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_path(model: PreTrainedModel, config: CalibConfig, fingerprint: str | None = None) -> Path:
+    fingerprint = fingerprint or model_fingerprint(model)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(getattr(model, "name_or_path", "") or "model")).strip("_")
+    return Path(config.cache_dir) / f"{name[-48:]}-{cache_key(fingerprint, config)}"
+
+
+def model_meta(model: PreTrainedModel, adapter: Adapter, fingerprint: str) -> dict:
+    """What a stats directory records about its model (checked again on load)."""
+    first = adapter.layers[0]
+    return dict(
+        model=str(getattr(model, "name_or_path", "")), model_fingerprint=fingerprint,
+        architecture=model.config.model_type, layer_indices=adapter.layer_indices,
+        num_experts=adapter.num_experts, top_k=adapter.top_k,
+        hidden_size=first.hidden_size, intermediate_size=first.intermediate_size,
+    )
+
+
+def calibrate(
+    model: PreTrainedModel,
+    config: CalibConfig = CalibConfig(),
+    tokenizer=None,
+    progress: Progress | None = None,
+    use_cache: bool = True,
+) -> tuple[ExpertStats, Path | None]:
+    """Collect ExpertStats over `config.num_samples` sequences, or load them from the cache.
+
+    Returns the stats and their directory (None when `use_cache` is off). A cached
+    directory that is corrupted or made for another model raises `StatsError`.
+    """
+    fingerprint = model_fingerprint(model)
+    adapter = get_adapter(model)
+    meta = model_meta(model, adapter, fingerprint)
+    path = cache_path(model, config, fingerprint) if use_cache else None
+    if path is not None and path.exists():
+        return ExpertStats.load(path, expect={k: meta[k] for k in ("model_fingerprint", "num_experts")}), path
+    tokens = sample_sequences(config.data, config.num_samples, config.seq_len, tokenizer,
+                              config.seed, vocab_size=model.config.vocab_size)
+    sums = observe(model, adapter, tokens, config, progress)
+    calibration = dict(config.key_fields(), tokens=int(tokens.numel()))
+    stats = ExpertStats.from_sums(sums, dict(meta, calibration=calibration))
+    if path is not None:
+        try:
+            stats.save(path)
+        except FileExistsError:  # another process finished the same calibration first
+            return ExpertStats.load(path, expect={"model_fingerprint": fingerprint}), path
+    return stats, path
+
+
+def observe(model, adapter: Adapter, tokens: torch.Tensor, config: CalibConfig,
+            progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Run the model over `tokens` (N, L) with an observer attached; return its sums.
+
+    On a CUDA out-of-memory error the pass starts again with half the batch size (a partly
+    observed batch would leave some layers' sums ahead of others).
+    """
+    batch_size = config.batch_size
+    while True:
+        try:
+            return _observe_pass(model, adapter, tokens, config, batch_size, progress)
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            torch.cuda.empty_cache()
+
+
+def _observe_pass(model, adapter, tokens, config, batch_size, progress):
+    observer = Observer(adapter, probe_tokens=config.probe_tokens, seed=config.seed)
+    device = next(model.parameters()).device
+    with torch.inference_mode(), observer.attached():
+        for start in range(0, len(tokens), batch_size):
+            model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
+            if progress is not None:
+                progress(min(start + batch_size, len(tokens)), len(tokens))
+        return observer.sums()
+
+
+__all__ = ["CalibConfig", "calibrate", "cache_key", "cache_path", "StatsError"]

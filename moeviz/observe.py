@@ -1,0 +1,186 @@
+"""The observer: hooks that accumulate per-expert sums during ordinary forward passes.
+
+The routed experts' outputs are captured where the model computes them (the experts' own
+forward is swapped for an equivalent one that also records), so the cost stays close to one
+plain forward pass. Every statistic is a sum over tokens (float64, on the model's device),
+so observers of different batches, shards or machines merge by addition. See METHODS.md.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from .adapters import Adapter, MoELayer, Routing
+
+# Sums per layer: name → shape given (E, H, I). Means and variances are derived later.
+SUM_SHAPES = {
+    "count": lambda E, H, I: (E,),  # routed tokens of e
+    "gate_sum": lambda E, H, I: (E,),  # Σ g_e(x) over routed tokens
+    "prob_sum": lambda E, H, I: (E,),  # Σ p_e(x) over all tokens
+    "out_sum": lambda E, H, I: (E, H),  # Σ f_e(x)
+    "out_sqsum": lambda E, H, I: (E, H),  # Σ f_e(x)²
+    "in_sqnorm": lambda E, H, I: (E, H),  # Σ (g_e(x) · x_j)²
+    "mid_sqnorm": lambda E, H, I: (E, I),  # Σ (g_e(x) · a_i)², a the input of down_proj
+    "ean_sum": lambda E, H, I: (E,),  # Σ ‖f_e(x)‖
+    "reap_sum": lambda E, H, I: (E,),  # Σ g_e(x) · ‖f_e(x)‖
+    "coactivation": lambda E, H, I: (E, E),  # tokens that select both e and e'
+    "tokens": lambda E, H, I: (),  # tokens seen
+}
+PROBE_SHAPES = {
+    "probe_out_sum": lambda E, H, I: (E, H),  # Σ over probe tokens of f_e(x), every expert
+    "probe_sim_sum": lambda E, H, I: (E, E),  # Σ over probe tokens of cos(f_e(x), f_e'(x))
+    "probe_tokens": lambda E, H, I: (),
+}
+
+
+class LayerObserver:
+    """The running sums of one MoE layer, and the reservoir of its probe tokens."""
+
+    def __init__(self, layer: MoELayer, probe_tokens: int, generator: torch.Generator):
+        self.layer = layer
+        dev = layer.router_weight.device
+        E, H, I = layer.num_experts, layer.hidden_size, layer.intermediate_size
+        self.sums = {k: torch.zeros(f(E, H, I), dtype=torch.float64, device=dev) for k, f in SUM_SHAPES.items()}
+        self.probe_tokens = probe_tokens
+        self.generator = generator
+        self.probe_x = torch.empty(0, H, device=dev)  # (≤ probe_tokens, H) a uniform sample
+        self.probe_keys = torch.empty(0, device=dev)
+
+    def record_routing(self, routing: Routing) -> None:
+        s = self.sums
+        T, E = routing.probs.shape
+        selected = torch.zeros(T, E, dtype=torch.float64, device=s["count"].device)
+        selected.scatter_(1, routing.top_k_index, 1.0)  # (T, E) 0/1
+        s["tokens"] += T
+        s["prob_sum"] += routing.probs.sum(0, dtype=torch.float64)
+        s["count"] += selected.sum(0)
+        s["gate_sum"].index_add_(0, routing.top_k_index.reshape(-1),
+                                 routing.top_k_weights.reshape(-1).to(torch.float64))
+        s["coactivation"] += selected.T @ selected
+
+    def record_experts(self, expert_ids, x, mid, out, gates) -> None:
+        """Per-(token, expert) pairs: ids (S,), inputs (S, H), mids (S, I), outputs (S, H), gates (S,)."""
+        s = self.sums
+        out64, g = out.to(torch.float64), gates.to(torch.float64)[:, None]
+        s["out_sum"].index_add_(0, expert_ids, out64)
+        s["out_sqsum"].index_add_(0, expert_ids, out64.square())
+        s["in_sqnorm"].index_add_(0, expert_ids, (g * x.to(torch.float64)).square())
+        s["mid_sqnorm"].index_add_(0, expert_ids, (g * mid.to(torch.float64)).square())
+        norms = out64.norm(dim=1)
+        s["ean_sum"].index_add_(0, expert_ids, norms)
+        s["reap_sum"].index_add_(0, expert_ids, g[:, 0] * norms)
+
+    def offer_probe_tokens(self, hidden: torch.Tensor) -> None:
+        """Keep a uniform sample of all tokens seen (reservoir by random keys)."""
+        if self.probe_tokens <= 0:
+            return
+        keys = torch.rand(hidden.shape[0], generator=self.generator).to(hidden.device)
+        keys = torch.cat([self.probe_keys, keys])
+        pool = torch.cat([self.probe_x, hidden.detach().float()])
+        if keys.numel() > self.probe_tokens:
+            keep = torch.topk(keys, self.probe_tokens, largest=False).indices
+            keys, pool = keys[keep], pool[keep]
+        self.probe_keys, self.probe_x = keys, pool
+
+    @torch.inference_mode()
+    def probe_sums(self, chunk: int = 32) -> dict[str, torch.Tensor]:
+        """Run every expert on the probe tokens: Σ outputs (E, H) and Σ cosine similarities (E, E)."""
+        layer, x = self.layer, self.probe_x
+        dtype = layer.router_weight.dtype
+        E = layer.num_experts
+        out_sum = torch.zeros(E, layer.hidden_size, dtype=torch.float64, device=x.device)
+        sim_sum = torch.zeros(E, E, dtype=torch.float64, device=x.device)
+        for start in range(0, x.shape[0], chunk):
+            xs = x[start:start + chunk].to(dtype)
+            outs = torch.stack([layer.expert_forward(e, xs)[1].float() for e in range(E)])  # (E, c, H)
+            out_sum += outs.sum(1, dtype=torch.float64)
+            unit = torch.nn.functional.normalize(outs, dim=-1).transpose(0, 1)  # (c, E, H)
+            sim_sum += (unit @ unit.transpose(1, 2)).sum(0, dtype=torch.float64)
+        return {"probe_out_sum": out_sum, "probe_sim_sum": sim_sum,
+                "probe_tokens": torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)}
+
+
+class Observer:
+    """Observes every MoE layer of a model. Use `with observer.attached(): model(...)`."""
+
+    def __init__(self, adapter: Adapter, probe_tokens: int = 256, seed: int = 0):
+        self.adapter = adapter
+        generator = torch.Generator().manual_seed(seed)
+        self.layers = [LayerObserver(layer, probe_tokens, generator) for layer in adapter.layers]
+
+    @contextmanager
+    def attached(self):
+        """Swap in the recording forwards; always restore the model's own, also on error."""
+        undo = []
+        try:
+            for obs in self.layers:
+                undo.append(_attach(obs))
+            yield self
+        finally:
+            for restore in undo:
+                restore()
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        """Every sum stacked over layers, on the CPU: name → (L, …)."""
+        per_layer = [dict(obs.sums) for obs in self.layers]
+        if all(obs.probe_tokens > 0 for obs in self.layers):
+            for sums, obs in zip(per_layer, self.layers):
+                sums.update(obs.probe_sums())
+        return {k: torch.stack([s[k] for s in per_layer]).cpu() for k in per_layer[0]}
+
+
+def _attach(obs: LayerObserver):
+    """Patch one layer; return the function that undoes it."""
+    layer = obs.layer
+    if layer.fused:
+        handle = layer.router.register_forward_hook(
+            lambda module, args, output: obs.record_routing(layer.routing_from_output(output)))
+        layer.experts.forward = lambda hidden, index, weights, *a, **kw: _observed_experts(
+            obs, hidden, index, weights)
+
+        def restore():
+            handle.remove()
+            del layer.experts.forward
+        return restore
+    if layer.shared:
+        raise NotImplementedError(
+            "Observing a ModuleList MoE block with shared experts is not supported; "
+            "load the model with transformers' own (fused) implementation instead.")
+    layer.block.forward = lambda hidden, *a, **kw: _observed_list_block(obs, hidden)
+    return lambda: delattr(layer.block, "forward")
+
+
+def _observed_experts(obs: LayerObserver, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+    """The experts' forward, expert by expert over sorted tokens, recording as it goes."""
+    layer = obs.layer
+    k = top_k_index.shape[1]
+    flat = top_k_index.reshape(-1)  # (S,) with S = T·k
+    order = torch.argsort(flat, stable=True)
+    token_idx = order // k
+    expert_ids = flat[order]
+    gates = top_k_weights.reshape(-1)[order]
+    x = hidden[token_idx]  # (S, H)
+    counts = torch.bincount(flat, minlength=layer.num_experts).tolist()
+    mids, outs = [], []
+    for e, part in zip(range(layer.num_experts), torch.split(x, counts)):
+        if counts[e]:
+            mid, out = layer.expert_forward(e, part)
+            mids.append(mid)
+            outs.append(out)
+    mid, out = torch.cat(mids), torch.cat(outs)
+    obs.record_experts(expert_ids, x, mid, out, gates)
+    obs.offer_probe_tokens(hidden)
+    final = torch.zeros_like(hidden)
+    final.index_add_(0, token_idx, (out * gates[:, None]).to(hidden.dtype))
+    return final
+
+
+def _observed_list_block(obs: LayerObserver, hidden: torch.Tensor) -> torch.Tensor:
+    """A ModuleList block without shared experts: route, run the experts, combine."""
+    shape = hidden.shape
+    flat = hidden.reshape(-1, shape[-1])
+    routing = obs.layer.route(flat)
+    obs.record_routing(routing)
+    return _observed_experts(obs, flat, routing.top_k_index, routing.top_k_weights).reshape(shape)

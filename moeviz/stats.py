@@ -1,0 +1,205 @@
+"""`ExpertStats`: the one hand-off between calibration and everything after it.
+
+On disk a directory: `stats.safetensors` (the tensors below, float64, stacked over MoE
+layers) and `meta.json` (the model, its fingerprint and layout, the calibration spec, a
+checksum of the tensors file). No pickle. Written atomically; a corrupted, truncated or
+mismatched directory raises `StatsError` and is never used.
+
+Tensors, L MoE layers × E experts (H hidden, I intermediate):
+  count, gate_sum, prob_sum, ean_sum, reap_sum (L, E); out_mean, out_var, in_sqnorm (L, E, H);
+  mid_sqnorm (L, E, I); coactivation (L, E, E); tokens (L,);
+  with probes: probe_out_sum (L, E, H), probe_sim_sum (L, E, E), probe_tokens (L,).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+STATS_VERSION = 1
+ADDITIVE = ("count", "gate_sum", "prob_sum", "in_sqnorm", "mid_sqnorm", "ean_sum", "reap_sum",
+            "coactivation", "tokens", "probe_out_sum", "probe_sim_sum", "probe_tokens")
+LAYOUT_KEYS = ("model_fingerprint", "architecture", "layer_indices", "num_experts", "top_k",
+               "hidden_size", "intermediate_size")
+
+
+class StatsError(ValueError):
+    """A statistics directory that cannot be used: corrupted, truncated, or for another model."""
+
+
+@dataclass
+class ExpertStats:
+    tensors: dict[str, torch.Tensor]  # see the module docstring; float64 on the CPU
+    meta: dict = field(default_factory=dict)
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def from_sums(cls, sums: dict[str, torch.Tensor], meta: dict) -> ExpertStats:
+        """From an observer's raw sums: turns Σf and Σf² into mean and variance."""
+        tensors = {k: v.to(torch.float64) for k, v in sums.items() if k not in ("out_sum", "out_sqsum")}
+        n = sums["count"].to(torch.float64).clamp(min=1)[..., None]
+        mean = sums["out_sum"] / n
+        tensors["out_mean"] = mean
+        tensors["out_var"] = (sums["out_sqsum"] / n - mean.square()).clamp(min=0)
+        meta = dict(meta, tokens=int(sums["tokens"][0].item()), stats_version=STATS_VERSION)
+        return cls(tensors, meta)
+
+    # ---- shape -------------------------------------------------------------------------
+    @property
+    def layer_indices(self) -> list[int]:
+        return list(self.meta["layer_indices"])
+
+    @property
+    def num_layers(self) -> int:
+        return self.tensors["count"].shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.tensors["count"].shape[1]
+
+    @property
+    def top_k(self) -> int:
+        return int(self.meta["top_k"])
+
+    @property
+    def has_probes(self) -> bool:
+        return "probe_out_sum" in self.tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    # ---- derived views (L, E) unless said ---------------------------------------------
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.tensors["tokens"][:, None]  # (L, 1)
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        """Share of tokens routed to e: count / tokens."""
+        return self["count"] / self.tokens
+
+    @property
+    def gate_frequency(self) -> torch.Tensor:
+        """Router-weighted frequency (MoNE's RS): gate_sum / tokens."""
+        return self["gate_sum"] / self.tokens
+
+    @property
+    def soft_usage(self) -> torch.Tensor:
+        return self["prob_sum"] / self.tokens
+
+    @property
+    def output_std(self) -> torch.Tensor:
+        """σ per dimension of f_e over routed tokens: (L, E, H)."""
+        return self["out_var"].sqrt()
+
+    @property
+    def ean(self) -> torch.Tensor:
+        """Mean ‖f_e‖ over routed tokens."""
+        return self["ean_sum"] / self["count"].clamp(min=1)
+
+    @property
+    def reap(self) -> torch.Tensor:
+        """Mean g_e · ‖f_e‖ over routed tokens."""
+        return self["reap_sum"] / self["count"].clamp(min=1)
+
+    @property
+    def probe_mean(self) -> torch.Tensor:
+        """Each expert's mean output on the probe tokens: (L, E, H)."""
+        return self["probe_out_sum"] / self["probe_tokens"].clamp(min=1)[:, None, None]
+
+    @property
+    def probe_similarity(self) -> torch.Tensor:
+        """Mean cosine similarity of two experts' outputs on the same tokens: (L, E, E)."""
+        return self["probe_sim_sum"] / self["probe_tokens"].clamp(min=1)[:, None, None]
+
+    # ---- merging -----------------------------------------------------------------------
+    def merge(self, other: ExpertStats) -> ExpertStats:
+        """The stats of one run over both runs' tokens (Chan's update for mean and variance)."""
+        for key in LAYOUT_KEYS:
+            if self.meta.get(key) != other.meta.get(key):
+                raise StatsError(f"Cannot merge stats of different models or layouts ({key} differs).")
+        tensors = {k: self[k] + other[k] for k in ADDITIVE if k in self.tensors and k in other.tensors}
+        n1, n2 = self["count"][..., None], other["count"][..., None]
+        n = (n1 + n2).clamp(min=1)
+        delta = other["out_mean"] - self["out_mean"]
+        tensors["out_mean"] = self["out_mean"] + delta * n2 / n
+        tensors["out_var"] = (n1 * self["out_var"] + n2 * other["out_var"] + delta.square() * n1 * n2 / n) / n
+        calibration = [*_as_list(self.meta.get("calibration")), *_as_list(other.meta.get("calibration"))]
+        meta = dict(self.meta, tokens=self.meta["tokens"] + other.meta["tokens"], calibration=calibration)
+        return ExpertStats(tensors, meta)
+
+    # ---- disk --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a temporary directory beside `path`, renamed into place."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            tensors = {k: v.contiguous().cpu() for k, v in self.tensors.items()}
+            save_file(tensors, tmp / "stats.safetensors")
+            meta = dict(self.meta, stats_sha256=_sha256(tmp / "stats.safetensors"))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            if path.exists():
+                raise FileExistsError(f"{path} exists already; not overwritten.")
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expect: dict | None = None) -> ExpertStats:
+        """Read and check a stats directory. `expect`: meta entries that must match (e.g. the model)."""
+        path = Path(path)
+        meta = _read_meta(path)
+        tensors_file = path / "stats.safetensors"
+        if not tensors_file.is_file():
+            raise StatsError(f"{path} has no stats.safetensors.")
+        if meta.get("stats_sha256") != _sha256(tensors_file):
+            raise StatsError(f"{tensors_file} is corrupted or truncated (checksum mismatch); "
+                             "recalibrate into a new directory.")
+        try:
+            tensors = load_file(tensors_file)
+        except (SafetensorError, OSError) as err:
+            raise StatsError(f"{tensors_file} cannot be read: {err}") from err
+        for key, value in (expect or {}).items():
+            if meta.get(key) != value:
+                raise StatsError(f"{path} does not match: its {key} is {meta.get(key)!r}, expected {value!r} "
+                                 f"(stats made for model {meta.get('model')!r}).")
+        return cls(tensors, meta)
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        raise StatsError(f"{path} is not a stats directory (no meta.json).") from None
+    except json.JSONDecodeError as err:
+        raise StatsError(f"{path / 'meta.json'} is corrupted: {err}") from err
+    version = meta.get("stats_version")
+    if version != STATS_VERSION:
+        raise StatsError(f"{path} has stats version {version}; this moeviz reads version {STATS_VERSION}. "
+                         "Recalibrate.")
+    return meta
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _as_list(spec) -> list:
+    if spec is None:
+        return []
+    return spec if isinstance(spec, list) else [spec]
