@@ -183,6 +183,40 @@ class MoELayer:
         out = mid @ w_d if exp.is_transposed else F.linear(mid, w_d)
         if exp.has_bias:
             out = out + exp.down_proj_bias[expert_idx]
+        if getattr(exp, "has_post_expert_norm", False):
+            out = exp.post_expert_norm(out)
+        return mid, out
+
+    def experts_forward_sorted(self, x: torch.Tensor, expert_ids: torch.Tensor,
+                               counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """f_e for (token, expert) pairs sorted by expert: x (S, H), expert_ids (S,), counts[e].
+
+        Returns (mids (S, I), outputs (S, H)). Fused experts use one grouped matmul per
+        projection, as transformers' default `grouped_mm` implementation does.
+        """
+        if self.fused and _GROUPED_MM is not None:
+            return self._grouped_forward(x, expert_ids, counts)
+        mids, outs = [], []
+        for e, part in enumerate(torch.split(x, counts)):
+            if counts[e]:
+                mid, out = self.expert_forward(e, part)
+                mids.append(mid)
+                outs.append(out)
+        return torch.cat(mids), torch.cat(outs)
+
+    def _grouped_forward(self, x, expert_ids, counts):
+        exp = self.experts
+        offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        w_gu = exp.gate_up_proj if exp.has_gate else exp.up_proj
+        h = _grouped_linear(x, w_gu, offsets, exp.is_transposed)
+        if exp.has_bias:
+            h = h + (exp.gate_up_proj_bias if exp.has_gate else exp.up_proj_bias)[expert_ids]
+        mid = exp._apply_gate(h) if exp.has_gate else exp.act_fn(h)  # (S, I)
+        out = _grouped_linear(mid, exp.down_proj, offsets, exp.is_transposed)
+        if exp.has_bias:
+            out = out + exp.down_proj_bias[expert_ids]
+        if getattr(exp, "has_post_expert_norm", False):
+            out = exp.post_expert_norm(out)
         return mid, out
 
     def __repr__(self) -> str:
@@ -283,6 +317,15 @@ def _is_moe_block(block: nn.Module) -> bool:
         return len(experts) > 0
     return experts is not None and getattr(experts, "down_proj", None) is not None \
         and experts.down_proj.dim() == 3
+
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_linear(x, weight, offsets, is_transposed: bool) -> torch.Tensor:
+    """x (S, in) sorted by expert @ weight (E, out, in), or (E, in, out) when transposed."""
+    w = weight if is_transposed else weight.transpose(-2, -1)
+    return _GROUPED_MM(x.to(w.dtype), w, offs=offsets)
 
 
 def _fused_weights(exp: nn.Module, e: int) -> ExpertWeights:

@@ -153,28 +153,20 @@ def _attach(obs: LayerObserver):
 
 
 def _observed_experts(obs: LayerObserver, hidden, top_k_index, top_k_weights) -> torch.Tensor:
-    """The experts' forward, expert by expert over sorted tokens, recording as it goes."""
+    """The experts' forward over tokens sorted by expert, recording as it goes."""
     layer = obs.layer
-    k = top_k_index.shape[1]
+    T, k = top_k_index.shape
     flat = top_k_index.reshape(-1)  # (S,) with S = T·k
-    order = torch.argsort(flat, stable=True)
-    token_idx = order // k
-    expert_ids = flat[order]
-    gates = top_k_weights.reshape(-1)[order]
-    x = hidden[token_idx]  # (S, H)
+    expert_ids, order = torch.sort(flat, stable=True)
+    x = hidden[order // k]  # (S, H)
+    gates = top_k_weights.reshape(-1)[order]  # (S,)
     counts = torch.bincount(flat, minlength=layer.num_experts).tolist()
-    mids, outs = [], []
-    for e, part in zip(range(layer.num_experts), torch.split(x, counts)):
-        if counts[e]:
-            mid, out = layer.expert_forward(e, part)
-            mids.append(mid)
-            outs.append(out)
-    mid, out = torch.cat(mids), torch.cat(outs)
+    mid, out = layer.experts_forward_sorted(x, expert_ids, counts)
     obs.record_experts(expert_ids, x, mid, out, gates)
     obs.offer_probe_tokens(hidden)
-    final = torch.zeros_like(hidden)
-    final.index_add_(0, token_idx, (out * gates[:, None]).to(hidden.dtype))
-    return final
+    weighted = torch.empty_like(out, dtype=torch.float32)
+    weighted[order] = out.float() * gates.float()[:, None]  # back to (token, k) order
+    return weighted.view(T, k, -1).sum(1).to(hidden.dtype)
 
 
 def _observed_list_block(obs: LayerObserver, hidden: torch.Tensor) -> torch.Tensor:

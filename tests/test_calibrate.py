@@ -1,0 +1,157 @@
+import json
+
+import pytest
+import torch
+
+from moeviz.adapters import get_adapter
+from moeviz.calibrate import CalibConfig, cache_path, calibrate, model_meta, observe
+from moeviz.data import sample_sequences
+from moeviz.observe import Observer
+from moeviz.stats import ExpertStats, StatsError
+from moeviz.tiny import tiny_model
+
+FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss"]
+
+
+def _config(tmp_path, **kw):
+    return CalibConfig(**{**dict(data="random", num_samples=6, seq_len=16, batch_size=3,
+                                 probe_tokens=32, cache_dir=tmp_path), **kw})
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_counts_sum_to_tokens_times_top_k(model_type, tmp_path):
+    stats, _ = calibrate(tiny_model(model_type), _config(tmp_path), use_cache=False)
+    tokens = 6 * 16
+    assert stats["tokens"].tolist() == [tokens] * stats.num_layers
+    assert torch.equal(stats["count"].sum(1), torch.full((stats.num_layers,), float(tokens * stats.top_k)))
+    assert torch.allclose(stats.frequency.sum(1), torch.tensor(float(stats.top_k), dtype=torch.float64))
+    # every token's selected experts co-occur with themselves: the diagonal is the count
+    assert torch.equal(torch.diagonal(stats["coactivation"], dim1=1, dim2=2), stats["count"])
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_statistics_equal_brute_force(model_type):
+    model = tiny_model(model_type)
+    adapter = get_adapter(model)
+    layer = adapter.layers[-1]
+    tokens = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(3))
+    inputs = []
+    handle = layer.block.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    with torch.no_grad():
+        model(tokens)
+    handle.remove()
+    observer = Observer(adapter, probe_tokens=0)
+    with torch.no_grad(), observer.attached():
+        model(tokens)
+    sums = observer.sums()
+    stats = ExpertStats.from_sums(sums, dict(layer_indices=adapter.layer_indices, top_k=2))
+    L = adapter.layers.index(layer)
+    with torch.no_grad():
+        x = inputs[0].reshape(-1, layer.hidden_size)
+        routing = layer.route(x)
+        for e in range(layer.num_experts):
+            tok, k = torch.where(routing.top_k_index == e)
+            g = routing.top_k_weights[tok, k].double()
+            mid, out = layer.expert_forward(e, x[tok])
+            out, mid, xe = out.double(), mid.double(), x[tok].double()
+            assert stats["count"][L, e] == len(tok)
+            torch.testing.assert_close(stats["gate_sum"][L, e], g.sum())
+            if len(tok):
+                torch.testing.assert_close(stats["out_mean"][L, e], out.mean(0))
+                torch.testing.assert_close(stats["out_var"][L, e], out.var(0, unbiased=False), atol=1e-10, rtol=1e-5)
+                torch.testing.assert_close(stats["in_sqnorm"][L, e], ((g[:, None] * xe) ** 2).sum(0))
+                torch.testing.assert_close(stats["mid_sqnorm"][L, e], ((g[:, None] * mid) ** 2).sum(0))
+                torch.testing.assert_close(stats["reap_sum"][L, e], (g * out.norm(dim=1)).sum())
+        torch.testing.assert_close(stats["prob_sum"][L], routing.probs.double().sum(0))
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_logits_unchanged_and_hooks_removed(model_type):
+    model = tiny_model(model_type)
+    adapter = get_adapter(model)
+    tokens = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        before = model(tokens).logits
+        with Observer(adapter, probe_tokens=16).attached():
+            during = model(tokens).logits
+        after = model(tokens).logits
+    torch.testing.assert_close(during, before, atol=1e-5, rtol=1e-5)
+    assert torch.equal(after, before)
+    for layer in adapter.layers:
+        assert "forward" not in vars(layer.experts) and not layer.router._forward_hooks
+
+
+def test_hooks_removed_after_an_error_inside_the_pass(tmp_path):
+    model = tiny_model("qwen2_moe")
+    adapter = get_adapter(model)
+    boom = model.model.layers[-1].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        calibrate(model, _config(tmp_path))
+    boom.remove()
+    for layer in adapter.layers:
+        assert "forward" not in vars(layer.experts) and not layer.router._forward_hooks
+    assert not any(tmp_path.iterdir()), "an interrupted run leaves no cache behind"
+
+
+def test_merged_halves_equal_the_whole(tmp_path):
+    model = tiny_model("olmoe")
+    config = _config(tmp_path, num_samples=8, probe_tokens=0)
+    whole, _ = calibrate(model, config, use_cache=False)
+    tokens = sample_sequences("random", 8, 16, seed=0, vocab_size=128)  # what calibrate drew
+    adapter = get_adapter(model)
+    meta = model_meta(model, adapter, "fp")
+    first, second = (ExpertStats.from_sums(observe(model, adapter, part, config), meta)
+                     for part in (tokens[:3], tokens[3:]))
+    merged = first.merge(second)
+    assert merged.meta["tokens"] == whole.meta["tokens"] == 8 * 16
+    for name in whole.tensors:
+        torch.testing.assert_close(merged[name], whole[name], rtol=1e-6, atol=1e-10)
+
+
+def test_second_call_loads_from_the_cache_without_running_the_model(tmp_path):
+    model = tiny_model("mixtral")
+    first, path = calibrate(model, _config(tmp_path))
+    assert (path / "stats.safetensors").is_file() and (path / "meta.json").is_file()
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    second, path2 = calibrate(model, _config(tmp_path, batch_size=2))  # batch size is not in the key
+    assert path2 == path and not calls
+    for name in first.tensors:
+        assert torch.equal(first[name], second[name])
+    third, path3 = calibrate(model, _config(tmp_path, seed=1))
+    assert path3 != path and calls
+
+
+def test_corrupted_and_mismatched_caches_are_refused(tmp_path):
+    model = tiny_model("mixtral")
+    _, path = calibrate(model, _config(tmp_path))
+    data = (path / "stats.safetensors").read_bytes()
+    (path / "stats.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(StatsError, match="corrupted or truncated"):
+        calibrate(model, _config(tmp_path))
+    (path / "stats.safetensors").write_bytes(data)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["model_fingerprint"] = "0123456789abcdef"
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StatsError, match="does not match"):
+        calibrate(model, _config(tmp_path))
+    (path / "meta.json").write_text("{not json")
+    with pytest.raises(StatsError, match="meta.json is corrupted"):
+        ExpertStats.load(path)
+
+
+def test_cache_key_depends_on_the_model(tmp_path):
+    a, b = tiny_model("mixtral", seed=0), tiny_model("mixtral", seed=1)
+    assert cache_path(a, _config(tmp_path)) != cache_path(b, _config(tmp_path))
+    assert cache_path(a, _config(tmp_path)) == cache_path(tiny_model("mixtral", seed=0), _config(tmp_path))
+
+
+def test_probes_are_bounded_and_self_similar(tmp_path):
+    stats, _ = calibrate(tiny_model("qwen3_moe"), _config(tmp_path, probe_tokens=40), use_cache=False)
+    assert stats.has_probes and stats["probe_tokens"].tolist() == [40.0] * stats.num_layers
+    sim = stats.probe_similarity
+    torch.testing.assert_close(torch.diagonal(sim, dim1=1, dim2=2), torch.ones(stats.num_layers, 8, dtype=torch.float64))
+    torch.testing.assert_close(sim, sim.transpose(1, 2))
+    assert stats.probe_mean.shape == (stats.num_layers, 8, 32)
+    off, _ = calibrate(tiny_model("qwen3_moe"), _config(tmp_path, probe_tokens=0), use_cache=False)
+    assert not off.has_probes
