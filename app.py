@@ -12,5 +12,7 @@ st.sidebar.text_input(
 
 page = st.navigation([
     st.Page("pages/overview.py", title="Overview", default=True),
+    st.Page("pages/calibrate.py", title="Calibrate"),
+    st.Page("pages/experts.py", title="Experts"),
 ])
 page.run()

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--probe-tokens", type=int, default=256, help="tokens per layer on which every expert runs")
     cal.add_argument("--no-probes", action="store_true", help="skip the probes (same as --probe-tokens 0)")
     cal.add_argument("--cache-dir", default="cache")
+    cal.add_argument("--progress-file", help="also write progress as JSON here (for the app)")
     cal.set_defaults(func=_calibrate)
     return parser
 
@@ -79,6 +80,7 @@ def _calibrate(args) -> int:
 
     from .calibrate import CalibConfig, calibrate
     from .data import parse_source
+    from .jobs import ProgressFile
     from .loading import load_model
 
     parse_source(args.data)  # a bad source fails before the model loads
@@ -86,9 +88,17 @@ def _calibrate(args) -> int:
         data=args.data, num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
         seed=args.seed, probe_tokens=0 if args.no_probes else args.probe_tokens, cache_dir=args.cache_dir,
     )
+    report = ProgressFile(args.progress_file)
+    report.write("loading", 0, config.num_samples)
     model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+        report.write("calibrating", done, total)
+
     with tqdm(total=config.num_samples, unit="seq", desc="calibrating", file=sys.stderr) as bar:
-        stats, path = calibrate(model, config, tokenizer, progress=lambda done, total: bar.update(done - bar.n))
+        stats, path = calibrate(model, config, tokenizer, progress=progress)
+    report.write("done", config.num_samples, config.num_samples, path=str(path))
     print(f"{stats.meta['tokens']} tokens, {stats.num_layers} MoE layers × {stats.num_experts} experts",
           file=sys.stderr)
     print(path)

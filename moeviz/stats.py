@@ -121,6 +121,12 @@ class ExpertStats:
         """Mean cosine similarity of two experts' outputs on the same tokens: (L, E, E)."""
         return self["probe_sim_sum"] / self["probe_tokens"].clamp(min=1)[:, None, None]
 
+    def view(self, name: str):
+        """A named per-expert statistic as a numpy array (L, E); names in `VIEWS`."""
+        if name not in VIEWS:
+            raise KeyError(f"Unknown statistic {name!r}; known: {', '.join(VIEWS)}")
+        return VIEWS[name][1](self).numpy()
+
     # ---- merging -----------------------------------------------------------------------
     def merge(self, other: ExpertStats) -> ExpertStats:
         """The stats of one run over both runs' tokens (Chan's update for mean and variance)."""
@@ -175,6 +181,34 @@ class ExpertStats:
                 raise StatsError(f"{path} does not match: its {key} is {meta.get(key)!r}, expected {value!r} "
                                  f"(stats made for model {meta.get('model')!r}).")
         return cls(tensors, meta)
+
+
+# name → (what it is, how to compute it as (L, E)); the app and the CLI show these.
+VIEWS = {
+    "frequency": ("share of tokens routed to the expert (count / tokens)", lambda s: s.frequency),
+    "gate_frequency": ("router-weighted frequency, MoNE's RS (Σ g / tokens)", lambda s: s.gate_frequency),
+    "soft_usage": ("mean router probability over all tokens (Σ p / tokens)", lambda s: s.soft_usage),
+    "output_std": ("‖σ_e‖₂: spread of the expert's output over its tokens", lambda s: s.output_std.norm(dim=-1)),
+    "output_mean_norm": ("‖μ_e‖₂: length of the expert's mean output (its novice)", lambda s: s["out_mean"].norm(dim=-1)),
+    "ean": ("EAN: mean ‖f_e(x)‖ over routed tokens", lambda s: s.ean),
+    "reap": ("REAP: mean g_e(x)·‖f_e(x)‖ over routed tokens", lambda s: s.reap),
+    "mone": ("MoNE score RS × ‖σ_e‖₂ (low: a novice can replace it)", lambda s: s.gate_frequency * s.output_std.norm(dim=-1)),
+}
+
+
+def list_stats(cache_dir: str | os.PathLike, fingerprint: str | None = None) -> list[tuple[Path, dict]]:
+    """The readable stats directories under `cache_dir`, newest first, optionally for one model."""
+    found = []
+    for meta_file in Path(cache_dir).glob("*/meta.json"):
+        if meta_file.parent.name.startswith("."):
+            continue  # a write in progress
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if fingerprint is None or meta.get("model_fingerprint") == fingerprint:
+            found.append((meta_file.parent, meta))
+    return sorted(found, key=lambda item: item[0].stat().st_mtime, reverse=True)
 
 
 def _read_meta(path: Path) -> dict:

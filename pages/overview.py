@@ -4,7 +4,7 @@ import streamlit as st
 from moeviz import plots, router_norms
 from pages.common import current_model
 
-name, model, tokenizer, adapter = current_model()
+name, model, tokenizer, adapter, fingerprint = current_model()
 st.title("Overview")
 st.write(
     f"**{name}** — `{model.config.model_type}`, {len(adapter.layers)} MoE layers of "

@@ -1,0 +1,26 @@
+import streamlit as st
+
+from moeviz import plots
+from moeviz.stats import VIEWS
+from pages.common import current_model, stats_ui
+
+name, model, tokenizer, adapter, fingerprint = current_model()
+st.title("Experts")
+stats = stats_ui(fingerprint)
+if stats is None:
+    st.stop()
+
+stat = st.selectbox("Statistic", list(VIEWS), format_func=lambda k: f"{k}: {VIEWS[k][0]}")
+st.caption(
+    "What am I looking at: one cell per expert (columns) of each MoE layer (rows), coloured by "
+    f"the chosen statistic over {stats.meta['tokens']:,} calibration tokens. Bright cells are "
+    "experts the statistic calls important; dark cells are pruning candidates."
+)
+fig = plots.layer_expert_heatmap(stats.view(stat), stats.layer_indices, VIEWS[stat][0], stat)
+event = st.plotly_chart(fig, key="expert_heatmap", on_select="rerun", selection_mode=("points",))
+points = event["selection"]["points"] if event else []
+if points:
+    layer_idx, expert_idx = points[0]["customdata"]
+    row = stats.layer_indices.index(layer_idx)
+    st.subheader(f"Layer {layer_idx}, expert {expert_idx}")
+    st.table({k: [f"{stats.view(k)[row, expert_idx]:.4g}"] for k in VIEWS})
