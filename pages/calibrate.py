@@ -5,7 +5,7 @@ from moeviz.calibrate import CalibConfig
 from moeviz.demo.corpus import DOMAINS
 from moeviz.jobs import start_calibration
 from moeviz.stats import list_stats
-from pages.common import CACHE_DIR, current_model
+from pages.common import cache_dir, current_model
 
 name, model, tokenizer, adapter, fingerprint = current_model()
 st.title("Calibrate")
@@ -26,7 +26,7 @@ def settings_ui() -> CalibConfig:
     probes = c3.number_input("Probe tokens per layer", 0, 4096, 256,
                              help="every expert runs on this many sampled tokens (for similarities)")
     return CalibConfig(data=data, num_samples=int(samples), seq_len=int(seq_len),
-                       probe_tokens=int(probes), cache_dir=CACHE_DIR)
+                       probe_tokens=int(probes), cache_dir=cache_dir())
 
 
 config = settings_ui()
@@ -53,5 +53,5 @@ job_ui()
 
 st.subheader("Cached calibrations of this model")
 rows = [dict(directory=str(path), **{k: meta["calibration"].get(k) for k in ("data", "num_samples", "seq_len", "seed", "probe_tokens")},
-             tokens=meta.get("tokens")) for path, meta in list_stats(CACHE_DIR, fingerprint)]
+             tokens=meta.get("tokens")) for path, meta in list_stats(cache_dir(), fingerprint)]
 st.dataframe(pd.DataFrame(rows), hide_index=True) if rows else st.write("None yet.")

@@ -7,7 +7,11 @@ import streamlit as st
 import moeviz
 from moeviz.stats import ExpertStats, StatsError, list_stats
 
-CACHE_DIR = os.environ.get("MOEVIZ_CACHE_DIR", "cache")  # tests point it elsewhere
+
+
+def cache_dir() -> str:
+    """Where calibrations are cached: ./cache, or $MOEVIZ_CACHE_DIR."""
+    return os.environ.get("MOEVIZ_CACHE_DIR", "cache")
 
 
 @st.cache_resource(max_entries=1, show_spinner="Loading the model…")
@@ -34,7 +38,7 @@ def load_stats(path: str) -> ExpertStats:
 
 def stats_ui(fingerprint: str) -> ExpertStats | None:
     """A picker over this model's cached calibrations; returns the chosen stats."""
-    found = list_stats(CACHE_DIR, fingerprint)
+    found = list_stats(cache_dir(), fingerprint)
     if not found:
         st.info("No calibration of this model yet: run one on the Calibrate page.")
         return None

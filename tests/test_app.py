@@ -1,0 +1,90 @@
+"""The dashboard through Streamlit's AppTest, on a tiny model (no browser)."""
+
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from moeviz.calibrate import CalibConfig, calibrate
+from moeviz.tiny import tiny_model
+
+APP = Path(__file__).resolve().parent.parent / "app.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-mixtral")
+    tiny_model("mixtral").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches(tmp_path, monkeypatch):
+    import streamlit as st
+
+    monkeypatch.setenv("MOEVIZ_CACHE_DIR", str(tmp_path / "cache"))
+    st.cache_resource.clear()
+    yield
+    st.cache_resource.clear()
+
+
+def _app(model_dir, page=None) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.session_state["model_name"] = str(model_dir)
+    at.run()
+    if page:
+        at.switch_page(page)
+        at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_overview_shows_the_layers(tiny_dir):
+    at = _app(tiny_dir)
+    assert at.title[0].value == "Overview"
+    table = at.dataframe[0].value
+    assert list(table["layer_idx"]) == [0, 1] and set(table["num_experts"]) == {8}
+    assert "top-2" in at.markdown[0].value
+
+
+def test_unsupported_model_is_an_error_not_a_crash(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", vocab_size=64, hidden_size=16, intermediate_size=32,
+                               num_hidden_layers=1, num_attention_heads=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "llama")
+    at = _app(tmp_path / "llama")
+    assert "Unsupported architecture" in at.error[0].value
+
+
+def test_calibrate_page_runs_a_job_and_lists_it(tiny_dir):
+    at = _app(tiny_dir, "pages/calibrate.py")
+    at.selectbox[0].select("random").run()
+    at.number_input[0].set_value(4).run()
+    at.number_input[1].set_value(16).run()
+    at.button[0].click().run()
+    job = at.session_state["calibration_job"]
+    deadline = time.time() + 120
+    while job.status()["state"] not in ("done", "failed") and time.time() < deadline:
+        time.sleep(0.3)
+    at.run()
+    assert not at.exception
+    assert at.success and "Done" in at.success[0].value
+    assert len(at.dataframe[0].value) == 1
+
+
+def test_experts_page_shows_heatmaps_and_one_expert(tiny_dir, tmp_path):
+    at = _app(tiny_dir, "pages/experts.py")
+    assert "No calibration" in at.info[0].value
+    model = tiny_model("mixtral")
+    model.name_or_path = str(tiny_dir)
+    calibrate(model, CalibConfig(data="random", num_samples=4, seq_len=16, cache_dir=tmp_path / "cache"))
+    at.run()
+    assert not at.exception and at.selectbox[1].value == "frequency"
+    at.selectbox[1].select("reap").run()
+    assert not at.exception
+    # a click on a heatmap cell arrives as a selection event carrying (layer, expert)
+    at.session_state["expert_heatmap"] = {"selection": {"points": [{"customdata": [1, 5]}]}}
+    at.run()
+    assert at.subheader[0].value == "Layer 1, expert 5"
