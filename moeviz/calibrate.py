@@ -55,7 +55,7 @@ def model_meta(model: PreTrainedModel, adapter: Adapter, fingerprint: str) -> di
     return dict(
         model=str(getattr(model, "name_or_path", "")), model_fingerprint=fingerprint,
         architecture=model.config.model_type, layer_indices=adapter.layer_indices,
-        num_experts=adapter.num_experts, top_k=adapter.top_k,
+        num_experts=adapter.num_experts, top_k=adapter.top_k, group_count=first.group_count,
         hidden_size=first.hidden_size, intermediate_size=first.intermediate_size,
     )
 

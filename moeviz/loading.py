@@ -80,7 +80,12 @@ def load_model(
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if (Path(source) / "moeviz_plan.json").is_file():  # a pruned export moeviz wrote
+        from .apply import load_exported
+
+        model = load_exported(source, config, dtype=None if dtype == "auto" else dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if device_map is None:
         model.to(dev)
     model.eval()

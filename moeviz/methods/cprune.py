@@ -1,0 +1,130 @@
+"""C-Prune — cluster-driven expert pruning (arXiv 2504.07807).
+
+Stage 1 groups functionally similar experts inside each layer by hierarchical clustering;
+stage 2 pools the layers, so that the more homogeneous layers (whose experts sit closer
+together) give up more experts, and stops before any layer falls below top-k.
+
+moeviz runs both stages as one agglomerative procedure on a shared distance scale: in every
+layer, experts start as singleton clusters; the closest pair of clusters (average linkage on
+cosine distances) is merged, and the merged cluster keeps one
+representative, its most used member; the other is pruned and, in `merge` mode, folded into
+the representative. With `scope="layer"` each layer merges until `ratio` of it is pruned;
+with `scope="global"` the next merge is always the globally closest pair across all layers,
+which is C-Prune's global cluster pruning. Feature spaces: `outputs` (the probes' mean cosine
+similarity of expert outputs on the same tokens, as the authors' code) or `weights`
+(permutation-invariant: the experts' down·up products through a fixed random projection).
+"""
+
+import numpy as np
+import torch
+
+from ..plan import PlanError, PruningPlan
+from . import register
+
+
+@register("cprune", makes_plan=True)
+def cprune(stats, config, info, weights=None):
+    """C-Prune: merge the closest experts per layer (or globally), keep each cluster's most used."""
+    distances = expert_distances(stats, config.features, weights)  # (L, E, E)
+    frequency = stats.frequency.numpy()
+    floor = max(info["top_k"], info.get("group_count") or 1)
+    layers = [_Layer(d, f) for d, f in zip(distances, frequency)]
+    E = stats.num_experts
+    if config.scope == "layer":
+        n = int(round(config.ratio * E))
+        if E - n < floor:
+            raise PlanError(f"Ratio {config.ratio} would leave {E - n} experts per layer, fewer than top-k.")
+        for layer in layers:
+            for _ in range(n):
+                layer.merge_closest()
+    else:
+        for _ in range(int(round(config.ratio * E * len(layers)))):
+            open_layers = [lay for lay in layers if lay.num_kept > floor]
+            if not open_layers:
+                break
+            min(open_layers, key=lambda lay: lay.closest()[0]).merge_closest()
+    pruned = {i: sorted(lay.merged_into) for i, lay in zip(info["layer_indices"], layers)}
+    merge_into = {i: dict(lay.merged_into) for i, lay in zip(info["layer_indices"], layers)}
+    return PruningPlan("cprune", config.ratio, config.scope, "remove", info, pruned=pruned, merge_into=merge_into)
+
+
+def expert_distances(stats, features: str, weights=None) -> np.ndarray:
+    """Cosine distances between the experts of each layer: (L, E, E), zero diagonal."""
+    if features == "outputs":
+        if not stats.has_probes:
+            raise PlanError("cprune with features='outputs' needs stats calibrated with probes.")
+        sim = stats.probe_similarity.numpy()
+    elif features == "weights":
+        if weights is None:
+            raise PlanError("cprune with features='weights' needs the model's expert weights.")
+        sim = np.stack([_cosine(f) for f in weights])
+    else:
+        raise PlanError(f"Unknown feature space {features!r}; use 'outputs' or 'weights'.")
+    dist = np.clip(1.0 - sim, 0.0, 2.0)
+    dist[:, np.arange(dist.shape[1]), np.arange(dist.shape[1])] = 0.0
+    return dist
+
+
+def weight_features(layer, rank: int = 64, seed: int = 0) -> torch.Tensor:
+    """Permutation-invariant features of a layer's experts: down·(up ⊙ …)·R, (E, H·rank).
+
+    Intermediate neurons can be permuted freely without changing an expert, so flattened
+    weights of two equal experts may look unrelated; down @ diag(1) @ up (H × H) does not
+    change under such permutations. A fixed random projection R (H, rank) keeps it small.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    R = torch.randn(layer.hidden_size, rank, generator=gen) / rank ** 0.5
+    feats = []
+    for e in range(layer.num_experts):
+        w = layer.expert_weights(e)
+        up = w.up.float().cpu() if w.gate is None else torch.cat([w.gate, w.up], 0).float().cpu()
+        down = w.down.float().cpu() if w.gate is None else torch.cat([w.down, w.down], 1).float().cpu()
+        feats.append((down @ (up @ R)).reshape(-1))
+    return torch.stack(feats)
+
+
+def _cosine(feats) -> np.ndarray:
+    f = torch.nn.functional.normalize(torch.as_tensor(feats).float(), dim=-1)
+    return (f @ f.T).numpy()
+
+
+class _Layer:
+    """Average-linkage agglomeration of one layer's experts, tracking who merged into whom."""
+
+    def __init__(self, dist: np.ndarray, frequency: np.ndarray):
+        E = len(frequency)
+        self.D = dist.astype(float) + np.diag(np.full(E, np.inf))  # cluster × cluster distances
+        self.size = np.ones(E)
+        self.alive = np.ones(E, dtype=bool)  # index = the cluster's representative
+        self.frequency = frequency
+        self.merged_into: dict[int, int] = {}
+        self._best = None
+
+    @property
+    def num_kept(self) -> int:
+        return int(self.alive.sum())
+
+    def closest(self) -> tuple[float, int, int]:
+        if self._best is None:
+            flat = int(np.argmin(self.D))
+            a, b = divmod(flat, len(self.D))
+            self._best = (float(self.D[a, b]), a, b)
+        return self._best
+
+    def merge_closest(self) -> None:
+        _, a, b = self.closest()
+        keep, drop = (a, b) if self.frequency[a] >= self.frequency[b] else (b, a)
+        # Lance–Williams update for average linkage
+        merged = (self.size[keep] * self.D[keep] + self.size[drop] * self.D[drop]) / (self.size[keep] + self.size[drop])
+        self.D[keep, :] = merged
+        self.D[:, keep] = merged
+        self.D[keep, keep] = np.inf
+        self.D[drop, :] = np.inf
+        self.D[:, drop] = np.inf
+        self.size[keep] += self.size[drop]
+        self.alive[drop] = False
+        for src, dst in self.merged_into.items():
+            if dst == drop:
+                self.merged_into[src] = keep
+        self.merged_into[drop] = keep
+        self._best = None

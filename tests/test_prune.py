@@ -1,0 +1,207 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moeviz.adapters import get_adapter
+from moeviz.apply import apply_plan, export_model, model_info
+from moeviz.calibrate import CalibConfig, calibrate
+from moeviz.loading import load_model
+from moeviz.methods import PlanConfig, make_plan, method_names
+from moeviz.plan import PlanError, PruningPlan
+from moeviz.tiny import tiny_model
+
+TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def _logits(model, tokens=TOKENS):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def _stats(model, tmp_path=None, **kw):
+    config = CalibConfig(**{**dict(data="random", num_samples=8, seq_len=32, probe_tokens=64), **kw})
+    return calibrate(model, config, use_cache=False)[0]
+
+
+def _plan(model, pruned, mode="remove", **kw):
+    info = model_info(model)
+    return PruningPlan("manual", 0.0, "layer", mode, info, pruned=pruned, **kw)
+
+
+def _masked_router(layer, pruned, norm_topk):
+    """Reference: the router's logits of `pruned` experts set to −inf (softmax-then-top-k routers)."""
+    def hook(module, args, output):
+        logits = output[0].clone()
+        logits[:, pruned] = float("-inf")
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, index = torch.topk(probs, layer.top_k, dim=-1)
+        if norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return logits, weights.to(output[1].dtype), index
+    return layer.router.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_ratio_zero_changes_nothing(model_type):
+    model = tiny_model(model_type)
+    stats = _stats(model)
+    for method in ("frequency", "mone"):
+        plan = make_plan(stats, PlanConfig(method, ratio=0.0))
+        assert plan.num_pruned == 0
+        torch.testing.assert_close(_logits(apply_plan(model, plan, stats)), _logits(model))
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "olmoe", "qwen2_moe"])
+def test_removal_equals_masking_router_logits(model_type):
+    model = tiny_model(model_type)
+    pruned = {i: [1, 6] for i in get_adapter(model).layer_indices}
+    removed = apply_plan(model, _plan(model, pruned))
+    assert get_adapter(removed).num_experts == [6] * len(pruned)
+    assert get_adapter(model).num_experts == [8] * len(pruned), "the original is untouched"
+    norm = getattr(model.config, "norm_topk_prob", True)
+    hooks = [_masked_router(layer, [1, 6], norm) for layer in get_adapter(model).layers]
+    reference = _logits(model)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(_logits(removed), reference, atol=1e-5, rtol=1e-4)
+
+
+def test_deepseek_v3_removal_equals_masking_with_its_bias_and_groups():
+    model = tiny_model("deepseek_v3")
+    adapter = get_adapter(model)
+    pruned = {i: [2, 5] for i in adapter.layer_indices}  # one from each of the 2 groups
+    removed = apply_plan(model, _plan(model, pruned))
+    for layer in adapter.layers:  # −inf on the choice score keeps them out; weights unchanged
+        layer.router.e_score_correction_bias[[2, 5]] = float("-inf")
+    torch.testing.assert_close(_logits(removed), _logits(model), atol=1e-5, rtol=1e-4)
+    with pytest.raises(PlanError, match="groups must each lose the same number"):
+        apply_plan(model, _plan(model, {adapter.layer_indices[0]: [0, 1]}))
+
+
+def test_novice_output_is_kept_experts_plus_gate_times_mean():
+    model = tiny_model("qwen2_moe")
+    stats = _stats(model)
+    layer0 = get_adapter(model).layers[0]
+    plan = _plan(model, {layer0.layer_idx: [0, 3, 4]}, mode="novice")
+    pruned = apply_plan(model, plan, stats)
+    hidden = torch.randn(1, 40, layer0.hidden_size)
+    with torch.no_grad():
+        routing = layer0.route(hidden[0])
+        expected = torch.zeros(40, layer0.hidden_size)
+        for t in range(40):
+            for k in range(layer0.top_k):
+                e, g = routing.top_k_index[t, k].item(), routing.top_k_weights[t, k]
+                if e in (0, 3, 4):
+                    expected[t] += g * stats["out_mean"][0, e].float()
+                else:
+                    expected[t] += g * layer0.expert_forward(e, hidden[0, t:t + 1])[1][0]
+        shared = layer0.shared[0](hidden[0]) * torch.sigmoid(layer0.block.shared_expert_gate(hidden[0]))
+        got = pruned.model.layers[layer0.layer_idx].mlp(hidden)[0]
+    assert (routing.top_k_index[..., None] == torch.tensor([0, 3, 4])).any(), "some token uses a novice"
+    torch.testing.assert_close(got, expected + shared, atol=1e-5, rtol=1e-4)
+    drop = apply_plan(model, _plan(model, {layer0.layer_idx: [0, 3, 4]}, mode="drop"), stats)
+    assert not torch.allclose(_logits(drop), _logits(pruned))
+
+
+def test_moe_pruner_zeros_the_asked_fraction_of_every_row_and_nothing_else():
+    model = tiny_model("qwen2_moe")
+    stats = _stats(model)
+    plan = make_plan(stats, PlanConfig("moe_pruner", sparsity=0.5))
+    pruned = apply_plan(model, plan, stats)
+    for layer in get_adapter(pruned).layers:
+        for e in range(layer.num_experts):
+            w = layer.expert_weights(e)
+            for weight in (w.gate, w.up, w.down):
+                zeros = (weight == 0).sum(dim=1)
+                assert torch.all(zeros == weight.shape[1] // 2)
+    before, after = dict(model.named_parameters()), dict(pruned.named_parameters())
+    for name, p in after.items():
+        if ".experts." not in name:
+            assert torch.equal(p, before[name]), name  # attention, routers, shared experts
+    nm = apply_plan(model, make_plan(stats, PlanConfig("moe_pruner", nm=(2, 4))), stats)
+    w = get_adapter(nm).layers[0].expert_weights(0).up
+    assert torch.all((w.view(w.shape[0], -1, 4) == 0).sum(-1) == 2)
+
+
+def test_planted_twins_share_a_cluster_and_the_zero_expert_goes_first():
+    model = tiny_model("mixtral")
+    for layer in get_adapter(model).layers:
+        with torch.no_grad():
+            layer.experts.gate_up_proj[2] = layer.experts.gate_up_proj[1]
+            layer.experts.down_proj[2] = layer.experts.down_proj[1]
+            layer.experts.down_proj[5] = 0  # an expert whose output is always zero
+            layer.router.weight[5] = layer.router.weight[5] * 3  # and is used often
+    stats = _stats(model)
+    cprune = make_plan(stats, PlanConfig("cprune", ratio=1 / 8))
+    for layer_idx, merges in cprune.merge_into.items():
+        assert merges in ({1: 2}, {2: 1}), "the twins are the closest pair"
+        assert cprune.pruned[layer_idx] == sorted(merges)
+    mone = make_plan(stats, PlanConfig("mone", ratio=1 / 8))
+    assert all(experts == [5] for experts in mone.pruned.values())
+    assert make_plan(stats, PlanConfig("frequency", ratio=1 / 8)).pruned != mone.pruned
+
+
+def test_cprune_merge_mode_folds_into_the_survivor():
+    model = tiny_model("olmoe")
+    stats = _stats(model)
+    plan = make_plan(stats, PlanConfig("cprune", ratio=0.25, mode="merge"))
+    merged = apply_plan(model, plan, stats)
+    assert get_adapter(merged).num_experts == [6, 6]
+    assert torch.isfinite(_logits(merged)).all()
+
+
+def test_bad_plans_are_refused():
+    model = tiny_model("mixtral")
+    layers = get_adapter(model).layer_indices
+    with pytest.raises(PlanError, match="fewer than top-k"):
+        apply_plan(model, _plan(model, {layers[0]: list(range(7))}))
+    with pytest.raises(PlanError, match="out of range"):
+        apply_plan(model, _plan(model, {layers[0]: [8]}))
+    with pytest.raises(PlanError, match="not a MoE layer"):
+        apply_plan(model, _plan(model, {9: [0]}))
+    other = _plan(model, {layers[0]: [0]})
+    other.model["model_fingerprint"] = "not-this-model"
+    with pytest.raises(PlanError, match="another model"):
+        apply_plan(model, other)
+    stats = _stats(model)
+    with pytest.raises(PlanError, match="fewer than top-k"):
+        make_plan(stats, PlanConfig("frequency", ratio=0.9))
+    with pytest.raises(KeyError, match="methods: cprune"):
+        make_plan(stats, PlanConfig("magic"))
+    with pytest.raises(PlanError, match="needs its ExpertStats"):
+        apply_plan(model, _plan(model, {layers[0]: [0]}, mode="novice"))
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3"])
+def test_uniform_removal_exports_a_plain_checkpoint(model_type, tmp_path):
+    model = tiny_model(model_type)
+    stats = _stats(model)
+    plan = make_plan(stats, PlanConfig("frequency", ratio=0.25))
+    pruned = apply_plan(model, plan, stats)
+    assert export_model(pruned, plan, tmp_path / "out") == "transformers"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(_logits(reloaded), _logits(pruned))
+
+
+@pytest.mark.parametrize("mode, scope", [("novice", "layer"), ("remove", "global")])
+def test_novice_and_uneven_plans_reload_through_moeviz(mode, scope, tmp_path):
+    model = tiny_model("mixtral")
+    stats = _stats(model)
+    plan = make_plan(stats, PlanConfig("frequency", ratio=0.25, scope=scope, mode=mode))
+    if scope == "global":
+        assert not plan.is_uniform()
+    pruned = apply_plan(model, plan, stats)
+    assert export_model(pruned, plan, tmp_path / "out") == "moeviz"
+    reloaded, _ = load_model(tmp_path / "out", device="cpu")
+    torch.testing.assert_close(_logits(reloaded), _logits(pruned))
+    with pytest.raises(FileExistsError):
+        export_model(pruned, plan, tmp_path / "out")
+
+
+def test_plan_json_round_trip(tmp_path):
+    model = tiny_model("mixtral")
+    stats = _stats(model)
+    for name in method_names():
+        plan = make_plan(stats, PlanConfig(name, ratio=0.25))
+        again = PruningPlan.load(plan.save(tmp_path / f"{name}.json"))
+        assert again == plan
