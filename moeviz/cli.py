@@ -45,6 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--cache-dir", default="cache")
     cal.add_argument("--progress-file", help="also write progress as JSON here (for the app)")
     cal.set_defaults(func=_calibrate)
+
+    plan = sub.add_parser("plan", help="make a pruning plan (JSON) from cached stats")
+    plan.add_argument("--stats", required=True, help="a stats directory (what calibrate printed)")
+    plan.add_argument("--method", required=True, help="cprune, ean, frequency, gate_frequency, moe_pruner, mone, random, reap, soft_usage")
+    plan.add_argument("--ratio", type=float, default=0.25, help="fraction of routed experts to prune")
+    plan.add_argument("--scope", choices=("layer", "global"), default="layer")
+    plan.add_argument("--mode", choices=("remove", "novice", "drop", "merge"), help="default: the method's own")
+    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--sparsity", type=float, default=0.5, help="moe_pruner: fraction of each row zeroed")
+    plan.add_argument("--nm", help="moe_pruner: n:m semi-structured sparsity, e.g. 2:4")
+    plan.add_argument("--features", choices=("outputs", "weights"), default="outputs",
+                      help="cprune: cluster on probe outputs or on (permutation-invariant) weights")
+    plan.add_argument("--model", help="cprune --features weights: the model whose weights to read")
+    plan.add_argument("--out", required=True, help="where to write plan.json")
+    plan.set_defaults(func=_plan)
+
+    prune = sub.add_parser("prune", help="apply a plan and export the pruned checkpoint")
+    _model_args(prune)
+    prune.add_argument("--plan", required=True)
+    prune.add_argument("--stats", help="the stats directory (needed for novices, merges, weight sparsity)")
+    prune.add_argument("--out", required=True, help="a new directory for the pruned checkpoint")
+    prune.set_defaults(func=_prune)
     return parser
 
 
@@ -102,6 +124,53 @@ def _calibrate(args) -> int:
     print(f"{stats.meta['tokens']} tokens, {stats.num_layers} MoE layers × {stats.num_experts} experts",
           file=sys.stderr)
     print(path)
+    return 0
+
+
+def _plan(args) -> int:
+    from .methods import PlanConfig, make_plan
+    from .stats import ExpertStats
+
+    stats = ExpertStats.load(args.stats)
+    nm = tuple(int(x) for x in args.nm.split(":")) if args.nm else None
+    config = PlanConfig(args.method, args.ratio, args.scope, args.mode, args.seed, args.sparsity, nm, args.features)
+    weights = None
+    if args.features == "weights" and args.method == "cprune":
+        weights = _weight_features(args.model, stats)
+    plan = make_plan(stats, config, weights=weights, calibration=str(args.stats))
+    plan.save(args.out)
+    counts = [len(plan.pruned.get(i, ())) for i in stats.layer_indices]
+    print(f"{args.method}: {plan.num_pruned} experts pruned ({plan.mode}), per layer {counts}"
+          + (f", weight sparsity {plan.sparsity or plan.nm}" if plan.sparsity or plan.nm else ""), file=sys.stderr)
+    print(args.out)
+    return 0
+
+
+def _weight_features(model_name, stats):
+    from .adapters import get_adapter
+    from .loading import load_model
+    from .methods.cprune import weight_features
+
+    if not model_name:
+        raise ValueError("cprune --features weights needs --model.")
+    model, _ = load_model(model_name, device="cpu")
+    return [weight_features(layer) for layer in get_adapter(model).layers]
+
+
+def _prune(args) -> int:
+    from .apply import apply_plan, export_model
+    from .loading import load_model
+    from .plan import PruningPlan
+    from .stats import ExpertStats
+
+    plan = PruningPlan.load(args.plan)
+    stats = ExpertStats.load(args.stats) if args.stats else None
+    model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    pruned = apply_plan(model, plan, stats)
+    kind = export_model(pruned, plan, args.out, tokenizer)
+    how = "AutoModelForCausalLM.from_pretrained" if kind == "transformers" else "moeviz.load_model"
+    print(f"{plan.num_pruned} experts pruned ({plan.mode}); reload with {how}", file=sys.stderr)
+    print(args.out)
     return 0
 
 

@@ -62,3 +62,20 @@ def test_failed_job_says_why(tmp_path):
     job.process.wait(timeout=120)
     status = job.status()
     assert status["state"] == "failed" and "No such model directory" in status["error"]
+
+
+def test_plan_and_prune_commands(tiny_dir, tmp_path, capsys):
+    assert main(["calibrate", "--model", str(tiny_dir), "--data", "random", "--samples", "4",
+                 "--seq-len", "16", "--cache-dir", str(tmp_path / "cache")]) == 0
+    stats_dir = capsys.readouterr().out.strip().splitlines()[-1]
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "--stats", stats_dir, "--method", "mone", "--ratio", "0.25", "--out", str(plan)]) == 0
+    assert main(["prune", "--model", str(tiny_dir), "--plan", str(plan), "--stats", stats_dir,
+                 "--out", str(tmp_path / "pruned")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "pruned")
+    assert (tmp_path / "pruned" / "moeviz_plan.json").is_file()  # novices reload through moeviz
+    # novices need the stats; an impossible ratio is one line
+    assert main(["prune", "--model", str(tiny_dir), "--plan", str(plan), "--out", str(tmp_path / "p2")]) == 2
+    assert "needs its ExpertStats" in capsys.readouterr().err
+    assert main(["plan", "--stats", stats_dir, "--method", "frequency", "--ratio", "0.95", "--out", str(plan)]) == 2
+    assert "fewer than top-k" in capsys.readouterr().err
