@@ -32,6 +32,9 @@ class Family:
     router_attrs: tuple[str, ...] = ("gate",)  # the router inside the block
     shared_attrs: tuple[str, ...] = ()  # shared experts (never pruned)
     scoring: str = "softmax"  # "softmax" or "sigmoid": the router's score p(x) over all experts
+    routing: str | None = "softmax_topk"  # the router's rule, for previews that mask experts:
+    # softmax_topk (renormalised as the router's norm_topk_prob says), topk_softmax, biased
+    # (choice by score + correction bias), or None when moeviz cannot re-route it
     num_experts_keys: tuple[str, ...] = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
@@ -42,19 +45,17 @@ FAMILIES: dict[str, Family] = {
         Family("olmoe"),
         Family("qwen2_moe", shared_attrs=("shared_expert",)),
         Family("qwen3_moe"),
-        Family("deepseek_v2", shared_attrs=("shared_experts",)),
-        Family("deepseek_v3", shared_attrs=("shared_experts",), scoring="sigmoid"),
-        Family("glm4_moe", shared_attrs=("shared_experts",), scoring="sigmoid"),
-        Family("gpt_oss", router_attrs=("router",)),
-        Family("phimoe", router_attrs=("router",)),
-        Family("granitemoe", block_attrs=("block_sparse_moe",), router_attrs=("router",)),
+        Family("deepseek_v2", shared_attrs=("shared_experts",), routing=None),
+        Family("deepseek_v3", shared_attrs=("shared_experts",), scoring="sigmoid", routing="biased"),
+        Family("glm4_moe", shared_attrs=("shared_experts",), scoring="sigmoid", routing="biased"),
+        Family("gpt_oss", router_attrs=("router",), routing="topk_softmax"),
+        Family("phimoe", router_attrs=("router",), routing=None),
+        Family("granitemoe", block_attrs=("block_sparse_moe",), router_attrs=("router",),
+               routing="topk_softmax"),
         Family("minimax"),
         Family("jamba", block_attrs=("feed_forward",), router_attrs=("router",)),
-        Family(
-            "ernie4_5_moe",
-            shared_attrs=("shared_experts",),
-            num_experts_keys=("moe_num_experts",),
-        ),
+        Family("ernie4_5_moe", shared_attrs=("shared_experts",), routing=None,
+               num_experts_keys=("moe_num_experts",)),
     )
 }
 
@@ -141,6 +142,29 @@ class MoELayer:
         logits = logits.reshape(-1, logits.shape[-1])
         return Routing(logits, self.scores(logits), index.reshape(logits.shape[0], -1),
                        weights.reshape(logits.shape[0], -1))
+
+    def renormalizes(self) -> bool:
+        """Whether gate weights are renormalised over the selected experts (softmax_topk rule)."""
+        if self.family.model_type == "jamba":
+            return False
+        return bool(getattr(self.router, "norm_topk_prob", True))
+
+    def mask_router_output(self, output, masked: torch.Tensor):
+        """The router's output with the `masked` experts (bool (E,)) excluded, as if removed."""
+        logits, weights, _ = output
+        logits = logits.masked_fill(masked, float("-inf"))
+        rule = self.family.routing
+        if rule == "softmax_topk":
+            top, index = torch.topk(F.softmax(logits.float(), dim=-1), self.top_k, dim=-1)
+            if self.renormalizes():
+                top = top / top.sum(dim=-1, keepdim=True)
+        elif rule == "topk_softmax":
+            top, index = torch.topk(logits, self.top_k, dim=-1)
+            top = F.softmax(top.float(), dim=-1)
+        else:
+            raise NotImplementedError(f"moeviz cannot re-route {self.family.model_type}'s router; "
+                                      "apply the plan instead of previewing it.")
+        return logits, top.to(weights.dtype), index
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """p(x) over all experts (T, E), as float32."""

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -64,6 +65,45 @@ def apply_plan(model: PreTrainedModel, plan: PruningPlan, stats: ExpertStats | N
     if plan.mode in ("remove", "merge") and plan.num_pruned and plan.is_uniform():
         _set_count(pruned.config, adapter.layers[0].num_experts)
     return pruned
+
+
+@contextmanager
+def preview_plan(model: PreTrainedModel, plan: PruningPlan):
+    """Run `model` as if the plan's experts were removed, without copying any weight.
+
+    The routers' logits of pruned experts are masked to −inf (score-correction biases for
+    DeepSeek-V3-style routers), which equals removal. Only `remove` plans without weight
+    sparsity can be previewed. Everything is restored on exit, also on error.
+    """
+    if plan.mode != "remove" or plan.sparsity or plan.nm:
+        raise PlanError("Only plans that remove experts (without weight sparsity) can be previewed.")
+    adapter = get_adapter(model)
+    plan.validate(model_info(model, adapter))
+    undo = []
+    try:
+        for layer in adapter.layers:
+            experts = plan.pruned.get(layer.layer_idx, [])
+            if experts:
+                undo.append(_mask_layer(layer, experts))
+        yield model
+    finally:
+        for restore in undo:
+            restore()
+
+
+def _mask_layer(layer: MoELayer, experts: list[int]):
+    if layer.family.routing == "biased":
+        bias = layer.router.e_score_correction_bias
+        saved = bias[experts].clone()
+        bias[experts] = float("-inf")
+        return lambda: bias.index_put_((torch.tensor(experts),), saved)
+    if layer.family.routing is None:
+        raise NotImplementedError(f"moeviz cannot re-route {layer.family.model_type}'s router; "
+                                  "apply the plan instead of previewing it.")
+    masked = torch.zeros(layer.num_experts, dtype=torch.bool, device=layer.router_weight.device)
+    masked[experts] = True
+    handle = layer.router.register_forward_hook(lambda m, a, out: layer.mask_router_output(out, masked))
+    return handle.remove
 
 
 # ---- removal ----------------------------------------------------------------------------

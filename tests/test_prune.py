@@ -205,3 +205,19 @@ def test_plan_json_round_trip(tmp_path):
         plan = make_plan(stats, PlanConfig(name, ratio=0.25))
         again = PruningPlan.load(plan.save(tmp_path / f"{name}.json"))
         assert again == plan
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "olmoe", "gpt_oss", "deepseek_v3"])
+def test_preview_equals_removal_and_restores(model_type):
+    model = tiny_model(model_type)
+    pruned = {i: [2, 5] for i in get_adapter(model).layer_indices}
+    plan = _plan(model, pruned)
+    before = _logits(model)
+    from moeviz.apply import preview_plan
+    with preview_plan(model, plan):
+        previewed = _logits(model)
+    torch.testing.assert_close(previewed, _logits(apply_plan(model, plan)), atol=1e-5, rtol=1e-4)
+    assert torch.equal(_logits(model), before)
+    with pytest.raises(PlanError, match="Only plans that remove"):
+        with preview_plan(model, _plan(model, pruned, mode="novice")):
+            pass
