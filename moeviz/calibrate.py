@@ -91,6 +91,25 @@ def calibrate(
     return stats, path
 
 
+def calibrate_chunks(model: PreTrainedModel, config: CalibConfig, num_chunks: int, tokenizer=None,
+                     progress: Progress | None = None) -> list[ExpertStats]:
+    """Stats of `num_chunks` disjoint parts of one calibration set (for stability analyses).
+
+    Merged, they equal `calibrate(model, config)` up to the probes' sampling.
+    """
+    adapter = get_adapter(model)
+    meta = model_meta(model, adapter, model_fingerprint(model))
+    tokens = sample_sequences(config.data, config.num_samples, config.seq_len, tokenizer,
+                              config.seed, vocab_size=model.config.vocab_size)
+    chunks = []
+    for i, part in enumerate(torch.tensor_split(tokens, num_chunks)):
+        sums = observe(model, adapter, part, config)
+        chunks.append(ExpertStats.from_sums(sums, dict(meta, calibration=dict(config.key_fields(), chunk=i))))
+        if progress is not None:
+            progress(i + 1, num_chunks)
+    return chunks
+
+
 def observe(model, adapter: Adapter, tokens: torch.Tensor, config: CalibConfig,
             progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Run the model over `tokens` (N, L) with an observer attached; return its sums.

@@ -40,3 +40,90 @@ def layer_expert_heatmap(
         yaxis=dict(type="category", autorange="reversed"), margin=dict(l=60, r=20, t=50, b=50),
     )
     return fig
+
+
+def similarity_heatmap(sim: np.ndarray, labels: np.ndarray | None = None, title: str = "",
+                       space: str = "similarity") -> go.Figure:
+    """One layer's expert × expert similarity (E, E), ordered by cluster when `labels` are given."""
+    order = np.argsort(labels, kind="stable") if labels is not None else np.arange(len(sim))
+    names = [str(e) for e in order]
+    fig = go.Figure(go.Heatmap(
+        z=sim[np.ix_(order, order)], x=names, y=names, colorscale=SEQUENTIAL, zmin=-1 if sim.min() < 0 else 0,
+        zmax=1, colorbar=dict(title=space),
+        hovertemplate="experts %{y} and %{x}<br>" + space + ": %{z:.3f}<extra></extra>",
+    ))
+    fig.update_layout(title=title, xaxis=dict(title="expert", type="category"),
+                      yaxis=dict(title="expert", type="category", autorange="reversed"))
+    return fig
+
+
+def dendrogram(link: np.ndarray, title: str = "") -> go.Figure:
+    """A SciPy linkage drawn as one line trace (None gaps), fast even for hundreds of leaves."""
+    from scipy.cluster.hierarchy import dendrogram as scipy_dendrogram
+
+    tree = scipy_dendrogram(link, no_plot=True)
+    xs, ys = [], []
+    for x, y in zip(tree["icoord"], tree["dcoord"]):
+        xs += [*x, None]
+        ys += [*y, None]
+    fig = go.Figure(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="#3b528b", width=1.5),
+                               hoverinfo="skip", showlegend=False))
+    ticks = 5 + 10 * np.arange(len(tree["ivl"]))
+    fig.update_layout(title=title, yaxis_title="distance (1 − similarity)",
+                      xaxis=dict(title="expert", tickvals=ticks, ticktext=tree["ivl"]))
+    return fig
+
+
+def embedding_scatter(xy: np.ndarray, layer_indices: list[int], color: np.ndarray | None = None,
+                      color_name: str = "layer", title: str = "") -> go.Figure:
+    """Every expert of every layer as one point of a 2-D map: xy (L, E, 2); colour (L, E) or by layer."""
+    L, E = xy.shape[:2]
+    layers = np.repeat(np.asarray(layer_indices), E)
+    experts = np.tile(np.arange(E), L)
+    values = layers if color is None else np.asarray(color).reshape(-1)
+    scatter = go.Scattergl if L * E > 1000 else go.Scatter
+    fig = go.Figure(scatter(
+        x=xy[..., 0].reshape(-1), y=xy[..., 1].reshape(-1), mode="markers",
+        marker=dict(color=values, colorscale=SEQUENTIAL, size=7, colorbar=dict(title=color_name)),
+        customdata=np.stack([layers, experts], axis=1),
+        hovertemplate="layer %{customdata[0]}, expert %{customdata[1]}<br>" + color_name
+        + ": %{marker.color:.4g}<extra></extra>",
+    ))
+    fig.update_layout(title=title, xaxis_title="dimension 1", yaxis_title="dimension 2")
+    return fig
+
+
+def depth_curves(layer_indices: list[int], curves: dict[str, np.ndarray], title: str = "",
+                 yaxis: str = "value") -> go.Figure:
+    """One line per named curve across decoder layers (homogeneity, entropy, …)."""
+    fig = go.Figure([
+        go.Scatter(x=layer_indices, y=np.asarray(v), mode="lines+markers", name=name) for name, v in curves.items()
+    ])
+    fig.update_layout(title=title, xaxis_title="decoder layer", yaxis_title=yaxis)
+    return fig
+
+
+def stability_curves(rows: list[dict], title: str = "") -> go.Figure:
+    """Overlap and rank correlation with the full calibration, against calibration tokens."""
+    tokens = [r["tokens"] for r in rows]
+    fig = go.Figure()
+    for key, name in (("overlap", "pruned-set overlap"), ("rank_correlation", "rank correlation")):
+        fig.add_trace(go.Scatter(x=tokens, y=[r[key] for r in rows], mode="lines+markers", name=name))
+        if rows and rows[0].get(f"{key}_bootstrap") is not None:
+            fig.add_trace(go.Scatter(x=tokens, y=[r[f"{key}_bootstrap"] for r in rows], mode="lines",
+                                     line=dict(dash="dot"), name=f"{name} (bootstrap)"))
+    fig.update_layout(title=title, xaxis_title="calibration tokens", yaxis_title="agreement with the full run",
+                      yaxis=dict(range=[0, 1.05]))
+    return fig
+
+
+def plan_heatmap(pruned: dict[int, list[int]], layer_indices: list[int], num_experts: int,
+                 title: str = "Pruning plan") -> go.Figure:
+    """The plan as a layer × expert grid: 1 = pruned, 0 = kept; cells selectable like any heatmap."""
+    grid = np.zeros((len(layer_indices), num_experts))
+    for row, layer_idx in enumerate(layer_indices):
+        grid[row, pruned.get(layer_idx, [])] = 1.0
+    fig = layer_expert_heatmap(grid, layer_indices, title, "pruned", hover_format=".0f")
+    fig.data[0].update(colorscale=[[0, "#440154"], [1, "#fde725"]], zmin=0, zmax=1,
+                       colorbar=dict(title="pruned", tickvals=[0, 1], ticktext=["kept", "pruned"]))
+    return fig

@@ -65,6 +65,7 @@ def expert_distances(stats, features: str, weights=None) -> np.ndarray:
     return dist
 
 
+@torch.no_grad()
 def weight_features(layer, rank: int = 64, seed: int = 0) -> torch.Tensor:
     """Permutation-invariant features of a layer's experts: down·(up ⊙ …)·R, (E, H·rank).
 

@@ -1,0 +1,128 @@
+import numpy as np
+import pytest
+import torch
+
+from moeviz import analysis, plots
+from moeviz.adapters import get_adapter
+from moeviz.calibrate import CalibConfig, calibrate, calibrate_chunks
+from moeviz.methods import PlanConfig
+from moeviz.tiny import tiny_model
+
+
+def _twin_model(permute: bool):
+    """Mixtral with expert 3 a copy of expert 1 (its intermediate neurons permuted if asked)."""
+    model = tiny_model("mixtral")
+    for layer in get_adapter(model).layers:
+        exp, I = layer.experts, layer.intermediate_size
+        perm = torch.randperm(I, generator=torch.Generator().manual_seed(0)) if permute else torch.arange(I)
+        with torch.no_grad():
+            gate, up = exp.gate_up_proj[1][:I], exp.gate_up_proj[1][I:]
+            exp.gate_up_proj[3] = torch.cat([gate[perm], up[perm]])
+            exp.down_proj[3] = exp.down_proj[1][:, perm]
+    return model
+
+
+@pytest.fixture(scope="module")
+def twins():
+    model = _twin_model(permute=True)
+    stats, _ = calibrate(model, CalibConfig(data="random", num_samples=8, seq_len=32, probe_tokens=64), use_cache=False)
+    return model, stats
+
+
+@pytest.mark.parametrize("space", analysis.SPACES)
+def test_similarity_is_symmetric_with_ones_on_the_diagonal(twins, space):
+    model, stats = twins
+    sim = analysis.similarity(stats, space, get_adapter(model))
+    assert sim.shape == (2, 8, 8)
+    np.testing.assert_allclose(sim, sim.transpose(0, 2, 1), atol=1e-12)
+    np.testing.assert_allclose(np.diagonal(sim, axis1=1, axis2=2), 1.0)
+
+
+def test_permuted_twins_are_found_by_invariant_weights_and_outputs(twins):
+    model, stats = twins
+    adapter = get_adapter(model)
+    for space in ("weights_invariant", "outputs"):
+        sim = analysis.similarity(stats, space, adapter)
+        np.testing.assert_allclose(sim[:, 1, 3], 1.0, atol=1e-5)
+        for layer_sim in sim:
+            labels, link = analysis.cluster_layer(layer_sim, n_clusters=7)
+            assert labels[1] == labels[3] and len(set(labels)) == 7
+    plain = analysis.similarity(stats, "weights", adapter)
+    assert (plain[:, 1, 3] < 0.9).all(), "flattened weights miss a permuted copy"
+    unpermuted = analysis.similarity(None, "weights", get_adapter(_twin_model(permute=False)))
+    np.testing.assert_allclose(unpermuted[:, 1, 3], 1.0, atol=1e-6)
+
+
+def test_homogeneity_of_identical_experts_is_maximal():
+    model = tiny_model("olmoe")
+    with torch.no_grad():
+        for layer in get_adapter(model).layers[:1]:
+            layer.experts.gate_up_proj[:] = layer.experts.gate_up_proj[0]
+            layer.experts.down_proj[:] = layer.experts.down_proj[0]
+    stats, _ = calibrate(model, CalibConfig(data="random", num_samples=4, seq_len=32, probe_tokens=32), use_cache=False)
+    h = analysis.homogeneity(stats, analysis.similarity(stats, "outputs"))
+    assert h["mean_similarity"][0] == pytest.approx(1.0, abs=1e-6)
+    assert h["mean_similarity"][1] < 0.99
+    assert 0 < h["usage_entropy"].max() <= 3.0 + 1e-9  # log2(8)
+    assert ((0 < h["half_mass_fraction"]) & (h["half_mass_fraction"] <= 1)).all()
+    assert analysis.layer_similarity(stats).shape == (2, 2)
+
+
+def test_stability_is_exact_at_the_full_size_and_lower_below():
+    model = tiny_model("qwen3_moe")
+    chunks = calibrate_chunks(model, CalibConfig(data="random", num_samples=16, seq_len=8, probe_tokens=0), 8)
+    rows = analysis.stability(chunks, PlanConfig("frequency", ratio=0.25), bootstrap=3)
+    assert [r["chunks"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["overlap"] == 1.0 and rows[-1]["rank_correlation"] == pytest.approx(1.0)
+    assert rows[0]["overlap"] < 1.0 and rows[0]["rank_correlation"] < 1.0
+    assert rows[0]["tokens"] == 16 and rows[-1]["tokens"] == 128
+    assert rows[-1]["overlap_bootstrap"] <= 1.0
+
+
+def test_specialisation_shares_sum_to_one(twins):
+    _, stats = twins
+    other, _ = calibrate(tiny_model("mixtral"), CalibConfig(data="random", num_samples=4, seq_len=32, seed=1,
+                                                             probe_tokens=0), use_cache=False)
+    names, share = analysis.specialisation({"a": stats, "b": other})
+    assert names == ["a", "b"] and share.shape == (2, 2, 8)
+    np.testing.assert_allclose(share.sum(0), 1.0)
+
+
+def test_embeddings_and_global_clusters(twins):
+    model, stats = twins
+    feats = stats.probe_mean.numpy()
+    xy = analysis.embed_experts(feats, method="pca")
+    assert xy.shape == (2, 8, 2) and np.isfinite(xy).all()
+    labels = analysis.cluster_all_layers(feats, n_clusters=4)
+    assert labels.shape == (2, 8) and labels.max() == 4
+    scores = analysis.silhouette_by_count(analysis.similarity(stats, "outputs")[0], range(2, 7))
+    assert scores and all(-1 <= s <= 1 for s in scores.values())
+
+
+@pytest.mark.slow
+def test_umap_embedding(twins):
+    _, stats = twins
+    xy = analysis.embed_experts(stats.probe_mean.numpy(), method="umap")
+    assert xy.shape == (2, 8, 2) and np.isfinite(xy).all()
+
+
+def test_plots_have_their_traces_and_labels(twins):
+    model, stats = twins
+    sim = analysis.similarity(stats, "outputs")[0]
+    labels, link = analysis.cluster_layer(sim, n_clusters=3)
+    fig = plots.similarity_heatmap(sim, labels, "layer 0", "outputs")
+    assert fig.data[0].type == "heatmap" and fig.layout.xaxis.title.text == "expert"
+    fig = plots.dendrogram(link)
+    assert len(fig.data) == 1 and fig.layout.yaxis.title.text.startswith("distance")
+    assert len(fig.layout.xaxis.ticktext) == 8
+    fig = plots.embedding_scatter(analysis.embed_experts(stats.probe_mean.numpy(), "pca"), stats.layer_indices)
+    assert len(fig.data[0].x) == 16 and list(fig.data[0].customdata[9]) == [1, 1]
+    fig = plots.depth_curves(stats.layer_indices, {"mean similarity": [0.1, 0.2]})
+    assert fig.layout.xaxis.title.text == "decoder layer"
+    fig = plots.stability_curves([dict(tokens=10, overlap=0.5, rank_correlation=0.7)])
+    assert [t.name for t in fig.data] == ["pruned-set overlap", "rank correlation"]
+    fig = plots.plan_heatmap({0: [1, 2]}, [0, 1], 8)
+    assert fig.data[0].z[0][1] == 1 and fig.data[0].z[1].sum() == 0
+    fig = plots.layer_expert_heatmap(stats.view("frequency"), stats.layer_indices, "f", "frequency")
+    assert [t.type for t in fig.data] == ["heatmap", "scatter"] and fig.layout.yaxis.title.text == "decoder layer"
+    assert len(fig.data[1].customdata) == 16
