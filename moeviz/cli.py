@@ -67,7 +67,55 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--stats", help="the stats directory (needed for novices, merges, weight sparsity)")
     prune.add_argument("--out", required=True, help="a new directory for the pruned checkpoint")
     prune.set_defaults(func=_prune)
+
+    ev = sub.add_parser("evaluate", help="perplexity, demo tasks, fidelity to a reference, size and speed")
+    _model_args(ev)
+    _eval_args(ev)
+    ev.add_argument("--reference", help="the original model, for KL, top-1 agreement and savings")
+    ev.add_argument("--out", help="write the report as JSON here")
+    ev.set_defaults(func=_evaluate)
+
+    sw = sub.add_parser("sweep", help="plan, apply, evaluate and store every method × ratio")
+    _model_args(sw)
+    _eval_args(sw)
+    sw.add_argument("--stats", required=True, help="the stats directory of this model")
+    sw.add_argument("--methods", default="mone,mone:remove,cprune,reap,frequency,random",
+                    help="comma-separated; method:mode overrides a mode, e.g. mone:remove")
+    sw.add_argument("--ratios", default="0.25,0.5")
+    sw.add_argument("--scope", choices=("layer", "global"), default="layer")
+    sw.add_argument("--runs", default="cache/runs.sqlite", help="where runs are stored")
+    sw.add_argument("--out", help="write the table as CSV here")
+    sw.set_defaults(func=_sweep)
+
+    runs = sub.add_parser("runs", help="list stored runs, or delete one")
+    runs.add_argument("--runs", default="cache/runs.sqlite")
+    runs.add_argument("--model", help="only this model's runs")
+    runs.add_argument("--method", help="only this method's runs")
+    runs.add_argument("--delete", type=int, metavar="ID", help="delete run ID")
+    runs.set_defaults(func=_runs)
     return parser
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="demo", help="held-out text for perplexity and fidelity")
+    p.add_argument("--samples", type=_positive, default=32)
+    p.add_argument("--seq-len", type=_positive, default=128)
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--tasks", default="auto",
+                   help="'demo' (the demo tasks), 'none', lm-eval task names (comma-separated), "
+                        "or 'auto': demo tasks for the demo model")
+    p.add_argument("--task-examples", type=_positive, default=200, help="per demo domain")
+    p.add_argument("--no-throughput", action="store_true")
+
+
+def _eval_config(args):
+    from .evaluate import EvalConfig
+
+    names = [] if args.tasks in ("none", "auto") else [t for t in args.tasks.split(",") if t]
+    demo = args.tasks == "demo" or "demo" in names or (args.tasks == "auto" and args.model == "demo")
+    return EvalConfig(data=args.data, num_samples=args.samples, seq_len=args.seq_len,
+                      batch_size=args.batch_size, demo_tasks=demo, task_examples=args.task_examples,
+                      lm_eval_tasks=tuple(n for n in names if n != "demo"), throughput=not args.no_throughput)
 
 
 def _positive(text: str) -> int:
@@ -171,6 +219,73 @@ def _prune(args) -> int:
     how = "AutoModelForCausalLM.from_pretrained" if kind == "transformers" else "moeviz.load_model"
     print(f"{plan.num_pruned} experts pruned ({plan.mode}); reload with {how}", file=sys.stderr)
     print(args.out)
+    return 0
+
+
+def _evaluate(args) -> int:
+    import json
+
+    from .evaluate import evaluate
+    from .loading import load_model
+
+    config = _eval_config(args)
+    model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    reference = None
+    if args.reference:
+        reference, _ = load_model(args.reference, device=args.device, trust_remote_code=args.trust_remote_code)
+    report = evaluate(model, config, tokenizer, reference, progress=lambda step, d, t: print(f"{step}…", file=sys.stderr))
+    text = json.dumps(report, indent=2, default=float)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def _sweep(args) -> int:
+    from tqdm import tqdm
+
+    from .loading import load_model
+    from .runs import RunStore
+    from .stats import ExpertStats
+    from .sweep import paper_table, sweep
+
+    stats = ExpertStats.load(args.stats)
+    methods = [m for m in args.methods.split(",") if m]
+    ratios = [float(r) for r in args.ratios.split(",") if r]
+    model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    with tqdm(total=1 + len(methods) * len(ratios), unit="run", file=sys.stderr) as bar:
+        def progress(done, total, label):
+            bar.set_postfix_str(label)
+            bar.update(done - bar.n)
+        frame = sweep(model, tokenizer, stats, methods, ratios, _eval_config(args), args.scope,
+                      RunStore(args.runs), str(args.stats), progress)
+    table = paper_table(frame)
+    if args.out:
+        table.to_csv(args.out, index=False)
+    print(table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else table.to_string(index=False))
+    return 0
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _runs(args) -> int:
+    from .runs import RunStore
+
+    store = RunStore(args.runs)
+    if args.delete is not None:
+        store.delete(args.delete)
+        print(f"deleted run {args.delete}")
+        return 0
+    where = {k: v for k, v in (("model", args.model), ("method", args.method)) if v}
+    print(store.table(**where).to_string(index=False))
     return 0
 
 

@@ -1,0 +1,90 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from moeviz.adapters import get_adapter
+from moeviz.apply import apply_plan, model_info
+from moeviz.calibrate import CalibConfig, calibrate
+from moeviz.data import sample_sequences
+from moeviz.evaluate import EvalConfig, evaluate, fidelity, parameter_counts, perplexity
+from moeviz.plan import PruningPlan
+from moeviz.runs import Run, RunStore
+from moeviz.tiny import tiny_model
+
+
+class Oracle(nn.Module):
+    """Puts (almost) all probability on the true next token."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab)
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, use_cache=False):
+        logits = torch.zeros(*input_ids.shape, self.config.vocab_size)
+        logits[:, :-1].scatter_(2, input_ids[:, 1:, None], 100.0)
+        return SimpleNamespace(logits=logits)
+
+
+def test_perplexity_of_an_oracle_is_one_and_of_noise_near_vocab():
+    tokens = sample_sequences("random", 4, 32, vocab_size=50)
+    assert perplexity(Oracle(50), tokens) == pytest.approx(1.0, abs=1e-6)
+    uniform = Oracle(50)
+    uniform.forward = lambda input_ids, use_cache=False: SimpleNamespace(logits=torch.zeros(*input_ids.shape, 50))
+    assert perplexity(uniform, tokens) == pytest.approx(50.0, rel=1e-5)
+
+
+def test_a_model_against_itself_has_zero_kl_and_full_agreement():
+    model = tiny_model("olmoe")
+    tokens = sample_sequences("random", 4, 16, vocab_size=128)
+    f = fidelity(model, model, tokens)
+    assert f["kl"] == pytest.approx(0.0, abs=1e-7) and f["top1_agreement"] == 1.0
+    other = fidelity(tiny_model("olmoe", seed=3), model, tokens)
+    assert other["kl"] > 0.001 and other["top1_agreement"] < 1.0
+
+
+def test_parameter_accounting_matches_a_hand_count():
+    model = tiny_model("mixtral")  # 2 layers × 8 experts × (2·48·32 + 32·48) routed parameters
+    per_expert = 2 * 48 * 32 + 32 * 48
+    counts = parameter_counts(model)
+    assert counts["routed_params"] == 2 * 8 * per_expert
+    assert counts["params"] == sum(p.numel() for p in model.parameters()) and counts["bytes"] == 4 * counts["params"]
+    stats, _ = calibrate(model, CalibConfig(data="random", num_samples=4, seq_len=16, probe_tokens=0), use_cache=False)
+    pruned = {0: [0, 1], 1: [2, 3]}
+    info = model_info(model)
+    removed = parameter_counts(apply_plan(model, PruningPlan("m", 0.25, mode="remove", model=info, pruned=pruned)))
+    assert removed["routed_params"] == 2 * 6 * per_expert
+    assert counts["params"] - removed["params"] == 4 * per_expert + 4 * 32  # and 4 router rows
+    novice = parameter_counts(apply_plan(model, PruningPlan("m", 0.25, mode="novice", model=info, pruned=pruned), stats))
+    assert novice["novice_params"] == 4 * 32 and novice["routed_params"] == 2 * 6 * per_expert
+    assert novice["params"] == removed["params"] + 4 * 32 + 4 * 32  # novices, and the router keeps its rows
+    sparse = parameter_counts(apply_plan(model, PruningPlan("m", 0.0, model=info, sparsity=0.5), stats))
+    assert sparse["routed_nonzero"] == counts["routed_params"] // 2 and sparse["params"] == counts["params"]
+
+
+def test_evaluate_reports_every_metric():
+    model = tiny_model("qwen2_moe")
+    config = EvalConfig(data="random", num_samples=4, seq_len=16, batch_size=2)
+    report = evaluate(model, config, reference=model)
+    assert report["kl"] == pytest.approx(0, abs=1e-7) and report["params_saved"] == 0
+    assert 1 < report["perplexity"] and report["tokens_per_s"] > 0 and report["speedup"] > 0
+
+
+def test_runs_are_stored_listed_and_deleted(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    run = Run("demo", "mone", 0.25, {"perplexity": 3.5, "task_mean": 0.9}, "novice", "layer", "cache/x", "fp")
+    run_id = store.add(run)
+    store.add(Run("demo", "original", 0.0, {"perplexity": 3.0}))
+    again = RunStore(tmp_path / "runs.sqlite").get(run_id)
+    assert (again.model, again.method, again.ratio, again.metrics, again.mode, again.calibration) == \
+        (run.model, run.method, run.ratio, run.metrics, run.mode, run.calibration)
+    assert [r.method for r in store.list(model="demo")] == ["mone", "original"]
+    assert list(store.table(method="mone")["perplexity"]) == [3.5]
+    store.delete(run_id)
+    assert [r.method for r in store.list()] == ["original"]
+    with pytest.raises(KeyError, match="No run"):
+        store.delete(run_id)
+    with pytest.raises(KeyError, match="Cannot filter"):
+        store.list(colour="red")
