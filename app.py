@@ -14,5 +14,7 @@ page = st.navigation([
     st.Page("pages/overview.py", title="Overview", default=True),
     st.Page("pages/calibrate.py", title="Calibrate"),
     st.Page("pages/experts.py", title="Experts"),
+    st.Page("pages/similarity.py", title="Similarity"),
+    st.Page("pages/layers.py", title="Layers"),
 ])
 page.run()

@@ -43,17 +43,18 @@ def layer_expert_heatmap(
 
 
 def similarity_heatmap(sim: np.ndarray, labels: np.ndarray | None = None, title: str = "",
-                       space: str = "similarity") -> go.Figure:
-    """One layer's expert × expert similarity (E, E), ordered by cluster when `labels` are given."""
+                       space: str = "similarity", axis: str = "expert", names=None) -> go.Figure:
+    """A similarity matrix (N, N) of experts (or layers: `axis`, `names`), ordered by cluster
+    when `labels` are given."""
     order = np.argsort(labels, kind="stable") if labels is not None else np.arange(len(sim))
-    names = [str(e) for e in order]
+    names = [str(names[i] if names is not None else i) for i in order]
     fig = go.Figure(go.Heatmap(
         z=sim[np.ix_(order, order)], x=names, y=names, colorscale=SEQUENTIAL, zmin=-1 if sim.min() < 0 else 0,
         zmax=1, colorbar=dict(title=space),
-        hovertemplate="experts %{y} and %{x}<br>" + space + ": %{z:.3f}<extra></extra>",
+        hovertemplate=axis + "s %{y} and %{x}<br>" + space + ": %{z:.3f}<extra></extra>",
     ))
-    fig.update_layout(title=title, xaxis=dict(title="expert", type="category"),
-                      yaxis=dict(title="expert", type="category", autorange="reversed"))
+    fig.update_layout(title=title, xaxis=dict(title=axis, type="category"),
+                      yaxis=dict(title=axis, type="category", autorange="reversed"))
     return fig
 
 

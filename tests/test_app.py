@@ -88,3 +88,17 @@ def test_experts_page_shows_heatmaps_and_one_expert(tiny_dir, tmp_path):
     at.session_state["expert_heatmap"] = {"selection": {"points": [{"customdata": [1, 5]}]}}
     at.run()
     assert at.subheader[0].value == "Layer 1, expert 5"
+
+
+@pytest.mark.parametrize("page", ["pages/similarity.py", "pages/layers.py"])
+def test_analysis_pages_render(tiny_dir, tmp_path, page):
+    model = tiny_model("mixtral")
+    model.name_or_path = str(tiny_dir)
+    calibrate(model, CalibConfig(data="random", num_samples=4, seq_len=16, probe_tokens=32, cache_dir=tmp_path / "cache"))
+    at = _app(tiny_dir, page)
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) >= 2
+    if page.endswith("similarity.py"):
+        at.selectbox[1].select("weights_invariant").run()  # a weight space: needs the model
+        assert not at.exception, at.exception
+        assert any("Silhouette suggests" in m.value for m in at.markdown)

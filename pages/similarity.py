@@ -1,0 +1,60 @@
+import numpy as np
+import streamlit as st
+
+from moeviz import analysis, plots
+from pages.common import current_model, stats_ui
+
+name, model, tokenizer, adapter, fingerprint = current_model()
+st.title("Similarity")
+stats = stats_ui(fingerprint)
+if stats is None:
+    st.stop()
+
+c1, c2, c3 = st.columns(3)
+space = c1.selectbox("Feature space", analysis.SPACES, index=2 if stats.has_probes else 0,
+                     help="outputs: probe outputs; weights_invariant: unchanged by neuron permutations")
+layer_idx = c2.selectbox("Layer", stats.layer_indices)
+n_clusters = c3.slider("Clusters", 2, stats.num_experts, max(2, stats.num_experts // 4))
+
+
+@st.cache_data(max_entries=16)
+def similarity(stats_dir: str, fingerprint: str, space: str) -> np.ndarray:
+    return analysis.similarity(stats, space, adapter)
+
+
+try:
+    sim = similarity(st.session_state.get("stats_dir", ""), fingerprint, space)
+except ValueError as err:
+    st.error(str(err))
+    st.stop()
+row = stats.layer_indices.index(layer_idx)
+labels, link = analysis.cluster_layer(sim[row], n_clusters=n_clusters)
+st.caption(
+    "What am I looking at: how alike every pair of this layer's experts is in the chosen space "
+    "(1 = the same), ordered so that clusters of alike experts form bright blocks on the diagonal. "
+    "C-Prune keeps one expert per cluster."
+)
+left, right = st.columns(2)
+left.plotly_chart(plots.similarity_heatmap(sim[row], labels, f"Layer {layer_idx}", space), key="sim")
+right.plotly_chart(plots.dendrogram(link, f"Layer {layer_idx}: hierarchical clustering"), key="dendro")
+scores = analysis.silhouette_by_count(sim[row], range(2, min(stats.num_experts, 17)))
+if scores:
+    best = max(scores, key=scores.get)
+    st.write(f"Silhouette suggests **{best} clusters** in this layer (score {scores[best]:.2f}).")
+
+st.subheader("All experts on one map")
+method = st.radio("Map", ["pca", "umap"], horizontal=True, help="UMAP takes seconds (first use ~30 s)")
+colour = st.selectbox("Colour by", ["layer", "frequency", "cluster"])
+
+
+@st.cache_data(max_entries=8, show_spinner="Embedding the experts…")
+def embedding(stats_dir: str, method: str) -> np.ndarray:
+    return analysis.embed_experts(stats.probe_mean.numpy() if stats.has_probes else stats["out_mean"].numpy(), method)
+
+
+xy = embedding(st.session_state.get("stats_dir", ""), method)
+color = {"layer": None, "frequency": stats.view("frequency"),
+         "cluster": analysis.cluster_all_layers(stats["out_mean"].numpy(), n_clusters)}[colour]
+st.caption("What am I looking at: every expert of every layer, placed so that experts with alike "
+           "mean outputs sit close together.")
+st.plotly_chart(plots.embedding_scatter(xy, stats.layer_indices, color, colour), key="map")
