@@ -16,5 +16,7 @@ page = st.navigation([
     st.Page("pages/experts.py", title="Experts"),
     st.Page("pages/similarity.py", title="Similarity"),
     st.Page("pages/layers.py", title="Layers"),
+    st.Page("pages/prune.py", title="Prune"),
+    st.Page("pages/compare.py", title="Compare"),
 ])
 page.run()

@@ -66,13 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--plan", required=True)
     prune.add_argument("--stats", help="the stats directory (needed for novices, merges, weight sparsity)")
     prune.add_argument("--out", required=True, help="a new directory for the pruned checkpoint")
+    prune.add_argument("--progress-file", help="also write progress as JSON here (for the app)")
     prune.set_defaults(func=_prune)
 
     ev = sub.add_parser("evaluate", help="perplexity, demo tasks, fidelity to a reference, size and speed")
     _model_args(ev)
     _eval_args(ev)
     ev.add_argument("--reference", help="the original model, for KL, top-1 agreement and savings")
+    ev.add_argument("--plan", help="evaluate this plan applied to --model, against --model itself")
+    ev.add_argument("--stats", help="the plan's stats directory (novices, merges, weight sparsity)")
+    ev.add_argument("--runs", help="also store the report as a run in this SQLite file")
     ev.add_argument("--out", help="write the report as JSON here")
+    ev.add_argument("--progress-file", help="also write progress as JSON here (for the app)")
     ev.set_defaults(func=_evaluate)
 
     sw = sub.add_parser("sweep", help="plan, apply, evaluate and store every method × ratio")
@@ -211,13 +216,20 @@ def _prune(args) -> int:
     from .plan import PruningPlan
     from .stats import ExpertStats
 
+    from .jobs import ProgressFile
+
+    report = ProgressFile(args.progress_file)
     plan = PruningPlan.load(args.plan)
     stats = ExpertStats.load(args.stats) if args.stats else None
+    report.write("loading", 0, 3)
     model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    report.write("pruning", 1, 3)
     pruned = apply_plan(model, plan, stats)
+    report.write("saving", 2, 3)
     kind = export_model(pruned, plan, args.out, tokenizer)
     how = "AutoModelForCausalLM.from_pretrained" if kind == "transformers" else "moeviz.load_model"
     print(f"{plan.num_pruned} experts pruned ({plan.mode}); reload with {how}", file=sys.stderr)
+    report.write("done", 3, 3, path=str(args.out), reload=how)
     print(args.out)
     return 0
 
@@ -226,19 +238,44 @@ def _evaluate(args) -> int:
     import json
 
     from .evaluate import evaluate
-    from .loading import load_model
+    from .jobs import ProgressFile
+    from .loading import load_model, model_fingerprint
 
     config = _eval_config(args)
+    report_file = ProgressFile(args.progress_file)
+    report_file.write("loading", 0, 1)
     model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
-    reference = None
-    if args.reference:
+    reference, plan = None, None
+    if args.plan:
+        from .apply import apply_plan
+        from .plan import PruningPlan
+        from .stats import ExpertStats
+
+        plan = PruningPlan.load(args.plan)
+        stats = ExpertStats.load(args.stats) if args.stats else None
+        model, reference = apply_plan(model, plan, stats), model
+    elif args.reference:
         reference, _ = load_model(args.reference, device=args.device, trust_remote_code=args.trust_remote_code)
-    report = evaluate(model, config, tokenizer, reference, progress=lambda step, d, t: print(f"{step}…", file=sys.stderr))
+
+    def progress(step, done, total):
+        print(f"{step}…", file=sys.stderr)
+        report_file.write(step, done, total)
+
+    report = evaluate(model, config, tokenizer, reference, progress=progress)
+    extra = {}
+    if args.runs:
+        from .runs import Run, RunStore
+
+        run = Run(args.model, plan.method if plan else "original", plan.ratio if plan else 0.0, report,
+                  plan.mode if plan else None, plan.scope if plan else None, args.stats,
+                  model_fingerprint(reference if plan else model))
+        extra["run_id"] = RunStore(args.runs).add(run)
     text = json.dumps(report, indent=2, default=float)
     if args.out:
         from pathlib import Path
 
         Path(args.out).write_text(text)
+    report_file.write("done", 1, 1, **extra)
     print(text)
     return 0
 

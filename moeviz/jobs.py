@@ -39,13 +39,16 @@ class ProgressFile:
 
 
 @dataclass
-class CalibrationJob:
+class Job:
+    """A `moeviz` command running in a worker process, reporting to a progress file."""
+
     process: subprocess.Popen
     progress: ProgressFile
     log: Path
 
     def status(self) -> dict:
-        """state (starting, loading, calibrating, done, failed), done, total; path when done; error when failed."""
+        """state (starting, loading, …, done, failed), done, total; the command's results when
+        done (e.g. path); error, the last line it printed, when failed."""
         status = self.progress.read()
         code = self.process.poll()
         if code not in (None, 0) or (code == 0 and status.get("state") != "done"):
@@ -54,19 +57,40 @@ class CalibrationJob:
         return status
 
 
-def start_calibration(model: str, config: CalibConfig, device: str = "auto",
-                      workdir: str | os.PathLike | None = None) -> CalibrationJob:
-    """Start `moeviz calibrate` in a worker process; poll the returned job's `status()`."""
+def start_job(args: list[str], workdir: str | os.PathLike | None = None) -> Job:
+    """Run `moeviz ARGS --progress-file …` in a worker process; poll the job's `status()`."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="moeviz-job-"))
     workdir.mkdir(parents=True, exist_ok=True)
     progress, log = ProgressFile(workdir / "progress.json"), workdir / "worker.log"
-    cmd = [
-        sys.executable, "-m", "moeviz.cli", "calibrate", "--model", model, "--device", device,
+    cmd = [sys.executable, "-m", "moeviz.cli", *args, "--progress-file", str(progress.path)]
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return Job(process, progress, log)
+
+
+def start_calibration(model: str, config: CalibConfig, device: str = "auto",
+                      workdir: str | os.PathLike | None = None) -> Job:
+    """`moeviz calibrate` in a worker: the stats directory is the status's `path` when done."""
+    return start_job([
+        "calibrate", "--model", model, "--device", device,
         "--data", config.data, "--samples", str(config.num_samples), "--seq-len", str(config.seq_len),
         "--batch-size", str(config.batch_size), "--seed", str(config.seed),
         "--probe-tokens", str(config.probe_tokens), "--cache-dir", str(Path(config.cache_dir).resolve()),
-        "--progress-file", str(progress.path),
-    ]
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    return CalibrationJob(process, progress, log)
+    ], workdir)
+
+
+def start_evaluation(model: str, plan_file: str | os.PathLike, stats_dir: str | os.PathLike,
+                     runs: str | os.PathLike, extra: list[str] = (), device: str = "auto",
+                     workdir: str | os.PathLike | None = None) -> Job:
+    """`moeviz evaluate` of a plan against the original, stored as a run (the status's `run_id`)."""
+    return start_job([
+        "evaluate", "--model", model, "--device", device, "--plan", str(plan_file),
+        "--stats", str(stats_dir), "--runs", str(runs), *extra,
+    ], workdir)
+
+
+def start_export(model: str, plan_file: str | os.PathLike, stats_dir: str | os.PathLike, out: str | os.PathLike,
+                 device: str = "auto", workdir: str | os.PathLike | None = None) -> Job:
+    """`moeviz prune` in a worker: the checkpoint's directory is the status's `path` when done."""
+    return start_job(["prune", "--model", model, "--device", device, "--plan", str(plan_file),
+                      "--stats", str(stats_dir), "--out", str(out)], workdir)

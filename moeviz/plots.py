@@ -128,3 +128,17 @@ def plan_heatmap(pruned: dict[int, list[int]], layer_indices: list[int], num_exp
     fig.data[0].update(colorscale=[[0, "#440154"], [1, "#fde725"]], zmin=0, zmax=1,
                        colorbar=dict(title="pruned", tickvals=[0, 1], ticktext=["kept", "pruned"]))
     return fig
+
+
+def ratio_curves(frame, metric: str, title: str = "") -> go.Figure:
+    """`metric` against pruning ratio, one line per method (and mode), the original as a dashed line."""
+    fig = go.Figure()
+    base = frame[frame["method"] == "original"]
+    for (method, mode), group in frame[frame["method"] != "original"].groupby(["method", "mode"], dropna=False):
+        group = group.sort_values("ratio")
+        name = method if mode is None or mode != mode else f"{method} ({mode})"
+        fig.add_trace(go.Scatter(x=group["ratio"], y=group[metric], mode="lines+markers", name=name))
+    if len(base) and metric in base:
+        fig.add_hline(y=float(base[metric].iloc[-1]), line_dash="dash", annotation_text="original")
+    fig.update_layout(title=title, xaxis_title="pruning ratio", yaxis_title=metric)
+    return fig

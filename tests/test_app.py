@@ -102,3 +102,33 @@ def test_analysis_pages_render(tiny_dir, tmp_path, page):
         at.selectbox[1].select("weights_invariant").run()  # a weight space: needs the model
         assert not at.exception, at.exception
         assert any("Silhouette suggests" in m.value for m in at.markdown)
+
+
+def test_prune_page_clicks_evaluates_and_compare_shows_the_run(tiny_dir, tmp_path):
+    model = tiny_model("mixtral")
+    model.name_or_path = str(tiny_dir)
+    calibrate(model, CalibConfig(data="random", num_samples=4, seq_len=16, probe_tokens=32, cache_dir=tmp_path / "cache"))
+    at = _app(tiny_dir, "pages/compare.py")
+    assert "No runs" in at.info[0].value
+    at.switch_page("pages/prune.py")
+    at.run()
+    assert not at.exception, at.exception
+    assert "4 experts pruned (novice)" in at.get("plotly_chart")[0].proto.spec  # mone at 25 %: 2 per layer
+    at.selectbox[1].select("frequency").run()
+    # a click on a cell flips that expert between kept and pruned
+    at.session_state["plan_chart"] = {"selection": {"points": [{"customdata": [0, 7]}]}}
+    at.run()
+    assert not at.exception, at.exception
+    assert at.session_state["toggles"] == {(0, 7)}
+    spec = at.get("plotly_chart")[0].proto.spec
+    assert "3 experts pruned" in spec or "5 experts pruned" in spec
+    at.button[0].click().run()  # Apply and evaluate
+    job = at.session_state["eval_job"]
+    deadline = time.time() + 180
+    while job.status()["state"] not in ("done", "failed") and time.time() < deadline:
+        time.sleep(0.3)
+    assert job.status()["state"] == "done", job.log.read_text()[-2000:]
+    at.switch_page("pages/compare.py")
+    at.run()
+    assert not at.exception, at.exception
+    assert list(at.dataframe[0].value["method"]) == ["frequency"]
