@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,8 +34,12 @@ class CalibConfig:
 
     def key_fields(self) -> dict:
         """What the statistics depend on (batch size and cache location do not count)."""
-        return dict(data=str(parse_source(self.data)), num_samples=self.num_samples,
-                    seq_len=self.seq_len, seed=self.seed, probe_tokens=self.probe_tokens)
+        src = parse_source(self.data)
+        fields = dict(data=str(src), num_samples=self.num_samples, seq_len=self.seq_len,
+                      seed=self.seed, probe_tokens=self.probe_tokens)
+        if src.kind == "file":  # an edited file is other data
+            fields["data_sha256"] = hashlib.sha256(Path(src.name).read_bytes()).hexdigest()[:16]
+        return fields
 
 
 def cache_key(fingerprint: str, config: CalibConfig) -> str:

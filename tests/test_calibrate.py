@@ -155,3 +155,14 @@ def test_probes_are_bounded_and_self_similar(tmp_path):
     assert stats.probe_mean.shape == (stats.num_layers, 8, 32)
     off, _ = calibrate(tiny_model("qwen3_moe"), _config(tmp_path, probe_tokens=0), use_cache=False)
     assert not off.has_probes
+
+
+def test_an_edited_calibration_file_is_a_new_key(tmp_path):
+    from moeviz.calibrate import cache_key
+
+    text = tmp_path / "calib.txt"
+    text.write_text("some text\n\nmore text")
+    key = cache_key("fp", CalibConfig(data=str(text)))
+    assert key == cache_key("fp", CalibConfig(data=str(text), batch_size=1))
+    text.write_text("other text\n\nmore text")
+    assert cache_key("fp", CalibConfig(data=str(text))) != key
