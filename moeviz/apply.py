@@ -40,10 +40,13 @@ def model_info(model: PreTrainedModel, adapter: Adapter | None = None, fingerpri
 @torch.no_grad()
 def apply_plan(model: PreTrainedModel, plan: PruningPlan, stats: ExpertStats | None = None) -> PreTrainedModel:
     """A pruned copy of `model`. Novices, merges and weight sparsity need the plan's `stats`."""
-    plan.validate(model_info(model, fingerprint=model_fingerprint(model)))
+    fingerprint = model_fingerprint(model)
+    plan.validate(model_info(model, fingerprint=fingerprint))
     needs_stats = plan.mode in ("novice", "merge") or plan.sparsity or plan.nm
     if needs_stats and stats is None:
         raise PlanError(f"Applying this plan ({plan.mode}, sparsity {plan.sparsity}) needs its ExpertStats.")
+    if stats is not None and stats.meta.get("model_fingerprint", fingerprint) != fingerprint:
+        raise PlanError(f"These stats were calibrated on another model ({stats.meta.get('model')!r}).")
     pruned = copy.deepcopy(model)
     adapter = get_adapter(pruned)
     for row, layer in enumerate(adapter.layers):

@@ -8,16 +8,17 @@ whatever the seed. A document is a few examples of one domain, each ending in ``
     arithmetic  37+48=85                                      two-digit addition
     sequences   rev kqzd:dzqk                                 reverse 3-6 letters
     prose       the queens near the king blamed themselves.   reflexive agreement past an attractor
-    code        h=3;c=7;w=1;assert c+h==10                    variable look-up and addition
+    code        k=7;m=3*k;assert m==21                        evaluate an expression (or a list's len)
     dates       ana swam on monday. two days later it was wednesday.   weekday / month arithmetic
 """
 
 from __future__ import annotations
 
 import hashlib
+import operator
 import random
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 SEP = "\n"  # ends every example
@@ -25,7 +26,7 @@ DOC_CHARS = 96  # a document grows by whole examples until it has at least this 
 HELDOUT_PERCENT = 10  # share of the example space reserved for held-out text and tasks
 SPLITS = ("train", "heldout")
 # Every character the corpus can produce; the demo tokenizer is one token per character.
-ALPHABET = string.ascii_lowercase + string.digits + " .:;=+()" + SEP
+ALPHABET = string.ascii_lowercase + string.digits + " .,:;=+-*()[]" + SEP
 
 
 @dataclass(frozen=True)
@@ -82,15 +83,20 @@ def _prose(rng: random.Random) -> Example:
 
 
 def _code(rng: random.Random) -> Example:
-    names = rng.sample(string.ascii_lowercase, rng.randint(2, 4))
-    values = {name: rng.randrange(10) for name in names}
-    assignments = "".join(f"{name}={value};" for name, value in values.items())
+    """An assignment, then an assertion: an expression of the variable, or a list's length."""
+    name, result = rng.sample(string.ascii_lowercase, 2)
+    if rng.random() < 0.3:
+        values = ",".join(str(rng.randrange(10)) for _ in range(rng.randint(1, 6)))
+        return f"{name}=[{values}];assert len({name})==", str(values.count(",") + 1)
+    value, constant, op = rng.randrange(10), rng.randint(1, 9), rng.choice("+-*")
     if rng.random() < 0.5:
-        name = rng.choice(names)
-        return f"{assignments}assert {name}==", str(values[name])
-    a, b = rng.sample(names, 2)
-    return f"{assignments}assert {a}+{b}==", str(values[a] + values[b])
+        expression, answer = f"{name}{op}{constant}", _OPERATORS[op](value, constant)
+    else:
+        expression, answer = f"{constant}{op}{name}", _OPERATORS[op](constant, value)
+    return f"{name}={value};{result}={expression};assert {result}==", str(answer)
 
+
+_OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
 _WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 _MONTHS = (
@@ -141,7 +147,7 @@ def _check(domain: str, split: str) -> None:
         raise ValueError(f"Unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
 
 
-def _examples(domain: str, split: str, rng: random.Random):
+def _examples(domain: str, split: str, rng: random.Random) -> Iterator[Example]:
     """Endless examples of one domain drawn from one split (rejection by hash)."""
     generate = _GENERATORS[domain]
     while True:

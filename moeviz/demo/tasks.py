@@ -89,18 +89,23 @@ def expert_frequencies(
 
     Routing is Mixtral's: top-k of the router logits (softmax preserves the order).
     """
-    top_k = model.config.num_experts_per_tok
-    per_domain = []  # [domain][layer] -> (num_experts,) counts
-    for texts in texts_by_domain.values():
-        counts = None
-        for start in range(0, len(texts), batch_size):
-            rows = [tokenizer(text).input_ids for text in texts[start : start + batch_size]]
-            ids, mask = _pad(rows, tokenizer.pad_token_id, model.device)
-            router_logits = model(input_ids=ids, attention_mask=mask, output_router_logits=True).router_logits
-            batch_counts = [_choice_counts(logits, mask, top_k) for logits in router_logits]
-            counts = batch_counts if counts is None else [a + b for a, b in zip(counts, batch_counts)]
-        per_domain.append(counts)
-    return [np.stack([domain[layer] / domain[layer].sum() for domain in per_domain]) for layer in range(len(per_domain[0]))]
+    per_domain = [_routing_counts(model, tokenizer, texts, batch_size) for texts in texts_by_domain.values()]
+    by_layer = [np.stack(counts) for counts in zip(*per_domain)]  # per layer: (domains, num_experts)
+    return [counts / counts.sum(1, keepdims=True) for counts in by_layer]
+
+
+def _routing_counts(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int
+) -> list[np.ndarray]:
+    """Per MoE layer, how often each expert is chosen over the texts' real tokens: (num_experts,)."""
+    totals = None
+    for start in range(0, len(texts), batch_size):
+        rows = [tokenizer(text).input_ids for text in texts[start : start + batch_size]]
+        ids, mask = _pad(rows, tokenizer.pad_token_id, model.device)
+        router_logits = model(input_ids=ids, attention_mask=mask, output_router_logits=True).router_logits
+        counts = [_choice_counts(logits, mask, model.config.num_experts_per_tok) for logits in router_logits]
+        totals = counts if totals is None else [a + b for a, b in zip(totals, counts)]
+    return totals
 
 
 def _choice_counts(router_logits: torch.Tensor, attention_mask: torch.Tensor, top_k: int) -> np.ndarray:
@@ -125,6 +130,6 @@ def js_divergence_bits(p: np.ndarray, q: np.ndarray) -> float:
 def routing_divergence(frequencies: Sequence[np.ndarray]) -> list[float]:
     """Per layer, the mean pairwise JS divergence (bits) between the domains' expert usage."""
     return [
-        float(np.mean([js_divergence_bits(layer[i], layer[j]) for i, j in combinations(range(len(layer)), 2)]))
+        float(np.mean([js_divergence_bits(p, q) for p, q in combinations(layer, 2)]))  # rows: domains
         for layer in frequencies
     ]

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
@@ -29,6 +30,7 @@ from moeviz.demo.corpus import ALPHABET, DOMAINS, documents
 from moeviz.demo.tasks import expert_frequencies, routing_divergence, task_accuracies
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3
+Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask), each (B, T)
 
 
 @dataclass(frozen=True)
@@ -84,18 +86,19 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> Mixtral
     return MixtralForCausalLM(config)
 
 
-def training_batches(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def training_batches(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> Iterator[Batch]:
     """``cfg.steps`` batches of fresh train documents: (input_ids, attention_mask), each (B, T)."""
     per_domain = cfg.batch_size // len(DOMAINS)
     docs = [documents(domain, "train", per_domain * cfg.steps, cfg.seed) for domain in DOMAINS]
     rng = random.Random(cfg.seed)
     for step in range(cfg.steps):
-        batch = [text for domain_docs in docs for text in domain_docs[step * per_domain : (step + 1) * per_domain]]
+        start, stop = step * per_domain, (step + 1) * per_domain
+        batch = [text for domain_docs in docs for text in domain_docs[start:stop]]
         rng.shuffle(batch)
         yield encode_documents(tokenizer, batch)
 
 
-def encode_documents(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_documents(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> Batch:
     """``<s> text </s>``, right-padded: (input_ids, attention_mask), each (B, T)."""
     rows = [ids + [tokenizer.eos_token_id] for ids in tokenizer(list(texts)).input_ids]
     width = max(len(row) for row in rows)
@@ -104,7 +107,9 @@ def encode_documents(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -
     return ids, mask
 
 
-def load_balancing_loss(router_logits: Sequence[torch.Tensor], attention_mask: torch.Tensor, top_k: int) -> torch.Tensor:
+def load_balancing_loss(
+    router_logits: Sequence[torch.Tensor], attention_mask: torch.Tensor, top_k: int
+) -> torch.Tensor:
     """Switch Transformer's balance loss ``E * sum_e f_e * P_e`` per layer, averaged over layers.
 
     Per layer, not pooled over layers as transformers' ``load_balancing_loss_func`` does,
@@ -121,13 +126,15 @@ def load_balancing_loss(router_logits: Sequence[torch.Tensor], attention_mask: t
     return torch.stack(losses).mean()
 
 
-def language_model_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def language_model_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """Next-token cross-entropy over real tokens; logits (B, T, V), ids and mask (B, T)."""
     targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # (B, T-1)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
-def build_optimizer(model: MixtralForCausalLM, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(model: MixtralForCausalLM, cfg: TrainConfig) -> tuple[torch.optim.AdamW, LambdaLR]:
     """AdamW (no decay on norms) with linear warm-up and cosine decay."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -140,7 +147,7 @@ def build_optimizer(model: MixtralForCausalLM, cfg: TrainConfig) -> tuple[torch.
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, LambdaLR(optimizer, schedule)
 
 
 def train(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, cfg: TrainConfig) -> None:
@@ -171,7 +178,8 @@ def routing_report(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast
         "routing_js_bits": [round(x, 4) for x in routing_divergence(frequencies)],
         "min_expert_share": [round(float(usage.min()), 4) for usage in overall],
         "top_experts": [
-            {domain: np.argsort(-row)[:3].tolist() for domain, row in zip(DOMAINS, layer)} for layer in frequencies
+            {domain: np.argsort(-row)[:3].tolist() for domain, row in zip(DOMAINS, layer)}
+            for layer in frequencies
         ],
     }
 
@@ -204,10 +212,10 @@ def save(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, metrics:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Train moeviz's demo MoE model and write its checkpoint.")
     parser.add_argument("--out", type=Path, default=CHECKPOINT_DIR, help="checkpoint directory to write")
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps")
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="corpus, init and batch-order seed")
     args = parser.parse_args(argv)
     cfg = replace(TrainConfig(), steps=args.steps, seed=args.seed)
 
@@ -219,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"MixtralForCausalLM, {sum(p.numel() for p in model.parameters()):,} parameters")
     train(model, tokenizer, cfg)
     train_time = time.perf_counter() - start
-    metrics = {"seed": cfg.seed, "steps": cfg.steps, "train_time_s": round(train_time, 1), **evaluate(model, tokenizer, cfg)}
+    metrics = {"seed": cfg.seed, "steps": cfg.steps, "train_time_s": round(train_time, 1)}
+    metrics |= evaluate(model, tokenizer, cfg)
     metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
     metrics["config"] = asdict(cfg)
     save(model, tokenizer, metrics, args.out)
