@@ -45,7 +45,7 @@ def parse_source(spec: str | TextSource) -> TextSource:
     """Parse a source string (see the module docstring)."""
     if isinstance(spec, TextSource):
         return spec
-    spec = spec.strip()
+    spec = str(spec).strip()
     if not spec:
         raise ValueError("Empty text source; try 'demo', 'random', a .txt/.jsonl path or a dataset name.")
     if spec == "random":
