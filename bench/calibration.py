@@ -1,6 +1,6 @@
 """Cost of calibration: a plain forward pass against the same pass with the observer on.
 
-    python bench/calibration.py [--repeats 3] [--samples 32] [--seq-len 128]
+    python bench/calibration.py [--repeats 5] [--samples 64] [--seq-len 128]
 
 For the demo model and an OLMoE-like random model (8 layers, 64 experts, top-8, hidden 256)
 it times, in one process, the model's own forward over the calibration batches, then the
@@ -105,8 +105,8 @@ def bench(name, model, tokens, batch_size, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")

@@ -212,14 +212,16 @@ class MoELayer:
         return mid, out
 
     def experts_forward_sorted(self, x: torch.Tensor, expert_ids: torch.Tensor,
-                               counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """f_e for (token, expert) pairs sorted by expert: x (S, H), expert_ids (S,), counts[e].
+                               counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """f_e for (token, expert) pairs sorted by expert: x (S, H), expert_ids (S,), counts (E,).
 
         Returns (mids (S, I), outputs (S, H)). Fused experts use one grouped matmul per
-        projection, as transformers' default `grouped_mm` implementation does.
+        projection, as transformers' default `grouped_mm` implementation does, without
+        waiting for the device.
         """
         if self.fused and _GROUPED_MM is not None:
             return self._grouped_forward(x, expert_ids, counts)
+        counts = counts.tolist()
         mids, outs = [], []
         for e, part in enumerate(torch.split(x, counts)):
             if counts[e]:
@@ -230,7 +232,7 @@ class MoELayer:
 
     def _grouped_forward(self, x, expert_ids, counts):
         exp = self.experts
-        offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        offsets = counts.cumsum(0).to(torch.int32)
         w_gu = exp.gate_up_proj if exp.has_gate else exp.up_proj
         h = _grouped_linear(x, w_gu, offsets, exp.is_transposed)
         if exp.has_bias:

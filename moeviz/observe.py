@@ -2,8 +2,9 @@
 
 The routed experts' outputs are captured where the model computes them (the experts' own
 forward is swapped for an equivalent one that also records), so the cost stays close to one
-plain forward pass. Every statistic is a sum over tokens (float64, on the model's device),
-so observers of different batches, shards or machines merge by addition. See METHODS.md.
+plain forward pass. Every statistic is a sum over tokens (float64 totals on the model's
+device; each batch reduced in float32 first), so observers of different batches, shards or
+machines merge by addition. See METHODS.md.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class LayerObserver:
     def record_routing(self, routing: Routing) -> None:
         s = self.sums
         T, E = routing.probs.shape
-        selected = torch.zeros(T, E, dtype=torch.float64, device=s["count"].device)
-        selected.scatter_(1, routing.top_k_index, 1.0)  # (T, E) 0/1
+        selected = torch.zeros(T, E, device=s["count"].device)
+        selected.scatter_(1, routing.top_k_index, 1.0)  # (T, E) 0/1, exact in float32
         s["tokens"] += T
         s["prob_sum"] += routing.probs.sum(0, dtype=torch.float64)
         s["count"] += selected.sum(0)
@@ -60,17 +61,34 @@ class LayerObserver:
                                  routing.top_k_weights.reshape(-1).to(torch.float64))
         s["coactivation"] += selected.T @ selected
 
-    def record_experts(self, expert_ids, x, mid, out, gates) -> None:
-        """Per-(token, expert) pairs: ids (S,), inputs (S, H), mids (S, I), outputs (S, H), gates (S,)."""
-        s = self.sums
-        out64, g = out.to(torch.float64), gates.to(torch.float64)[:, None]
-        s["out_sum"].index_add_(0, expert_ids, out64)
-        s["out_sqsum"].index_add_(0, expert_ids, out64.square())
-        s["in_sqnorm"].index_add_(0, expert_ids, (g * x.to(torch.float64)).square())
-        s["mid_sqnorm"].index_add_(0, expert_ids, (g * mid.to(torch.float64)).square())
-        norms = out64.norm(dim=1)
-        s["ean_sum"].index_add_(0, expert_ids, norms)
-        s["reap_sum"].index_add_(0, expert_ids, g[:, 0] * norms)
+    def record_experts(self, hidden, top_k_index, top_k_weights, expert_ids, mid, out, gates) -> None:
+        """One batch: tokens (T, H) with their routing (T, k), and the (token, expert) pairs
+        sorted by expert: ids (S,), mids (S, I), outputs (S, H), gates (S,).
+
+        A batch's sums are reduced in float32 (one pass over each pair matrix, no float64
+        copies of it) and added to the float64 totals.
+        """
+        s, E = self.sums, self.layer.num_experts
+
+        def per_expert(values: torch.Tensor) -> torch.Tensor:  # (S, …) → (E, …) sums
+            return values.new_zeros((E,) + values.shape[1:]).index_add_(0, expert_ids, values)
+
+        out = out.float()
+        squares = out * out
+        s["out_sum"] += per_expert(out)
+        s["out_sqsum"] += per_expert(squares)
+        g = gates.float()
+        norms = squares.sum(1).sqrt()
+        s["ean_sum"] += per_expert(norms)
+        s["reap_sum"] += per_expert(g * norms)
+        mid = mid.float()
+        s["mid_sqnorm"] += per_expert(mid * mid * (g * g)[:, None])
+        # Σ over routed tokens of (g·x)², as one (E, T) @ (T, H) product over the batch's
+        # tokens instead of a copy of x for each of its k experts.
+        hidden = hidden.float()
+        g2 = torch.zeros(hidden.shape[0], E, device=hidden.device)
+        g2.scatter_(1, top_k_index, top_k_weights.float().square())
+        s["in_sqnorm"] += g2.T @ (hidden * hidden)
 
     def offer_probe_tokens(self, hidden: torch.Tensor) -> None:
         """Keep a uniform sample of all tokens seen (reservoir by random keys)."""
@@ -85,19 +103,28 @@ class LayerObserver:
         self.probe_keys, self.probe_x = keys, pool
 
     @torch.inference_mode()
-    def probe_sums(self, chunk: int = 32) -> dict[str, torch.Tensor]:
-        """Run every expert on the probe tokens: Σ outputs (E, H) and Σ cosine similarities (E, E)."""
+    def probe_sums(self, budget: int = 2**25) -> dict[str, torch.Tensor]:
+        """Run every expert on the probe tokens: Σ outputs (E, H) and Σ cosine similarities (E, E).
+
+        Each chunk of c tokens goes through all E experts in one grouped call, with c chosen
+        so that the E·c intermediate activations stay within `budget` elements.
+        """
         layer, x = self.layer, self.probe_x
-        dtype = layer.router_weight.dtype
-        E = layer.num_experts
-        out_sum = torch.zeros(E, layer.hidden_size, dtype=torch.float64, device=x.device)
+        E, H, I = layer.num_experts, layer.hidden_size, layer.intermediate_size
+        out_sum = torch.zeros(E, H, dtype=torch.float64, device=x.device)
         sim_sum = torch.zeros(E, E, dtype=torch.float64, device=x.device)
+        chunk = max(1, budget // (E * 2 * max(H, I)))
         for start in range(0, x.shape[0], chunk):
-            xs = x[start:start + chunk].to(dtype)
-            outs = torch.stack([layer.expert_forward(e, xs)[1].float() for e in range(E)])  # (E, c, H)
-            out_sum += outs.sum(1, dtype=torch.float64)
-            unit = torch.nn.functional.normalize(outs, dim=-1).transpose(0, 1)  # (c, E, H)
-            sim_sum += (unit @ unit.transpose(1, 2)).sum(0, dtype=torch.float64)
+            xs = x[start:start + chunk].to(layer.router_weight.dtype)
+            c = xs.shape[0]
+            ids = torch.arange(E, device=x.device).repeat_interleave(c)
+            counts = torch.full((E,), c, device=x.device)
+            outs = layer.experts_forward_sorted(xs.repeat(E, 1), ids, counts)[1].float().view(E, c, H)
+            out_sum += outs.sum(1)
+            per_token = outs.transpose(0, 1)  # (c, E, H)
+            gram = per_token @ per_token.transpose(1, 2)  # (c, E, E)
+            norms = gram.diagonal(dim1=1, dim2=2).clamp(min=1e-24).sqrt()  # (c, E)
+            sim_sum += (gram / (norms[:, :, None] * norms[:, None, :])).sum(0)
         return {"probe_out_sum": out_sum, "probe_sim_sum": sim_sum,
                 "probe_tokens": torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)}
 
@@ -160,13 +187,13 @@ def _observed_experts(obs: LayerObserver, hidden, top_k_index, top_k_weights) ->
     expert_ids, order = torch.sort(flat, stable=True)
     x = hidden[order // k]  # (S, H)
     gates = top_k_weights.reshape(-1)[order]  # (S,)
-    counts = torch.bincount(flat, minlength=layer.num_experts).tolist()
+    counts = torch.bincount(flat, minlength=layer.num_experts)
     mid, out = layer.experts_forward_sorted(x, expert_ids, counts)
-    obs.record_experts(expert_ids, x, mid, out, gates)
+    obs.record_experts(hidden, top_k_index, top_k_weights, expert_ids, mid, out, gates)
     obs.offer_probe_tokens(hidden)
-    weighted = torch.empty_like(out, dtype=torch.float32)
-    weighted[order] = out.float() * gates.float()[:, None]  # back to (token, k) order
-    return weighted.view(T, k, -1).sum(1).to(hidden.dtype)
+    weighted = out.float() * gates.float()[:, None]
+    combined = torch.zeros(T, out.shape[1], device=out.device).index_add_(0, order // k, weighted)
+    return combined.to(hidden.dtype)
 
 
 def _observed_list_block(obs: LayerObserver, hidden: torch.Tensor) -> torch.Tensor:

@@ -56,12 +56,13 @@ def test_statistics_equal_brute_force(model_type):
             out, mid, xe = out.double(), mid.double(), x[tok].double()
             assert stats["count"][L, e] == len(tok)
             torch.testing.assert_close(stats["gate_sum"][L, e], g.sum())
-            if len(tok):
-                torch.testing.assert_close(stats["out_mean"][L, e], out.mean(0))
-                torch.testing.assert_close(stats["out_var"][L, e], out.var(0, unbiased=False), atol=1e-10, rtol=1e-5)
-                torch.testing.assert_close(stats["in_sqnorm"][L, e], ((g[:, None] * xe) ** 2).sum(0))
-                torch.testing.assert_close(stats["mid_sqnorm"][L, e], ((g[:, None] * mid) ** 2).sum(0))
-                torch.testing.assert_close(stats["reap_sum"][L, e], (g * out.norm(dim=1)).sum())
+            if len(tok):  # each batch is reduced in float32, the model's own precision
+                close = dict(rtol=1e-5, atol=1e-8)
+                torch.testing.assert_close(stats["out_mean"][L, e], out.mean(0), **close)
+                torch.testing.assert_close(stats["out_var"][L, e], out.var(0, unbiased=False), **close)
+                torch.testing.assert_close(stats["in_sqnorm"][L, e], ((g[:, None] * xe) ** 2).sum(0), **close)
+                torch.testing.assert_close(stats["mid_sqnorm"][L, e], ((g[:, None] * mid) ** 2).sum(0), **close)
+                torch.testing.assert_close(stats["reap_sum"][L, e], (g * out.norm(dim=1)).sum(), **close)
         torch.testing.assert_close(stats["prob_sum"][L], routing.probs.double().sum(0))
 
 
