@@ -10,7 +10,6 @@ same with the observer (probes off, then on), and prints the ratios and the peak
 from __future__ import annotations
 
 import argparse
-import statistics
 import threading
 import time
 
@@ -64,16 +63,14 @@ def plain_pass(model, tokens, batch_size):
             model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
 
 
-def timed(fn, device) -> tuple[float, float]:
+def timed(fn, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    with PeakMemory(device) as mem:
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - start
-    return elapsed, mem.mib
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def bench(name, model, tokens, batch_size, repeats):
@@ -84,22 +81,22 @@ def bench(name, model, tokens, batch_size, repeats):
         "observer, probes off": lambda: observe(model, adapter, tokens, CalibConfig(batch_size=batch_size, probe_tokens=0)),
         "observer, probes 256": lambda: observe(model, adapter, tokens, CalibConfig(batch_size=batch_size, probe_tokens=256)),
     }
-    for fn in runs.values():  # warm-up
-        fn()
+    peaks = {}
+    for key, fn in runs.items():  # warm-up, and the peak memory (sampled in its own run)
+        with PeakMemory(device) as mem:
+            fn()
+        peaks[key] = mem.mib
     times = {k: [] for k in runs}
-    peaks = {k: 0.0 for k in runs}
     for _ in range(repeats):  # interleaved, so that drift hits every variant alike
         for key, fn in runs.items():
-            seconds, mib = timed(fn, device)
-            times[key].append(seconds)
-            peaks[key] = max(peaks[key], mib)
-    base = statistics.median(times["plain forward"])
+            times[key].append(timed(fn, device))
+    base = min(times["plain forward"])
     print(f"\n{name}: {tokens.shape[0]} × {tokens.shape[1]} tokens, batch {batch_size}, {device}, "
-          f"median of {repeats}")
+          f"best of {repeats}")
     print(f"| run | seconds | × plain | peak memory MiB |")
     print(f"|---|---|---|---|")
     for key in runs:
-        t = statistics.median(times[key])
+        t = min(times[key])
         print(f"| {key} | {t:.3f} | {t / base:.2f} | {peaks[key]:.0f} |")
 
 

@@ -56,33 +56,37 @@ class LayerObserver:
         selected.scatter_(1, routing.top_k_index, 1.0)  # (T, E) 0/1, exact in float32
         s["tokens"] += T
         s["prob_sum"] += routing.probs.sum(0, dtype=torch.float64)
-        s["count"] += selected.sum(0)
-        s["gate_sum"].index_add_(0, routing.top_k_index.reshape(-1),
-                                 routing.top_k_weights.reshape(-1).to(torch.float64))
         s["coactivation"] += selected.T @ selected
 
-    def record_experts(self, hidden, top_k_index, top_k_weights, expert_ids, mid, out, gates) -> None:
+    def record_experts(self, hidden, top_k_index, top_k_weights, expert_ids, counts, mid, out, gates) -> None:
         """One batch: tokens (T, H) with their routing (T, k), and the (token, expert) pairs
-        sorted by expert: ids (S,), mids (S, I), outputs (S, H), gates (S,).
+        sorted by expert: ids (S,), counts (E,), mids (S, I), outputs (S, H), gates (S,).
 
-        A batch's sums are reduced in float32 (one pass over each pair matrix, no float64
-        copies of it) and added to the float64 totals.
+        A batch's sums are reduced in float32, in place (no float64 copy of a pair matrix),
+        and added to the float64 totals. Overwrites `mid` and `out`.
         """
         s, E = self.sums, self.layer.num_experts
 
         def per_expert(values: torch.Tensor) -> torch.Tensor:  # (S, …) → (E, …) sums
             return values.new_zeros((E,) + values.shape[1:]).index_add_(0, expert_ids, values)
 
-        out = out.float()
-        squares = out * out
-        s["out_sum"] += per_expert(out)
-        s["out_sqsum"] += per_expert(squares)
-        g = gates.float()
-        norms = squares.sum(1).sqrt()
-        s["ean_sum"] += per_expert(norms)
-        s["reap_sum"] += per_expert(g * norms)
-        mid = mid.float()
-        s["mid_sqnorm"] += per_expert(mid * mid * (g * g)[:, None])
+        out, g = out.float(), gates.float()
+        norms = torch.linalg.vector_norm(out, dim=1)
+        gate_sum, ean_sum, reap_sum = per_expert(torch.stack([g, norms, g * norms], 1)).double().unbind(1)
+        s["count"] += counts
+        s["gate_sum"] += gate_sum
+        s["ean_sum"] += ean_sum
+        s["reap_sum"] += reap_sum
+        # Σf and Σf² around the batch's own per-expert mean c, so that a large mean does not
+        # swamp the variance in float32; folded back exactly into raw float64 sums.
+        c = per_expert(out) / counts.clamp(min=1)[:, None]
+        centred = out.sub_(c.index_select(0, expert_ids))
+        s1 = per_expert(centred).double()
+        s2 = per_expert(centred.square_()).double()
+        n, c = counts.double()[:, None], c.double()
+        s["out_sum"] += s1 + n * c
+        s["out_sqsum"] += s2 + 2 * c * s1 + n * c * c
+        s["mid_sqnorm"] += per_expert(mid.float().mul_(g[:, None]).square_())
         # Σ over routed tokens of (g·x)², as one (E, T) @ (T, H) product over the batch's
         # tokens instead of a copy of x for each of its k experts.
         hidden = hidden.float()
@@ -185,14 +189,15 @@ def _observed_experts(obs: LayerObserver, hidden, top_k_index, top_k_weights) ->
     T, k = top_k_index.shape
     flat = top_k_index.reshape(-1)  # (S,) with S = T·k
     expert_ids, order = torch.sort(flat, stable=True)
-    x = hidden[order // k]  # (S, H)
-    gates = top_k_weights.reshape(-1)[order]  # (S,)
+    token = order // k
+    x = hidden.index_select(0, token)  # (S, H)
+    gates = top_k_weights.reshape(-1).index_select(0, order)  # (S,)
     counts = torch.bincount(flat, minlength=layer.num_experts)
     mid, out = layer.experts_forward_sorted(x, expert_ids, counts)
-    obs.record_experts(hidden, top_k_index, top_k_weights, expert_ids, mid, out, gates)
-    obs.offer_probe_tokens(hidden)
     weighted = out.float() * gates.float()[:, None]
-    combined = torch.zeros(T, out.shape[1], device=out.device).index_add_(0, order // k, weighted)
+    combined = torch.zeros(T, out.shape[1], device=out.device).index_add_(0, token, weighted)
+    obs.record_experts(hidden, top_k_index, top_k_weights, expert_ids, counts, mid, out, gates)
+    obs.offer_probe_tokens(hidden)
     return combined.to(hidden.dtype)
 
 

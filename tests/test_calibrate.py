@@ -6,11 +6,17 @@ import torch
 from moeviz.adapters import get_adapter
 from moeviz.calibrate import CalibConfig, cache_path, calibrate, model_meta, observe
 from moeviz.data import sample_sequences
+from moeviz.loading import load_model
 from moeviz.observe import Observer
 from moeviz.stats import ExpertStats, StatsError
 from moeviz.tiny import tiny_model
 
 FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss"]
+MODELS = FAMILIES + ["demo"]  # tiny random models of several families, and the trained demo model
+
+
+def _model(name):
+    return load_model("demo")[0] if name == "demo" else tiny_model(name)
 
 
 def _config(tmp_path, **kw):
@@ -18,9 +24,9 @@ def _config(tmp_path, **kw):
                                  probe_tokens=32, cache_dir=tmp_path), **kw})
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("model_type", MODELS)
 def test_counts_sum_to_tokens_times_top_k(model_type, tmp_path):
-    stats, _ = calibrate(tiny_model(model_type), _config(tmp_path), use_cache=False)
+    stats, _ = calibrate(_model(model_type), _config(tmp_path), use_cache=False)
     tokens = 6 * 16
     assert stats["tokens"].tolist() == [tokens] * stats.num_layers
     assert torch.equal(stats["count"].sum(1), torch.full((stats.num_layers,), float(tokens * stats.top_k)))
@@ -29,12 +35,12 @@ def test_counts_sum_to_tokens_times_top_k(model_type, tmp_path):
     assert torch.equal(torch.diagonal(stats["coactivation"], dim1=1, dim2=2), stats["count"])
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3", "gpt_oss", "demo"])
 def test_statistics_equal_brute_force(model_type):
-    model = tiny_model(model_type)
+    model = _model(model_type)
     adapter = get_adapter(model)
     layer = adapter.layers[-1]
-    tokens = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(0, model.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(3))
     inputs = []
     handle = layer.block.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
     with torch.no_grad():
@@ -55,9 +61,9 @@ def test_statistics_equal_brute_force(model_type):
             mid, out = layer.expert_forward(e, x[tok])
             out, mid, xe = out.double(), mid.double(), x[tok].double()
             assert stats["count"][L, e] == len(tok)
-            torch.testing.assert_close(stats["gate_sum"][L, e], g.sum())
-            if len(tok):  # each batch is reduced in float32, the model's own precision
-                close = dict(rtol=1e-5, atol=1e-8)
+            close = dict(rtol=1e-5, atol=1e-6)  # each batch is reduced in float32, the model's precision
+            torch.testing.assert_close(stats["gate_sum"][L, e], g.sum(), **close)
+            if len(tok):
                 torch.testing.assert_close(stats["out_mean"][L, e], out.mean(0), **close)
                 torch.testing.assert_close(stats["out_var"][L, e], out.var(0, unbiased=False), **close)
                 torch.testing.assert_close(stats["in_sqnorm"][L, e], ((g[:, None] * xe) ** 2).sum(0), **close)
@@ -66,11 +72,11 @@ def test_statistics_equal_brute_force(model_type):
         torch.testing.assert_close(stats["prob_sum"][L], routing.probs.double().sum(0))
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("model_type", MODELS)
 def test_logits_unchanged_and_hooks_removed(model_type):
-    model = tiny_model(model_type)
+    model = _model(model_type)
     adapter = get_adapter(model)
-    tokens = torch.randint(0, 128, (2, 12))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad():
         before = model(tokens).logits
         with Observer(adapter, probe_tokens=16).attached():
