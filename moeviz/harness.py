@@ -61,7 +61,8 @@ def run_lm_eval(model, tokenizer, tasks=MONE_TASKS, limit: int | None = None, ba
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as err:
-        raise ImportError("lm-evaluation-harness is not installed: pip install 'moeviz[eval]'") from err
+        raise ImportError(f"lm-evaluation-harness needs {err.name!r}, which is not installed: "
+                          "pip install 'moeviz[eval]'") from err
     tasks = list(tasks)
     if include_path is None and any(t.startswith("moeviz_demo_") for t in tasks):
         include_path = demo_tasks_dir()

@@ -99,7 +99,6 @@ def test_embeddings_and_global_clusters(twins):
     assert scores and all(-1 <= s <= 1 for s in scores.values())
 
 
-@pytest.mark.slow
 def test_umap_embedding(twins):
     _, stats = twins
     xy = analysis.embed_experts(stats.probe_mean.numpy(), method="umap")

@@ -1,5 +1,6 @@
 """The main flow in a real headless Chromium: overview → calibrate (worker + progress) → experts."""
 
+import os
 import shutil
 import socket
 import subprocess
@@ -15,7 +16,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.slow,  # not yet run green in CI: pass --runslow
     pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)"),
 ]
 
@@ -32,7 +32,7 @@ def server(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
            "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**__import__("os").environ, "MOEVIZ_CACHE_DIR": str(cache)},
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "MOEVIZ_CACHE_DIR": str(cache)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):

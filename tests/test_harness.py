@@ -5,7 +5,6 @@ import pytest
 from moeviz.harness import demo_task_names, demo_tasks_dir, run_lm_eval
 from moeviz.loading import load_model
 
-pytestmark = pytest.mark.slow  # not yet run green in CI: pass --runslow
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'moeviz[eval]'")
 
 
