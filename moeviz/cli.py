@@ -49,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="make a pruning plan (JSON) from cached stats")
     plan.add_argument("--stats", required=True, help="a stats directory (what calibrate printed)")
     plan.add_argument("--method", required=True, help="cprune, ean, frequency, gate_frequency, moe_pruner, mone, random, reap, soft_usage")
-    plan.add_argument("--ratio", type=float, default=0.25, help="fraction of routed experts to prune")
+    plan.add_argument("--ratio", type=float, default=0.25,
+                      help="fraction pruned: of routed experts; for moe_pruner, of every expert row's weights")
     plan.add_argument("--scope", choices=("layer", "global"), default="layer")
     plan.add_argument("--mode", choices=("remove", "novice", "drop", "merge"), help="default: the method's own")
     plan.add_argument("--seed", type=int, default=0)
-    plan.add_argument("--sparsity", type=float, default=0.5, help="moe_pruner: fraction of each row zeroed")
     plan.add_argument("--nm", help="moe_pruner: n:m semi-structured sparsity, e.g. 2:4")
     plan.add_argument("--features", choices=("outputs", "weights"), default="outputs",
                       help="cprune: cluster on probe outputs or on (permutation-invariant) weights")
@@ -186,7 +186,7 @@ def _plan(args) -> int:
 
     stats = ExpertStats.load(args.stats)
     nm = tuple(int(x) for x in args.nm.split(":")) if args.nm else None
-    config = PlanConfig(args.method, args.ratio, args.scope, args.mode, args.seed, args.sparsity, nm, args.features)
+    config = PlanConfig(args.method, args.ratio, args.scope, args.mode, args.seed, nm, args.features)
     weights = None
     if args.features == "weights" and args.method == "cprune":
         weights = _weight_features(args.model, stats)

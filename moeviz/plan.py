@@ -67,9 +67,10 @@ class PruningPlan:
         info = self.model
         if model_info is not None:
             for key in ("model_fingerprint", "layer_indices", "num_experts"):
-                if info.get(key) is not None and info.get(key) != model_info.get(key):
+                ours, theirs = info.get(key), model_info.get(key)
+                if ours is not None and theirs is not None and ours != theirs:
                     raise PlanError(f"This plan was made for another model ({key} differs: plan "
-                                    f"{info.get(key)!r}, model {model_info.get(key)!r}).")
+                                    f"{ours!r}, model {theirs!r}).")
             info = model_info
         layers = list(info["layer_indices"])
         for layer_idx, experts in self.pruned.items():

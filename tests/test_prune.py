@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 from moeviz.adapters import get_adapter
 from moeviz.apply import apply_plan, export_model, model_info
 from moeviz.calibrate import CalibConfig, calibrate
-from moeviz.loading import load_model
+from moeviz.loading import load_model, model_fingerprint
 from moeviz.methods import PlanConfig, make_plan, method_names
 from moeviz.plan import PlanError, PruningPlan
 from moeviz.tiny import tiny_model
@@ -106,7 +106,7 @@ def test_novice_output_is_kept_experts_plus_gate_times_mean():
 def test_moe_pruner_zeros_the_asked_fraction_of_every_row_and_nothing_else():
     model = tiny_model("qwen2_moe")
     stats = _stats(model)
-    plan = make_plan(stats, PlanConfig("moe_pruner", sparsity=0.5))
+    plan = make_plan(stats, PlanConfig("moe_pruner", ratio=0.5))
     pruned = apply_plan(model, plan, stats)
     for layer in get_adapter(pruned).layers:
         for e in range(layer.num_experts):
@@ -221,3 +221,50 @@ def test_preview_equals_removal_and_restores(model_type):
     with pytest.raises(PlanError, match="Only plans that remove"):
         with preview_plan(model, _plan(model, pruned, mode="novice")):
             pass
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    model, tokenizer = load_model("demo", device="cpu")
+    config = CalibConfig(data="demo", num_samples=32, seq_len=128, cache_dir=tmp_path_factory.mktemp("cache"))
+    return model, tokenizer, calibrate(model, config, tokenizer)[0]
+
+
+DEMO_TOKENS = torch.randint(4, 54, (2, 24), generator=torch.Generator().manual_seed(6))
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_every_method_at_25_percent_on_the_demo_model_gives_a_valid_plan(demo, name):
+    from moeviz.methods.cprune import weight_features
+
+    model, _, stats = demo
+    adapter = get_adapter(model)
+    plans = [make_plan(stats, PlanConfig(name, ratio=0.25))]
+    if name == "cprune":  # also on the (permutation-invariant) weights
+        weights = torch.stack([weight_features(layer) for layer in adapter.layers])
+        plans.append(make_plan(stats, PlanConfig(name, ratio=0.25, features="weights"), weights=weights))
+    for plan in plans:
+        plan.validate(model_info(model, fingerprint=model_fingerprint(model)))
+        if name == "moe_pruner":  # no expert goes; a quarter of every expert row's weights
+            assert not plan.pruned and plan.sparsity == 0.25
+        else:  # 4 of 16 experts in each of the 4 layers, none twice
+            assert sorted(plan.pruned) == adapter.layer_indices
+            assert all(len(set(e)) == len(e) == 4 for e in plan.pruned.values())
+        logits = _logits(apply_plan(model, plan, stats), DEMO_TOKENS)
+        assert torch.isfinite(logits).all()
+        assert not torch.equal(logits, _logits(model, DEMO_TOKENS))
+
+
+@pytest.mark.parametrize("mode, exporter", [("remove", "transformers"), ("novice", "moeviz")])
+def test_the_pruned_demo_model_exports_and_reloads_with_the_same_logits(demo, mode, exporter, tmp_path):
+    model, tokenizer, stats = demo
+    plan = make_plan(stats, PlanConfig("mone", ratio=0.25, mode=mode))
+    pruned = apply_plan(model, plan, stats)
+    assert export_model(pruned, plan, tmp_path / "out", tokenizer=tokenizer) == exporter
+    if exporter == "transformers":
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+        assert reloaded.config.num_local_experts == 12
+    else:
+        reloaded, reloaded_tokenizer = load_model(tmp_path / "out", device="cpu")
+        assert reloaded_tokenizer.decode(reloaded_tokenizer.encode("12+30=42"), skip_special_tokens=True) == "12+30=42"
+    torch.testing.assert_close(_logits(reloaded, DEMO_TOKENS), _logits(pruned, DEMO_TOKENS))

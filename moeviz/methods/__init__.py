@@ -20,11 +20,10 @@ from ..stats import ExpertStats
 @dataclass(frozen=True)
 class PlanConfig:
     method: str
-    ratio: float = 0.25  # fraction of routed experts pruned
+    ratio: float = 0.25  # fraction pruned: of routed experts, or of each expert row's weights (moe_pruner)
     scope: str = "layer"  # "layer": the same ratio in every layer; "global": one threshold across layers
     mode: str | None = None  # remove, novice, drop or merge; None takes the method's default
     seed: int = 0  # for `random`
-    sparsity: float = 0.5  # moe_pruner: fraction of each row zeroed
     nm: tuple[int, int] | None = None  # moe_pruner: n:m semi-structured sparsity instead
     features: str = "outputs"  # cprune: "outputs" (probes) or "weights" (needs the model's weights)
 

@@ -19,9 +19,11 @@ from . import register
 
 @register("moe_pruner", makes_plan=True)
 def moe_pruner(stats, config, info, weights=None):
-    """MoE-Pruner: zero |W|·‖gX‖-lowest weights in each row of every expert."""
-    return PruningPlan("moe_pruner", 0.0, config.scope, "remove", info,
-                       sparsity=0.0 if config.nm else config.sparsity, nm=config.nm)
+    """MoE-Pruner: zero the |W|·‖gX‖-lowest fraction `ratio` of each row of every expert."""
+    if config.nm:
+        n, m = config.nm
+        return PruningPlan("moe_pruner", n / m, config.scope, "remove", info, nm=config.nm)
+    return PruningPlan("moe_pruner", config.ratio, config.scope, "remove", info, sparsity=config.ratio)
 
 
 def pruning_mask(weight: torch.Tensor, act_sqnorm: torch.Tensor, sparsity: float,
