@@ -21,11 +21,16 @@ def settings_ui() -> PlanConfig:
     c1, c2, c3, c4 = st.columns(4)
     method = c1.selectbox("Method", method_names(), index=method_names().index("mone"),
                           format_func=lambda m: f"{m}: {get_method(m).doc}")
-    ratio = c2.slider("Ratio", 0.0, 0.9, 0.25, 0.0625, help="fraction of routed experts to prune")
+    ratio = c2.slider("Ratio", 0.0, 0.9, 0.25, 0.0625,
+                      help="fraction of routed experts to prune (moe_pruner: of every expert row's weights)")
     scope = c3.radio("Scope", ["layer", "global"], horizontal=True)
     modes = ["remove", "novice", "drop", "merge"]
     mode = c4.selectbox("Mode", modes, index=modes.index(get_method(method).default_mode))
-    return PlanConfig(method, ratio=ratio, scope=scope, mode=mode)
+    linkage = "average"
+    if method == "cprune":
+        linkage = st.radio("Linkage", ["average", "ward"], horizontal=True,
+                           help="how cluster distances update as experts merge; the C-Prune authors' code uses ward")
+    return PlanConfig(method, ratio=ratio, scope=scope, mode=mode, linkage=linkage)
 
 
 config = settings_ui()

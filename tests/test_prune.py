@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -132,13 +133,35 @@ def test_planted_twins_share_a_cluster_and_the_zero_expert_goes_first():
             layer.experts.down_proj[5] = 0  # an expert whose output is always zero
             layer.router.weight[5] = layer.router.weight[5] * 3  # and is used often
     stats = _stats(model)
-    cprune = make_plan(stats, PlanConfig("cprune", ratio=1 / 8))
-    for layer_idx, merges in cprune.merge_into.items():
-        assert merges in ({1: 2}, {2: 1}), "the twins are the closest pair"
-        assert cprune.pruned[layer_idx] == sorted(merges)
+    for linkage in ("average", "ward"):
+        cprune = make_plan(stats, PlanConfig("cprune", ratio=1 / 8, linkage=linkage))
+        for layer_idx, merges in cprune.merge_into.items():
+            assert merges in ({1: 2}, {2: 1}), "the twins are the closest pair"
+            assert cprune.pruned[layer_idx] == sorted(merges)
     mone = make_plan(stats, PlanConfig("mone", ratio=1 / 8))
     assert all(experts == [5] for experts in mone.pruned.values())
     assert make_plan(stats, PlanConfig("frequency", ratio=1 / 8)).pruned != mone.pruned
+
+
+@pytest.mark.parametrize("linkage", ["average", "ward"])
+def test_cprune_merges_at_the_heights_scipy_finds(linkage):
+    from scipy.cluster.hierarchy import linkage as scipy_linkage
+    from scipy.spatial.distance import pdist
+
+    from moeviz.methods.cprune import _cosine, _Layer
+
+    feats = torch.randn(12, 6, generator=torch.Generator().manual_seed(1))
+    dist = 1 - _cosine(feats)
+    np.fill_diagonal(dist, 0)
+    layer = _Layer(dist, np.arange(12.0), linkage)
+    for _ in range(11):
+        layer.merge_closest()
+    unit = torch.nn.functional.normalize(feats, dim=1).double().numpy()
+    if linkage == "ward":  # SciPy's Ward heights are Euclidean; ours are half their square
+        expected = scipy_linkage(unit, "ward")[:, 2] ** 2 / 2
+    else:
+        expected = scipy_linkage(pdist(unit, "cosine"), "average")[:, 2]
+    np.testing.assert_allclose(layer.heights, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_cprune_merge_mode_folds_into_the_survivor():

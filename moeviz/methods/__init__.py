@@ -26,6 +26,7 @@ class PlanConfig:
     seed: int = 0  # for `random`
     nm: tuple[int, int] | None = None  # moe_pruner: n:m semi-structured sparsity instead
     features: str = "outputs"  # cprune: "outputs" (probes) or "weights" (needs the model's weights)
+    linkage: str = "average"  # cprune: "average" or "ward" (the authors' code)
 
 
 @dataclass(frozen=True)

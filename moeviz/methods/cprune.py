@@ -5,8 +5,9 @@ stage 2 pools the layers, so that the more homogeneous layers (whose experts sit
 together) give up more experts, and stops before any layer falls below top-k.
 
 moeviz runs both stages as one agglomerative procedure on a shared distance scale: in every
-layer, experts start as singleton clusters; the closest pair of clusters (average linkage on
-cosine distances) is merged, and the merged cluster keeps one
+layer, experts start as singleton clusters; the closest pair of clusters is merged (average linkage
+on cosine distances by default; `linkage="ward"`, the authors' choice, treats the cosine
+distance as half the squared distance between unit vectors), and the merged cluster keeps one
 representative, its most used member; the other is pruned and, in `merge` mode, folded into
 the representative. With `scope="layer"` each layer merges until `ratio` of it is pruned;
 with `scope="global"` the next merge is always the globally closest pair across all layers,
@@ -28,7 +29,9 @@ def cprune(stats, config, info, weights=None):
     distances = expert_distances(stats, config.features, weights)  # (L, E, E)
     frequency = stats.frequency.numpy()
     floor = max(info["top_k"], info.get("group_count") or 1)
-    layers = [_Layer(d, f) for d, f in zip(distances, frequency)]
+    if config.linkage not in LINKAGES:
+        raise PlanError(f"Unknown linkage {config.linkage!r}; use one of {', '.join(LINKAGES)}.")
+    layers = [_Layer(d, f, config.linkage) for d, f in zip(distances, frequency)]
     E = stats.num_experts
     if config.scope == "layer":
         n = int(round(config.ratio * E))
@@ -89,11 +92,16 @@ def _cosine(feats) -> np.ndarray:
     return (f @ f.T).numpy()
 
 
-class _Layer:
-    """Average-linkage agglomeration of one layer's experts, tracking who merged into whom."""
+LINKAGES = ("average", "ward")
 
-    def __init__(self, dist: np.ndarray, frequency: np.ndarray):
+
+class _Layer:
+    """Agglomeration of one layer's experts, tracking who merged into whom."""
+
+    def __init__(self, dist: np.ndarray, frequency: np.ndarray, linkage: str = "average"):
         E = len(frequency)
+        self.linkage = linkage
+        self.heights: list[float] = []  # the distance of every merge, in order
         self.D = dist.astype(float) + np.diag(np.full(E, np.inf))  # cluster × cluster distances
         self.size = np.ones(E)
         self.alive = np.ones(E, dtype=bool)  # index = the cluster's representative
@@ -113,10 +121,15 @@ class _Layer:
         return self._best
 
     def merge_closest(self) -> None:
-        _, a, b = self.closest()
+        height, a, b = self.closest()
+        self.heights.append(height)
         keep, drop = (a, b) if self.frequency[a] >= self.frequency[b] else (b, a)
-        # Lance–Williams update for average linkage
-        merged = (self.size[keep] * self.D[keep] + self.size[drop] * self.D[drop]) / (self.size[keep] + self.size[drop])
+        n_a, n_b, n = self.size[keep], self.size[drop], self.size
+        # Lance–Williams updates of the distances to the merged cluster
+        if self.linkage == "ward":  # on squared distances
+            merged = ((n_a + n) * self.D[keep] + (n_b + n) * self.D[drop] - n * height) / (n_a + n_b + n)
+        else:
+            merged = (n_a * self.D[keep] + n_b * self.D[drop]) / (n_a + n_b)
         self.D[keep, :] = merged
         self.D[:, keep] = merged
         self.D[keep, keep] = np.inf
