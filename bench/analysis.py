@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from moeviz import analysis, plots
+from moeviz.adapters import get_adapter
 from moeviz.stats import ExpertStats
+from moeviz.tiny import tiny_model
 
 L, E, H, I, K = 48, 128, 2048, 768, 8
 
@@ -74,9 +77,18 @@ def main():
     timed("global clustering of 6,144 experts", lambda: analysis.cluster_all_layers(feats, n_clusters=512))
     xy = timed("PCA map of 6,144 experts", lambda: analysis.embed_experts(feats, "pca"))
     if not args.no_umap:
-        timed("UMAP import (first time compiles)", lambda: __import__("umap"))
+        warm = np.random.default_rng(1).standard_normal((40, 128, 64)).astype(np.float32)
+        timed("UMAP's first use in a process (import, numba compiles; 5,120 random points)",
+              lambda: analysis.embed_experts(warm, "umap"))
         xy = timed("UMAP map of 6,144 experts", lambda: analysis.embed_experts(feats, "umap"), 30.0)
     print(f"| analysis total | {(time.perf_counter() - start):.1f} s | |")
+
+    # The weight spaces read every expert's weights: one full-size layer (604 M parameters).
+    layer = get_adapter(tiny_model("qwen3_moe", num_hidden_layers=1, hidden_size=H, moe_intermediate_size=I,
+                                   num_experts=E, num_experts_per_tok=K, vocab_size=256)).layers
+    for space in ("router", "weights", "weights_invariant"):
+        timed(f"{space} similarity of one layer (× {L} for the model)",
+              lambda: analysis.similarity(None, space, SimpleNamespace(layers=layer)))
 
     print("\n| figure | build + serialise | |\n|---|---|---|")
     labels, link = clusters[0]

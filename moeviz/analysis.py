@@ -35,32 +35,49 @@ def router_norms(adapter: Adapter) -> np.ndarray:
 # ---- similarity -------------------------------------------------------------------------
 @torch.no_grad()
 def expert_features(adapter: Adapter, space: str) -> list[np.ndarray]:
-    """Per layer, one feature row per expert (E, D), for the weight and router spaces."""
+    """Per layer, one feature row per expert (E, D), for the router and invariant weight spaces."""
     from .methods.cprune import weight_features
 
-    feats = []
-    for layer in adapter.layers:
-        if space == "weights":
-            rows = []
-            for e in range(layer.num_experts):
-                w = layer.expert_weights(e)
-                parts = [t for t in (w.gate, w.up, w.down.T) if t is not None]
-                rows.append(torch.cat([p.detach().float().reshape(-1) for p in parts]).cpu())
-            feats.append(torch.stack(rows).numpy())
-        elif space == "weights_invariant":
-            feats.append(weight_features(layer).numpy())
-        elif space == "router":
-            feats.append(layer.router_weight.detach().float().cpu().numpy())
-        else:
-            raise ValueError(f"{space!r} is not a weight space; spaces: {', '.join(SPACES)}")
-    return feats
+    if space == "router":
+        return [layer.router_weight.detach().float().cpu().numpy() for layer in adapter.layers]
+    if space == "weights_invariant":
+        return [weight_features(layer).numpy() for layer in adapter.layers]
+    raise ValueError(f"{space!r} has no feature rows; spaces: {', '.join(SPACES)}")
+
+
+@torch.no_grad()
+def weight_gram(layer, block: int = 2**20) -> np.ndarray:
+    """Σ over an expert's weight matrices of ⟨W_e, W_e'⟩ for every pair: (E, E), float64.
+
+    The cosine of the experts' flattened weights follows from it, without a flattened copy
+    of the layer: fused weights are read as (E, n) views, `block` columns at a time.
+    """
+    E = layer.num_experts
+    if layer.fused:
+        exp = layer.experts
+        stacks = [(exp.gate_up_proj if exp.has_gate else exp.up_proj).reshape(E, -1), exp.down_proj.reshape(E, -1)]
+    else:
+        weights = [layer.expert_weights(e) for e in range(E)]
+        stacks = [torch.stack([getattr(w, name).reshape(-1) for w in weights])
+                  for name in ("gate", "up", "down") if getattr(weights[0], name) is not None]
+    gram = torch.zeros(E, E, dtype=torch.float64)
+    for stack in stacks:
+        for part in stack.split(block, dim=1):
+            part = part.float()
+            gram += (part @ part.T).double().cpu()
+    return gram.numpy()
 
 
 def cosine_matrix(features: np.ndarray) -> np.ndarray:
     """Cosine similarity of rows: (E, D) → (E, E), exactly 1 on the diagonal."""
     f = np.asarray(features, dtype=np.float64)
-    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-    sim = np.clip(f @ f.T, -1.0, 1.0)
+    return gram_to_cosine(f @ f.T)
+
+
+def gram_to_cosine(gram: np.ndarray) -> np.ndarray:
+    """Inner products (E, E) → cosines, symmetric, exactly 1 on the diagonal."""
+    norms = np.sqrt(np.maximum(np.diag(gram), 1e-24))
+    sim = np.clip(gram / np.outer(norms, norms), -1.0, 1.0)
     np.fill_diagonal(sim, 1.0)
     return (sim + sim.T) / 2
 
@@ -83,7 +100,10 @@ def similarity(stats: ExpertStats | None, space: str, adapter: Adapter | None = 
         return sim
     if adapter is None:
         raise ValueError(f"The {space!r} space needs the model's weights (an adapter).")
+    if space == "weights":
+        return np.stack([gram_to_cosine(weight_gram(layer)) for layer in adapter.layers])
     return np.stack([cosine_matrix(f) for f in expert_features(adapter, space)])
+
 
 
 # ---- clustering -------------------------------------------------------------------------
@@ -124,9 +144,12 @@ def silhouette_by_count(sim: np.ndarray, counts, method: str = "average") -> dic
 def cluster_all_layers(features: np.ndarray, n_clusters: int, method: str = "ward") -> np.ndarray:
     """One clustering of every expert of every layer (C-Prune's global stage): labels (L, E)."""
     L, E = features.shape[:2]
-    flat = features.reshape(L * E, -1)
+    flat = np.asarray(features, dtype=np.float64).reshape(L * E, -1)
     flat = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
-    labels = fcluster(linkage(flat, method=method), t=n_clusters, criterion="maxclust")
+    # Euclidean distances between unit vectors through one matrix product (BLAS), not pdist
+    dist = np.sqrt(np.clip(2.0 - 2.0 * (flat @ flat.T), 0.0, None))
+    np.fill_diagonal(dist, 0.0)
+    labels = fcluster(linkage(squareform(dist, checks=False), method=method), t=n_clusters, criterion="maxclust")
     return labels.reshape(L, E)
 
 
@@ -134,8 +157,11 @@ def cluster_all_layers(features: np.ndarray, n_clusters: int, method: str = "war
 def embed_experts(features: np.ndarray, method: str = "umap", seed: int = 0) -> np.ndarray:
     """A 2-D map of every expert of every layer: features (L, E, D) → (L, E, 2).
 
-    `umap` (umap-learn, imported lazily: its first import compiles for ~30 s) or `pca`, the
-    fast fallback. Rows are L2-normalised first, so cosine geometry is what is kept.
+    `umap` (umap-learn, imported lazily; its first use in a process compiles for ~10–30 s)
+    or `pca`, the fast fallback. Rows are L2-normalised first, so cosine geometry is what is
+    kept; for UMAP they are then reduced to 50 principal components (Euclidean distances
+    between unit vectors order pairs as cosine distances do), as UMAP's authors advise for
+    wide features, and laid out in 200 epochs.
     """
     L, E = features.shape[:2]
     flat = np.asarray(features, dtype=np.float32).reshape(L * E, -1)
@@ -147,8 +173,13 @@ def embed_experts(features: np.ndarray, method: str = "umap", seed: int = 0) -> 
     elif method == "umap":
         import umap
 
+        from sklearn.decomposition import PCA
+
+        if min(flat.shape) > 50:
+            flat = PCA(n_components=50, random_state=seed).fit_transform(flat)
         n_neighbors = int(min(15, max(2, L * E - 1)))
-        xy = umap.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed, metric="cosine").fit_transform(flat)
+        xy = umap.UMAP(n_components=2, n_neighbors=n_neighbors, n_epochs=200, random_state=seed,
+                       n_jobs=1).fit_transform(flat)
     else:
         raise ValueError(f"Unknown embedding {method!r}; use 'umap' or 'pca'.")
     return np.asarray(xy).reshape(L, E, 2)

@@ -47,14 +47,23 @@ method = st.radio("Map", ["pca", "umap"], horizontal=True, help="UMAP takes seco
 colour = st.selectbox("Colour by", ["layer", "frequency", "cluster"])
 
 
+features = (stats.probe_mean if stats.has_probes else stats["out_mean"]).numpy()  # (L, E, H)
+
+
 @st.cache_data(max_entries=8, show_spinner="Embedding the experts…")
 def embedding(stats_dir: str, method: str) -> np.ndarray:
-    return analysis.embed_experts(stats.probe_mean.numpy() if stats.has_probes else stats["out_mean"].numpy(), method)
+    return analysis.embed_experts(features, method)
 
 
-xy = embedding(st.session_state.get("stats_dir", ""), method)
+@st.cache_data(max_entries=8, show_spinner="Clustering all experts…")
+def global_clusters(stats_dir: str, n_clusters: int) -> np.ndarray:
+    return analysis.cluster_all_layers(features, n_clusters)
+
+
+stats_dir = st.session_state.get("stats_dir", "")
+xy = embedding(stats_dir, method)
 color = {"layer": None, "frequency": stats.view("frequency"),
-         "cluster": analysis.cluster_all_layers(stats["out_mean"].numpy(), n_clusters)}[colour]
+         "cluster": global_clusters(stats_dir, n_clusters) if colour == "cluster" else None}[colour]
 st.caption("What am I looking at: every expert of every layer, placed so that experts with alike "
            "mean outputs sit close together.")
 st.plotly_chart(plots.embedding_scatter(xy, stats.layer_indices, color, colour), key="map")

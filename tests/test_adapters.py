@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,6 +6,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moeviz.adapters import get_adapter, supported_architectures
+from moeviz.analysis import weight_gram
 from moeviz.loading import load_model
 from moeviz.tiny import TINY_CONFIGS, tiny_model
 
@@ -132,6 +134,9 @@ def test_module_list_layout():
                 e = routing.top_k_index[t, k].item()
                 out[t] += routing.top_k_weights[t, k] * layer.expert_forward(e, x[0, t:t + 1])[1][0]
         torch.testing.assert_close(out, layer.block(x)[0])
+    flat = torch.stack([torch.cat([w.gate.reshape(-1), w.up.reshape(-1), w.down.reshape(-1)])
+                        for w in map(layer.expert_weights, range(8))]).detach().double()
+    np.testing.assert_allclose(weight_gram(layer), (flat @ flat.T).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):

@@ -53,6 +53,19 @@ def test_permuted_twins_are_found_by_invariant_weights_and_outputs(twins):
     np.testing.assert_allclose(unpermuted[:, 1, 3], 1.0, atol=1e-6)
 
 
+def _flat_gram(layer) -> np.ndarray:
+    weights = [layer.expert_weights(e) for e in range(layer.num_experts)]
+    flat = torch.stack([torch.cat([t.reshape(-1) for t in (w.gate, w.up, w.down) if t is not None])
+                        for w in weights]).detach().double()
+    return (flat @ flat.T).numpy()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_weight_gram_is_the_inner_product_of_flattened_weights(model_type):
+    layer = get_adapter(tiny_model(model_type)).layers[0]
+    np.testing.assert_allclose(analysis.weight_gram(layer, block=7), _flat_gram(layer), rtol=1e-5, atol=1e-6)
+
+
 def test_homogeneity_of_identical_experts_is_maximal():
     model = tiny_model("olmoe")
     with torch.no_grad():

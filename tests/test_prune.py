@@ -148,10 +148,11 @@ def test_cprune_merges_at_the_heights_scipy_finds(linkage):
     from scipy.cluster.hierarchy import linkage as scipy_linkage
     from scipy.spatial.distance import pdist
 
-    from moeviz.methods.cprune import _cosine, _Layer
+    from moeviz.analysis import cosine_matrix
+    from moeviz.methods.cprune import _Layer
 
     feats = torch.randn(12, 6, generator=torch.Generator().manual_seed(1))
-    dist = 1 - _cosine(feats)
+    dist = 1 - cosine_matrix(feats.numpy())
     np.fill_diagonal(dist, 0)
     layer = _Layer(dist, np.arange(12.0), linkage)
     for _ in range(11):

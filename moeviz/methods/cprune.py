@@ -19,6 +19,7 @@ similarity of expert outputs on the same tokens, as the authors' code) or `weigh
 import numpy as np
 import torch
 
+from ..analysis import cosine_matrix
 from ..plan import PlanError, PruningPlan
 from . import register
 
@@ -60,7 +61,7 @@ def expert_distances(stats, features: str, weights=None) -> np.ndarray:
     elif features == "weights":
         if weights is None:
             raise PlanError("cprune with features='weights' needs the model's expert weights.")
-        sim = np.stack([_cosine(f) for f in weights])
+        sim = np.stack([cosine_matrix(f) for f in torch.as_tensor(weights).float().numpy()])
     else:
         raise PlanError(f"Unknown feature space {features!r}; use 'outputs' or 'weights'.")
     dist = np.clip(1.0 - sim, 0.0, 2.0)
@@ -85,11 +86,6 @@ def weight_features(layer, rank: int = 64, seed: int = 0) -> torch.Tensor:
         down = w.down.float().cpu() if w.gate is None else torch.cat([w.down, w.down], 1).float().cpu()
         feats.append((down @ (up @ R)).reshape(-1))
     return torch.stack(feats)
-
-
-def _cosine(feats) -> np.ndarray:
-    f = torch.nn.functional.normalize(torch.as_tensor(feats).float(), dim=-1)
-    return (f @ f.T).numpy()
 
 
 LINKAGES = ("average", "ward")
