@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--ratios", default="0.25,0.5")
     sw.add_argument("--scope", choices=("layer", "global"), default="layer")
     sw.add_argument("--runs", default="cache/runs.sqlite", help="where runs are stored")
+    sw.add_argument("--random-seeds", type=_positive, default=5, help="seeds averaged for the random baseline")
     sw.add_argument("--out", help="write the table as CSV here")
     sw.set_defaults(func=_sweep)
 
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="demo", help="held-out text for perplexity and fidelity")
-    p.add_argument("--samples", type=_positive, default=32)
+    p.add_argument("--samples", type=_positive, default=128, help="held-out sequences")
     p.add_argument("--seq-len", type=_positive, default=128)
     p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--tasks", default="auto",
@@ -299,7 +300,7 @@ def _sweep(args) -> int:
             bar.set_postfix_str(label)
             bar.update(done - bar.n)
         frame = sweep(model, tokenizer, stats, methods, ratios, _eval_config(args), args.scope,
-                      RunStore(args.runs), str(args.stats), progress)
+                      RunStore(args.runs), str(args.stats), progress, args.random_seeds)
     table = paper_table(frame)
     if args.out:
         table.to_csv(args.out, index=False)

@@ -14,8 +14,8 @@ from .methods import PlanConfig, make_plan
 from .runs import Run, RunStore
 from .stats import ExpertStats
 
-TABLE_COLUMNS = ("method", "mode", "ratio", "task_mean", "perplexity", "kl", "top1_agreement",
-                 "params", "params_saved", "routed_nonzero")
+TABLE_COLUMNS = ("method", "mode", "ratio", "runs", "task_mean", "task_mean_std", "perplexity",
+                 "perplexity_std", "kl", "top1_agreement", "params", "params_saved", "routed_nonzero")
 
 
 def parse_method(spec: str) -> tuple[str, str | None]:
@@ -27,33 +27,56 @@ def parse_method(spec: str) -> tuple[str, str | None]:
 def sweep(model: PreTrainedModel, tokenizer, stats: ExpertStats, methods: list[str], ratios: list[float],
           eval_config: EvalConfig, scope: str = "layer", store: RunStore | None = None,
           calibration: str | None = None, progress: Callable[[int, int, str], None] | None = None,
-          ) -> pd.DataFrame:
-    """Evaluate the original, then every method × ratio against it; one table row per run."""
+          random_seeds: int = 5) -> pd.DataFrame:
+    """Evaluate the original, then every method × ratio against it; one table row per cell.
+
+    `random` is a distribution, not a number: it runs `random_seeds` seeds, stores every run,
+    and its row is their mean (with the spread of task accuracy and perplexity).
+    """
     fingerprint = model_fingerprint(model)
     name = str(getattr(model, "name_or_path", ""))
-    total, rows = 1 + len(methods) * len(ratios), []
+    runs_per_cell = {spec: random_seeds if parse_method(spec)[0] == "random" else 1 for spec in methods}
+    total, done, rows = 1 + sum(runs_per_cell.values()) * len(ratios), 0, []
 
-    def record(label, method, mode, ratio, report):
-        rows.append(dict(method=method, mode=mode, ratio=ratio, **report))
+    def run(label, method, mode, ratio, model_to_evaluate) -> dict:
+        nonlocal done
+        report = evaluate(model_to_evaluate, eval_config, tokenizer, reference=model)
         if store is not None:
             store.add(Run(name, method, ratio, report, mode, scope, calibration, fingerprint))
+        done += 1
         if progress is not None:
-            progress(len(rows), total, label)
+            progress(done, total, label)
+        return report
 
-    record("original", "original", None, 0.0, evaluate(model, eval_config, tokenizer, reference=model))
+    rows.append(dict(method="original", mode="", ratio=0.0, runs=1,
+                     **run("original", "original", None, 0.0, model)))
     for spec in methods:
         method, mode = parse_method(spec)
         for ratio in ratios:
-            plan = make_plan(stats, PlanConfig(method, ratio=ratio, scope=scope, mode=mode), calibration=calibration)
-            pruned = apply_plan(model, plan, stats)
-            record(f"{spec} {ratio:g}", method, plan.mode, ratio,
-                   evaluate(pruned, eval_config, tokenizer, reference=model))
-            del pruned
+            reports = []
+            for seed in range(runs_per_cell[spec]):
+                plan = make_plan(stats, PlanConfig(method, ratio=ratio, scope=scope, mode=mode, seed=seed),
+                                 calibration=calibration)
+                reports.append(dict(run(f"{spec} {ratio:g}", method, plan.mode, ratio, apply_plan(model, plan, stats)),
+                                    **({"seed": seed} if method == "random" else {})))
+            kind = "sparsity" if plan.sparsity or plan.nm else plan.mode
+            rows.append(dict(method=method, mode=kind, ratio=ratio, runs=len(reports), **_mean(reports)))
     return pd.DataFrame(rows)
+
+
+def _mean(reports: list[dict]) -> dict:
+    """The mean of every numeric metric; with several runs, the spread of the main two."""
+    frame = pd.DataFrame(reports).select_dtypes("number").drop(columns="seed", errors="ignore")
+    mean = frame.mean().to_dict()
+    if len(reports) > 1:
+        for key in ("task_mean", "perplexity"):
+            if key in frame:
+                mean[f"{key}_std"] = float(frame[key].std())
+    return mean
 
 
 def paper_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows method × ratio; columns the tasks, their mean, perplexity, KL and parameters."""
-    tasks = sorted(c for c in frame.columns if c.startswith("task_") and c != "task_mean")
-    columns = [c for c in ("method", "mode", "ratio", *tasks, *TABLE_COLUMNS[3:]) if c in frame.columns]
+    tasks = sorted(c for c in frame.columns if c.startswith("task_") and c not in TABLE_COLUMNS)
+    columns = [c for c in ("method", "mode", "ratio", "runs", *tasks, *TABLE_COLUMNS[4:]) if c in frame.columns]
     return frame[columns]

@@ -88,3 +88,38 @@ def test_runs_are_stored_listed_and_deleted(tmp_path):
         store.delete(run_id)
     with pytest.raises(KeyError, match="Cannot filter"):
         store.list(colour="red")
+
+
+def test_demo_model_perplexity_is_far_below_uniform_and_unigram():
+    from moeviz.loading import load_model
+
+    model, tokenizer = load_model("demo", device="cpu")
+    config = EvalConfig(num_samples=64, throughput=False)
+    report = evaluate(model, config, tokenizer)
+    tokens = sample_sequences(config.data, config.num_samples, config.seq_len, tokenizer, config.seed, split="heldout")
+    p = torch.bincount(tokens.reshape(-1)).double() / tokens.numel()
+    unigram = torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item()  # the best context-free model
+    assert report["perplexity"] < unigram / 2 < model.config.vocab_size / 2, (report["perplexity"], unigram)
+
+
+def test_sweep_stores_every_run_and_averages_random_over_seeds(tmp_path):
+    from moeviz.sweep import paper_table, sweep
+
+    model = tiny_model("mixtral")
+    stats, _ = calibrate(model, CalibConfig(data="random", num_samples=8, seq_len=16, probe_tokens=0),
+                         use_cache=False)
+    store = RunStore(tmp_path / "runs.sqlite")
+    seen = []
+    frame = sweep(model, None, stats, ["frequency", "mone:remove", "random", "moe_pruner"], [0.25],
+                  EvalConfig(data="random", num_samples=4, seq_len=16, throughput=False), store=store,
+                  progress=lambda done, total, label: seen.append((done, total)), random_seeds=3)
+    assert list(frame["method"]) == ["original", "frequency", "mone", "random", "moe_pruner"]
+    assert list(frame["mode"]) == ["", "remove", "remove", "remove", "sparsity"]
+    assert seen[-1] == (7, 7) and len(store.list()) == 7
+    randoms = store.table(method="random")
+    row = frame.set_index("method").loc["random"]
+    assert row["runs"] == 3 and row["perplexity"] == pytest.approx(randoms["perplexity"].mean())
+    assert row["perplexity_std"] == pytest.approx(randoms["perplexity"].std())
+    assert len(set(randoms["perplexity"])) == 3, "each seed prunes other experts"
+    assert frame.set_index("method").loc["original", "kl"] == pytest.approx(0, abs=1e-7)
+    assert list(paper_table(frame).columns[:4]) == ["method", "mode", "ratio", "runs"]
