@@ -5,7 +5,7 @@
 - `novice` (MoNE) / `drop`: pruned experts' weights go; the router still routes to them and
   a routed token receives g_e(x)·μ_e (zeros for `drop`). A novice costs H numbers.
 - `merge`: pruned experts are folded into their survivor by a frequency-weighted average of
-  weights and router rows, then removed.
+  weights (neurons matched first) and router rows, then removed.
 - weight sparsity (MoE-Pruner): zeros inside the kept experts, row by row.
 """
 
@@ -183,17 +183,43 @@ def install_novices(layer: MoELayer, keep: list[int], pruned: list[int], novices
 
 # ---- merging ----------------------------------------------------------------------------
 def merge_experts(layer: MoELayer, merge_into: dict[int, int], frequency: torch.Tensor) -> None:
-    """Fold each source expert into its survivor: frequency-weighted mean of weights and router rows."""
+    """Fold each source expert into its survivor: frequency-weighted mean of weights and router
+    rows, after permuting each source's intermediate neurons to match the survivor's."""
     groups: dict[int, list[int]] = {}
     for src, dst in merge_into.items():
         groups.setdefault(dst, [dst]).append(src)
     for dst, members in groups.items():
+        for src in members[1:]:
+            align_neurons(layer.expert_weights(dst), layer.expert_weights(src))
         w = frequency[members].float().clamp(min=1e-12)
         w = (w / w.sum()).to(layer.router_weight.device)
         for name, tensor in _expert_tensors(layer):
             tensor[dst] = sum(wi * tensor[m] for wi, m in zip(w, members))
         router = layer.router_weight
         router[dst] = sum(wi * router[m] for wi, m in zip(w, members))
+
+
+@torch.no_grad()
+def align_neurons(reference, expert) -> None:
+    """Permute `expert`'s intermediate neurons, in place, to best match `reference`'s.
+
+    An expert is unchanged by any permutation of its intermediate neurons, so two experts'
+    weights can only be averaged once their neurons are matched (as MC-SMoE does): neuron i
+    is described by its gate and up rows and its down column; the matching maximises the
+    summed cosine similarity (Hungarian algorithm, SciPy).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    def neurons(w):  # (I, D)
+        parts = [w.gate, w.up, w.down.T] + [b[:, None] for b in (w.gate_bias, w.up_bias) if b is not None]
+        return torch.nn.functional.normalize(torch.cat([p for p in parts if p is not None], 1).float(), dim=1)
+
+    sim = (neurons(reference) @ neurons(expert).T).cpu().numpy()
+    perm = torch.as_tensor(linear_sum_assignment(sim, maximize=True)[1], device=expert.up.device)
+    for rows in (expert.gate, expert.up, expert.gate_bias, expert.up_bias):
+        if rows is not None:
+            rows.copy_(rows[perm].clone())
+    expert.down.copy_(expert.down[:, perm].clone())
 
 
 def _expert_tensors(layer: MoELayer):

@@ -165,6 +165,30 @@ def test_cprune_merges_at_the_heights_scipy_finds(linkage):
     np.testing.assert_allclose(layer.heights, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_merging_a_permuted_copy_gives_back_the_same_expert(model_type):
+    from moeviz.apply import merge_experts
+
+    model = tiny_model(model_type)
+    layer = get_adapter(model).layers[0]
+    one, copy = layer.expert_weights(1), layer.expert_weights(3)
+    perm = torch.randperm(layer.intermediate_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for src, dst in ((one.gate, copy.gate), (one.up, copy.up), (one.gate_bias, copy.gate_bias),
+                         (one.up_bias, copy.up_bias)):
+            if src is not None:
+                dst.copy_(src[perm])
+        copy.down.copy_(one.down[:, perm])
+        if one.down_bias is not None:
+            copy.down_bias.copy_(one.down_bias)
+    x = torch.randn(5, layer.hidden_size)
+    with torch.no_grad():
+        before = layer.expert_forward(1, x)[1]
+        torch.testing.assert_close(layer.expert_forward(3, x)[1], before)  # the same function
+        merge_experts(layer, {3: 1}, torch.tensor([0.0, 1.0, 0.0, 3.0] + [1.0] * (layer.num_experts - 4)))
+        torch.testing.assert_close(layer.expert_forward(1, x)[1], before, atol=1e-5, rtol=1e-4)
+
+
 def test_cprune_merge_mode_folds_into_the_survivor():
     model = tiny_model("olmoe")
     stats = _stats(model)
