@@ -222,6 +222,16 @@ def specialisation(stats_by_source: dict[str, ExpertStats]) -> tuple[list[str], 
     return names, freq / np.maximum(freq.sum(0, keepdims=True), 1e-12)
 
 
+def specialisation_index(shares: np.ndarray) -> np.ndarray:
+    """Per layer, how much its experts specialise by source, from `specialisation`'s (S, L, E):
+    the mean over experts of (max share − 1/S) / (1 − 1/S). 0: every expert serves every
+    source alike; 1: every expert serves one source only."""
+    S = shares.shape[0]
+    if S < 2:
+        raise ValueError("Specialisation needs stats of two or more sources.")
+    return ((shares.max(0) - 1 / S) / (1 - 1 / S)).mean(1)
+
+
 # ---- stability --------------------------------------------------------------------------
 def pruned_overlap(a: dict[int, list[int]], b: dict[int, list[int]]) -> float:
     """|A ∩ B| / |A| over all layers (1 when both prune the same experts)."""

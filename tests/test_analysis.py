@@ -99,6 +99,12 @@ def test_specialisation_shares_sum_to_one(twins):
     names, share = analysis.specialisation({"a": stats, "b": other})
     assert names == ["a", "b"] and share.shape == (2, 2, 8)
     np.testing.assert_allclose(share.sum(0), 1.0)
+    index = analysis.specialisation_index(share)
+    assert index.shape == (2,) and ((0 <= index) & (index <= 1)).all()
+    np.testing.assert_allclose(analysis.specialisation_index(analysis.specialisation({"a": stats, "b": stats})[1]), 0.0)
+    one_each = np.zeros((2, 1, 4))
+    one_each[0, 0, :2] = one_each[1, 0, 2:] = 1.0  # experts 0–1 serve only a, 2–3 only b
+    np.testing.assert_allclose(analysis.specialisation_index(one_each), 1.0)
 
 
 def test_embeddings_and_global_clusters(twins):

@@ -132,3 +132,23 @@ def test_prune_page_clicks_evaluates_and_compare_shows_the_run(tiny_dir, tmp_pat
     at.run()
     assert not at.exception, at.exception
     assert list(at.dataframe[0].value["method"]) == ["frequency"]
+
+
+def test_layers_page_compares_calibration_sources(tmp_path):
+    from moeviz.loading import load_model
+
+    model, tokenizer = load_model("demo", device="cpu")
+    cache = tmp_path / "cache"
+    for seed in (0, 1):  # two seeds of one source are still one source
+        calibrate(model, CalibConfig(data="demo:arithmetic", num_samples=4, seq_len=32, seed=seed,
+                                     probe_tokens=0, cache_dir=cache), tokenizer)
+    at = _app("demo", "pages/layers.py")
+    assert len(at.get("plotly_chart")) == 3 and "two or more sources" in at.info[0].value
+    calibrate(model, CalibConfig(data="demo:prose", num_samples=4, seq_len=32, probe_tokens=0, cache_dir=cache),
+              tokenizer)
+    at.run()
+    assert not at.exception, at.exception
+    assert at.multiselect[0].value == ["demo:prose", "demo:arithmetic"]
+    assert len(at.get("plotly_chart")) == 5
+    at.selectbox[-1].select("demo:arithmetic").run()
+    assert not at.exception, at.exception
