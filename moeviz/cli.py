@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--random-seeds", type=_positive, default=5, help="seeds averaged for the random baseline")
     sw.add_argument("--out", help="write the table as CSV here")
     sw.set_defaults(func=_sweep)
+
+    st = sub.add_parser("stability", help="how many calibration tokens before a pruning decision settles")
+    _model_args(st)
+    st.add_argument("--data", default="demo", help="the calibration text source")
+    st.add_argument("--samples", type=_positive, default=256, help="calibration sequences in all")
+    st.add_argument("--seq-len", type=_positive, default=128)
+    st.add_argument("--batch-size", type=_positive, default=8)
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--chunks", type=_positive, default=16, help="disjoint chunks the sequences are split into")
+    st.add_argument("--methods", default="mone,reap,frequency", help="score-based methods, comma-separated")
+    st.add_argument("--ratio", type=float, default=0.25)
+    st.add_argument("--bootstrap", type=int, default=5, help="resamples of the chunks per size")
+    st.add_argument("--out", help="write {method: rows} as JSON here")
+    st.add_argument("--progress-file", help="also write progress as JSON here (for the app)")
+    st.set_defaults(func=_stability)
 
     runs = sub.add_parser("runs", help="list stored runs, or delete one")
     runs.add_argument("--runs", default="cache/runs.sqlite")
@@ -314,6 +330,50 @@ def _has_tabulate() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _stability(args) -> int:
+    import json
+
+    import pandas as pd
+    from tqdm import tqdm
+
+    from .analysis import stability
+    from .calibrate import CalibConfig, calibrate_chunks
+    from .data import parse_source
+    from .jobs import ProgressFile
+    from .loading import load_model
+    from .methods import PlanConfig, get_method
+
+    methods = [m for m in args.methods.split(",") if m]
+    for name in methods:
+        if get_method(name).makes_plan:
+            raise ValueError(f"{name} does not rank experts by one score; stability takes score-based methods.")
+    if not 1 < args.chunks <= args.samples:
+        raise ValueError(f"--chunks must be between 2 and --samples ({args.samples}), got {args.chunks}.")
+    parse_source(args.data)
+    config = CalibConfig(data=args.data, num_samples=args.samples, seq_len=args.seq_len,
+                         batch_size=args.batch_size, seed=args.seed, probe_tokens=0)
+    report = ProgressFile(args.progress_file)
+    report.write("loading", 0, args.chunks)
+    model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+        report.write("calibrating", done, total)
+
+    with tqdm(total=args.chunks, unit="chunk", desc="calibrating", file=sys.stderr) as bar:
+        chunks = calibrate_chunks(model, config, args.chunks, tokenizer, progress)
+    sizes = sorted({max(1, args.chunks * i // 8) for i in range(1, 9)})
+    result = {name: stability(chunks, PlanConfig(name, ratio=args.ratio), sizes, args.bootstrap)
+              for name in methods}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    report.write("done", args.chunks, args.chunks, out=args.out)
+    for name, rows in result.items():
+        print(f"\n{name} at ratio {args.ratio}: agreement with all {args.samples} sequences")
+        print(pd.DataFrame(rows).to_string(index=False, float_format="%.3f"))
+    return 0
 
 
 def _runs(args) -> int:

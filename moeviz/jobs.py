@@ -94,3 +94,13 @@ def start_export(model: str, plan_file: str | os.PathLike, stats_dir: str | os.P
     """`moeviz prune` in a worker: the checkpoint's directory is the status's `path` when done."""
     return start_job(["prune", "--model", model, "--device", device, "--plan", str(plan_file),
                       "--stats", str(stats_dir), "--out", str(out)], workdir)
+
+
+def start_stability(model: str, config: CalibConfig, chunks: int, methods: list[str], ratio: float,
+                    out: str | os.PathLike, device: str = "auto", workdir: str | os.PathLike | None = None) -> Job:
+    """`moeviz stability` in a worker: {method: rows} is written to `out` (JSON) when done."""
+    return start_job([
+        "stability", "--model", model, "--device", device, "--data", config.data,
+        "--samples", str(config.num_samples), "--seq-len", str(config.seq_len), "--seed", str(config.seed),
+        "--chunks", str(chunks), "--methods", ",".join(methods), "--ratio", str(ratio), "--out", str(out),
+    ], workdir)

@@ -1,6 +1,13 @@
+import hashlib
+import json
+from pathlib import Path
+
 import streamlit as st
 
 from moeviz import analysis, plots
+from moeviz.calibrate import CalibConfig
+from moeviz.jobs import start_stability
+from moeviz.methods import get_method, method_names
 from moeviz.stats import list_stats
 from pages.common import cache_dir, current_model, load_stats, stats_ui
 
@@ -28,27 +35,79 @@ st.plotly_chart(plots.similarity_heatmap(layer_sim, None, "Layer × layer simila
                                          "cosine", axis="decoder layer", names=stats.layer_indices),
                 key="layer_sim")
 
-st.subheader("Which experts serve which source")
-sources = {}  # the newest calibration of each text source
-for path, meta in list_stats(cache_dir(), fingerprint):
-    sources.setdefault((meta.get("calibration") or {}).get("data", "?"), str(path))
-if len(sources) < 2:
-    st.info("Calibrate this model on two or more sources (for the demo model: each demo domain, "
-            "demo:arithmetic, demo:code, … on the Calibrate page) to see which experts each one uses.")
-    st.stop()
-chosen = st.multiselect("Sources", list(sources), default=list(sources)[:8])
-if len(chosen) < 2:
-    st.stop()
-names, shares = analysis.specialisation({src: load_stats(sources[src]) for src in chosen})
-st.caption(
-    "What am I looking at: each expert's usage split by calibration source (usage per token, so "
-    f"sources of different sizes compare). A share of 1/{len(names)} means the expert serves "
-    "every source alike; 1 means it serves this source only. The curve sums this up per layer: "
-    "0 for no specialisation, 1 for experts that each serve one source."
-)
-source = st.selectbox("Share of", names)
-st.plotly_chart(plots.layer_expert_heatmap(shares[names.index(source)], stats.layer_indices,
-                                           f"Share of each expert's usage due to {source}", "share"),
-                key="specialisation")
-st.plotly_chart(plots.depth_curves(stats.layer_indices, {"specialisation": analysis.specialisation_index(shares)},
-                                   "Specialisation by source across depth", "index (0–1)"), key="specialisation_depth")
+
+
+def specialisation_ui() -> None:
+    st.subheader("Which experts serve which source")
+    sources = {}  # the newest calibration of each text source
+    for path, meta in list_stats(cache_dir(), fingerprint):
+        sources.setdefault((meta.get("calibration") or {}).get("data", "?"), str(path))
+    if len(sources) < 2:
+        st.info("Calibrate this model on two or more sources (for the demo model: each demo domain, "
+                "demo:arithmetic, demo:code, … on the Calibrate page) to see which experts each one uses.")
+        return
+    chosen = st.multiselect("Sources", list(sources), default=list(sources)[:8], key="sources")
+    if len(chosen) < 2:
+        return
+    names, shares = analysis.specialisation({src: load_stats(sources[src]) for src in chosen})
+    st.caption(
+        "What am I looking at: each expert's usage split by calibration source (usage per token, so "
+        f"sources of different sizes compare). A share of 1/{len(names)} means the expert serves "
+        "every source alike; 1 means it serves this source only. The curve sums this up per layer: "
+        "0 for no specialisation, 1 for experts that each serve one source."
+    )
+    source = st.selectbox("Share of", names, key="share_of")
+    st.plotly_chart(plots.layer_expert_heatmap(shares[names.index(source)], stats.layer_indices,
+                                               f"Share of each expert's usage due to {source}", "share"),
+                    key="specialisation")
+    st.plotly_chart(plots.depth_curves(stats.layer_indices, {"specialisation": analysis.specialisation_index(shares)},
+                                       "Specialisation by source across depth", "index (0–1)"),
+                    key="specialisation_depth")
+
+
+def stability_ui() -> None:
+    st.subheader("Calibration stability")
+    st.caption(
+        "What am I looking at: how many calibration tokens a method needs before its decision stops "
+        "changing. The calibration text is split into chunks; growing subsets (solid) and random "
+        "resamples (dotted) are compared with all of it: the overlap of the experts pruned, and the "
+        "rank correlation of the scores. 1 means the same decision as the full set."
+    )
+    cal = stats.meta.get("calibration") or {}
+    scored = [m for m in method_names() if not get_method(m).makes_plan]
+    c1, c2, c3, c4 = st.columns(4)
+    methods = c1.multiselect("Methods", scored, default=[m for m in ("mone", "reap", "frequency") if m in scored])
+    ratio = c2.slider("Ratio", 0.0625, 0.75, 0.25, 0.0625, key="stability_ratio")
+    samples = c3.number_input("Sequences", 4, 100_000, max(4, int(cal.get("num_samples", 64))), key="stability_samples")
+    chunks = c4.number_input("Chunks", 2, 64, min(16, int(samples)), key="stability_chunks")
+    config = CalibConfig(data=cal.get("data", "demo"), num_samples=int(samples), seq_len=int(cal.get("seq_len", 128)),
+                         seed=int(cal.get("seed", 0)))
+    settings = dict(model=fingerprint, data=config.data, samples=config.num_samples, seq_len=config.seq_len,
+                    seed=config.seed, chunks=int(chunks), methods=sorted(methods), ratio=ratio)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    out = Path(cache_dir()).resolve() / "stability" / f"{key}.json"
+    if not out.exists() and methods and st.button(f"Measure on {config.data} ({config.num_samples} sequences)"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        st.session_state["stability_job"] = start_stability(name, config, int(chunks), methods, ratio, out)
+    stability_results(str(out))
+
+
+@st.fragment(run_every=1)
+def stability_results(out: str) -> None:
+    job = st.session_state.get("stability_job")
+    if not Path(out).exists():
+        if job is not None:
+            status = job.status()
+            if status["state"] == "failed":
+                st.error(f"Stability failed: {status.get('error')}")
+            else:
+                st.progress(status.get("done", 0) / max(status.get("total", 0), 1),
+                            text=f"{status['state']}: {status.get('done', 0)}/{status.get('total', 0)} chunks")
+        return
+    for method, rows in json.loads(Path(out).read_text()).items():
+        st.plotly_chart(plots.stability_curves(rows, f"{method}: agreement with the full calibration"),
+                        key=f"stability_{method}")
+
+
+stability_ui()
+specialisation_ui()

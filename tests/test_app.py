@@ -148,7 +148,26 @@ def test_layers_page_compares_calibration_sources(tmp_path):
               tokenizer)
     at.run()
     assert not at.exception, at.exception
-    assert at.multiselect[0].value == ["demo:prose", "demo:arithmetic"]
+    assert at.multiselect(key="sources").value == ["demo:prose", "demo:arithmetic"]
     assert len(at.get("plotly_chart")) == 5
-    at.selectbox[-1].select("demo:arithmetic").run()
+    at.selectbox(key="share_of").select("demo:arithmetic").run()
     assert not at.exception, at.exception
+
+
+def test_layers_page_measures_calibration_stability_in_a_worker(tiny_dir, tmp_path):
+    model = tiny_model("mixtral")
+    model.name_or_path = str(tiny_dir)
+    calibrate(model, CalibConfig(data="random", num_samples=8, seq_len=16, probe_tokens=0, cache_dir=tmp_path / "cache"))
+    at = _app(tiny_dir, "pages/layers.py")
+    charts = len(at.get("plotly_chart"))
+    at.number_input(key="stability_chunks").set_value(4).run()
+    at.button[0].click().run()
+    job = at.session_state["stability_job"]
+    deadline = time.time() + 120
+    while job.status()["state"] not in ("done", "failed") and time.time() < deadline:
+        time.sleep(0.3)
+    assert job.status()["state"] == "done", job.log.read_text()[-2000:]
+    at.run()
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) == charts + 3  # mone, reap, frequency
+    assert not at.button  # measured once, kept on disk

@@ -37,6 +37,8 @@ def test_calibrate_prints_the_stats_directory_last(tiny_dir, tmp_path, capsys):
     (["calibrate", "--model", "./no/such/model"], "No such model directory"),
     (["calibrate", "--data", "demo:poetry"], "Unknown demo domain"),
     (["info", "--model", "/"], "no config.json"),
+    (["stability", "--methods", "cprune"], "stability takes score-based methods"),
+    (["stability", "--samples", "4", "--chunks", "8"], "--chunks must be between 2 and --samples"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(args, message, capsys):
     assert main(args) == 2
