@@ -6,6 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 SEQUENTIAL = "Viridis"  # perceptually uniform and readable with colour-vision deficiencies
+QUALITATIVE = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]  # Okabe–Ito
 
 
 def layer_expert_heatmap(
@@ -76,21 +77,29 @@ def dendrogram(link: np.ndarray, title: str = "") -> go.Figure:
 
 
 def embedding_scatter(xy: np.ndarray, layer_indices: list[int], color: np.ndarray | None = None,
-                      color_name: str = "layer", title: str = "") -> go.Figure:
-    """Every expert of every layer as one point of a 2-D map: xy (L, E, 2); colour (L, E) or by layer."""
+                      color_name: str = "layer", title: str = "", categories: list[str] | None = None) -> go.Figure:
+    """Every expert of every layer as one point of a 2-D map: xy (L, E, 2); colour (L, E) or by layer.
+
+    With `categories`, `color` holds category codes: one trace (and legend entry) per category.
+    """
     L, E = xy.shape[:2]
     layers = np.repeat(np.asarray(layer_indices), E)
     experts = np.tile(np.arange(E), L)
     values = layers if color is None else np.asarray(color).reshape(-1)
+    x, y, ids = xy[..., 0].reshape(-1), xy[..., 1].reshape(-1), np.stack([layers, experts], axis=1)
     scatter = go.Scattergl if L * E > 1000 else go.Scatter
-    fig = go.Figure(scatter(
-        x=xy[..., 0].reshape(-1), y=xy[..., 1].reshape(-1), mode="markers",
-        marker=dict(color=values, colorscale=SEQUENTIAL, size=7, colorbar=dict(title=color_name)),
-        customdata=np.stack([layers, experts], axis=1),
-        hovertemplate="layer %{customdata[0]}, expert %{customdata[1]}<br>" + color_name
-        + ": %{marker.color:.4g}<extra></extra>",
-    ))
-    fig.update_layout(title=title, xaxis_title="dimension 1", yaxis_title="dimension 2")
+    hover = "layer %{customdata[0]}, expert %{customdata[1]}<br>"
+    if categories is None:
+        traces = [scatter(x=x, y=y, mode="markers", customdata=ids,
+                          marker=dict(color=values, colorscale=SEQUENTIAL, size=7, colorbar=dict(title=color_name)),
+                          hovertemplate=hover + color_name + ": %{marker.color:.4g}<extra></extra>")]
+    else:
+        traces = [scatter(x=x[values == code], y=y[values == code], mode="markers", name=name,
+                          customdata=ids[values == code], marker=dict(color=QUALITATIVE[code % len(QUALITATIVE)], size=7),
+                          hovertemplate=hover + f"{color_name}: {name}<extra></extra>")
+                  for code, name in enumerate(categories)]
+    fig = go.Figure(traces)
+    fig.update_layout(title=title, xaxis_title="dimension 1", yaxis_title="dimension 2", legend_title_text=color_name)
     return fig
 
 

@@ -51,6 +51,14 @@ def stats_ui(fingerprint: str) -> ExpertStats | None:
         return None
 
 
+def calibration_sources(fingerprint: str) -> dict[str, str]:
+    """The newest cached calibration of each text source of this model: source → directory."""
+    sources = {}
+    for path, meta in list_stats(cache_dir(), fingerprint):
+        sources.setdefault((meta.get("calibration") or {}).get("data", "?"), str(path))
+    return sources
+
+
 def _label(meta: dict) -> str:
     cal = meta.get("calibration") or {}
     return (f"{cal.get('data', '?')}: {cal.get('num_samples', '?')} × {cal.get('seq_len', '?')} tokens, "

@@ -8,8 +8,7 @@ from moeviz import analysis, plots
 from moeviz.calibrate import CalibConfig
 from moeviz.jobs import start_stability
 from moeviz.methods import get_method, method_names
-from moeviz.stats import list_stats
-from pages.common import cache_dir, current_model, load_stats, stats_ui
+from pages.common import cache_dir, calibration_sources, current_model, load_stats, stats_ui
 
 name, model, tokenizer, adapter, fingerprint = current_model()
 st.title("Layers")
@@ -39,9 +38,7 @@ st.plotly_chart(plots.similarity_heatmap(layer_sim, None, "Layer × layer simila
 
 def specialisation_ui() -> None:
     st.subheader("Which experts serve which source")
-    sources = {}  # the newest calibration of each text source
-    for path, meta in list_stats(cache_dir(), fingerprint):
-        sources.setdefault((meta.get("calibration") or {}).get("data", "?"), str(path))
+    sources = calibration_sources(fingerprint)
     if len(sources) < 2:
         st.info("Calibrate this model on two or more sources (for the demo model: each demo domain, "
                 "demo:arithmetic, demo:code, … on the Calibrate page) to see which experts each one uses.")

@@ -2,7 +2,7 @@ import numpy as np
 import streamlit as st
 
 from moeviz import analysis, plots
-from pages.common import current_model, stats_ui
+from pages.common import calibration_sources, current_model, load_stats, stats_ui
 
 name, model, tokenizer, adapter, fingerprint = current_model()
 st.title("Similarity")
@@ -44,7 +44,10 @@ if scores:
 
 st.subheader("All experts on one map")
 method = st.radio("Map", ["pca", "umap"], horizontal=True, help="UMAP takes seconds (first use ~30 s)")
-colour = st.selectbox("Colour by", ["layer", "frequency", "cluster"])
+sources = calibration_sources(fingerprint)
+colour = st.selectbox("Colour by", ["layer", "frequency", "cluster"] + (["main source"] if len(sources) > 1 else []),
+                      help="main source: the calibration source that uses the expert most (needs two or more)",
+                      key="map_colour")
 
 
 features = (stats.probe_mean if stats.has_probes else stats["out_mean"]).numpy()  # (L, E, H)
@@ -62,8 +65,14 @@ def global_clusters(stats_dir: str, n_clusters: int) -> np.ndarray:
 
 stats_dir = st.session_state.get("stats_dir", "")
 xy = embedding(stats_dir, method)
-color = {"layer": None, "frequency": stats.view("frequency"),
-         "cluster": global_clusters(stats_dir, n_clusters) if colour == "cluster" else None}[colour]
+color, categories = None, None
+if colour == "frequency":
+    color = stats.view("frequency")
+elif colour == "cluster":
+    color = global_clusters(stats_dir, n_clusters)
+elif colour == "main source":
+    categories, shares = analysis.specialisation({src: load_stats(path) for src, path in sources.items()})
+    color = shares.argmax(0)
 st.caption("What am I looking at: every expert of every layer, placed so that experts with alike "
            "mean outputs sit close together.")
-st.plotly_chart(plots.embedding_scatter(xy, stats.layer_indices, color, colour), key="map")
+st.plotly_chart(plots.embedding_scatter(xy, stats.layer_indices, color, colour, categories=categories), key="map")

@@ -135,6 +135,9 @@ def test_plots_have_their_traces_and_labels(twins):
     assert len(fig.layout.xaxis.ticktext) == 8
     fig = plots.embedding_scatter(analysis.embed_experts(stats.probe_mean.numpy(), "pca"), stats.layer_indices)
     assert len(fig.data[0].x) == 16 and list(fig.data[0].customdata[9]) == [1, 1]
+    codes = np.array([[0] * 8, [1] * 4 + [0] * 4])
+    fig = plots.embedding_scatter(np.zeros((2, 8, 2)), stats.layer_indices, codes, "main source", categories=["a", "b"])
+    assert [t.name for t in fig.data] == ["a", "b"] and [len(t.x) for t in fig.data] == [12, 4]
     fig = plots.depth_curves(stats.layer_indices, {"mean similarity": [0.1, 0.2]})
     assert fig.layout.xaxis.title.text == "decoder layer"
     fig = plots.stability_curves([dict(tokens=10, overlap=0.5, rank_correlation=0.7)])

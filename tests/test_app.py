@@ -152,6 +152,11 @@ def test_layers_page_compares_calibration_sources(tmp_path):
     assert len(at.get("plotly_chart")) == 5
     at.selectbox(key="share_of").select("demo:arithmetic").run()
     assert not at.exception, at.exception
+    at.switch_page("pages/similarity.py").run()  # the expert map, coloured by each expert's main source
+    at.selectbox(key="map_colour").select("main source").run()
+    assert not at.exception, at.exception
+    spec = at.get("plotly_chart")[-1].proto.spec
+    assert '"name":"demo:arithmetic"' in spec and '"name":"demo:prose"' in spec
 
 
 def test_layers_page_measures_calibration_stability_in_a_worker(tiny_dir, tmp_path):
