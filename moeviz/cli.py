@@ -285,10 +285,15 @@ def _evaluate(args) -> int:
     if args.runs:
         from .runs import Run, RunStore
 
+        store = RunStore(args.runs)
+        fingerprint = model_fingerprint(reference if plan else model)
+        if plan and not store.list(fingerprint=fingerprint, method="original"):
+            progress("the original, as the baseline", 0, 1)  # every comparison needs it, once
+            baseline = evaluate(reference, config, tokenizer, reference)
+            store.add(Run(args.model, "original", 0.0, baseline, None, None, args.stats, fingerprint))
         run = Run(args.model, plan.method if plan else "original", plan.ratio if plan else 0.0, report,
-                  plan.mode if plan else None, plan.scope if plan else None, args.stats,
-                  model_fingerprint(reference if plan else model))
-        extra["run_id"] = RunStore(args.runs).add(run)
+                  plan.mode if plan else None, plan.scope if plan else None, args.stats, fingerprint)
+        extra["run_id"] = store.add(run)
     text = json.dumps(report, indent=2, default=float)
     if args.out:
         from pathlib import Path

@@ -131,7 +131,7 @@ def test_prune_page_clicks_evaluates_and_compare_shows_the_run(tiny_dir, tmp_pat
     at.switch_page("pages/compare.py")
     at.run()
     assert not at.exception, at.exception
-    assert list(at.dataframe[0].value["method"]) == ["frequency"]
+    assert list(at.dataframe[0].value["method"]) == ["original", "frequency"]  # the baseline comes first
 
 
 def test_layers_page_compares_calibration_sources(tmp_path):

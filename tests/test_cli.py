@@ -81,3 +81,26 @@ def test_plan_and_prune_commands(tiny_dir, tmp_path, capsys):
     assert "needs its ExpertStats" in capsys.readouterr().err
     assert main(["plan", "--stats", stats_dir, "--method", "frequency", "--ratio", "0.95", "--out", str(plan)]) == 2
     assert "fewer than top-k" in capsys.readouterr().err
+
+
+def test_evaluate_a_plan_stores_the_original_once_as_the_baseline(tiny_dir, tmp_path, capsys):
+    import json
+
+    from moeviz.runs import RunStore
+
+    assert main(["calibrate", "--model", str(tiny_dir), "--data", "random", "--samples", "4",
+                 "--seq-len", "16", "--cache-dir", str(tmp_path / "cache")]) == 0
+    stats_dir = capsys.readouterr().out.strip().splitlines()[-1]
+    runs, report = tmp_path / "runs.sqlite", tmp_path / "report.json"
+    for ratio in ("0.25", "0.5"):
+        plan = tmp_path / f"plan-{ratio}.json"
+        assert main(["plan", "--stats", stats_dir, "--method", "frequency", "--ratio", ratio, "--out", str(plan)]) == 0
+        assert main(["evaluate", "--model", str(tiny_dir), "--plan", str(plan), "--stats", stats_dir,
+                     "--data", "random", "--samples", "4", "--seq-len", "16", "--no-throughput",
+                     "--runs", str(runs), "--out", str(report)]) == 0
+    capsys.readouterr()
+    table = RunStore(runs).table()
+    assert list(table["method"]) == ["original", "frequency", "frequency"]
+    assert list(table["ratio"]) == [0.0, 0.25, 0.5]
+    assert table["kl"].iloc[0] == pytest.approx(0, abs=1e-7) and (table["kl"].iloc[1:] > 0).all()
+    assert json.loads(report.read_text())["perplexity"] == pytest.approx(table["perplexity"].iloc[-1])
