@@ -149,5 +149,7 @@ def ratio_curves(frame, metric: str, title: str = "") -> go.Figure:
         fig.add_trace(go.Scatter(x=group["ratio"], y=group[metric], mode="lines+markers", name=name))
     if len(base) and metric in base:
         fig.add_hline(y=float(base[metric].iloc[-1]), line_dash="dash", annotation_text="original")
-    fig.update_layout(title=title, xaxis_title="pruning ratio", yaxis_title=metric)
+    top = float(frame["ratio"].max()) if len(frame) else 1.0
+    fig.update_layout(title=title, xaxis_title="pruning ratio", yaxis_title=metric, showlegend=True,
+                      xaxis=dict(range=[-0.02, max(top, 0.25) * 1.1], tickformat=".0%"))
     return fig

@@ -138,6 +138,13 @@ def test_plots_have_their_traces_and_labels(twins):
     codes = np.array([[0] * 8, [1] * 4 + [0] * 4])
     fig = plots.embedding_scatter(np.zeros((2, 8, 2)), stats.layer_indices, codes, "main source", categories=["a", "b"])
     assert [t.name for t in fig.data] == ["a", "b"] and [len(t.x) for t in fig.data] == [12, 4]
+    import pandas as pd
+    runs = pd.DataFrame(dict(method=["original", "mone", "mone", "random"], mode=[None, "novice", "novice", "remove"],
+                             ratio=[0.0, 0.5, 0.25, 0.25], task_mean=[0.99, 0.2, 0.47, 0.25]))
+    fig = plots.ratio_curves(runs, "task_mean")
+    assert [t.name for t in fig.data] == ["mone (novice)", "random (remove)"] and fig.layout.showlegend
+    assert list(fig.data[0].x) == [0.25, 0.5] and list(fig.data[0].y) == [0.47, 0.2]  # sorted by ratio
+    assert fig.layout.shapes[0].y0 == 0.99 and fig.layout.xaxis.range[0] < 0 < 0.5 < fig.layout.xaxis.range[1]
     fig = plots.depth_curves(stats.layer_indices, {"mean similarity": [0.1, 0.2]})
     assert fig.layout.xaxis.title.text == "decoder layer"
     fig = plots.stability_curves([dict(tokens=10, overlap=0.5, rank_correlation=0.7)])

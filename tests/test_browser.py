@@ -1,4 +1,5 @@
-"""The main flow in a real headless Chromium: overview → calibrate (worker + progress) → experts."""
+"""The main flow in a real headless Chromium: overview → calibrate (worker + progress) → experts
+→ prune (apply and evaluate in a worker) → compare."""
 
 import os
 import shutil
@@ -87,3 +88,18 @@ def test_main_flow_on_the_demo_model(server, page, tmp_path):
     page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
     assert page.get_by_text("Exception").count() == 0
     page.screenshot(path=str(tmp_path / "experts.png"), full_page=True)
+
+    page.get_by_role("link", name="Prune").click()
+    page.get_by_role("heading", name="Prune").wait_for()
+    _wait_idle(page)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+    page.get_by_role("button", name="Apply and evaluate").click()
+    page.get_by_text("Evaluated as run").wait_for(timeout=300_000)
+    page.screenshot(path=str(tmp_path / "prune.png"), full_page=True)
+
+    page.get_by_role("link", name="Compare").click()
+    page.get_by_role("heading", name="Compare").wait_for()
+    _wait_idle(page)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)  # the ratio curves
+    assert page.get_by_text("Exception").count() == 0
+    page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
