@@ -109,7 +109,8 @@ def depth_curves(layer_indices: list[int], curves: dict[str, np.ndarray], title:
     fig = go.Figure([
         go.Scatter(x=layer_indices, y=np.asarray(v), mode="lines+markers", name=name) for name, v in curves.items()
     ])
-    fig.update_layout(title=title, xaxis_title="decoder layer", yaxis_title=yaxis)
+    fig.update_layout(title=title, xaxis_title="decoder layer", yaxis_title=yaxis, showlegend=True,
+                      xaxis=dict(tickmode="array", tickvals=list(layer_indices)) if len(layer_indices) <= 24 else None)
     return fig
 
 

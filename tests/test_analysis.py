@@ -146,7 +146,7 @@ def test_plots_have_their_traces_and_labels(twins):
     assert list(fig.data[0].x) == [0.25, 0.5] and list(fig.data[0].y) == [0.47, 0.2]  # sorted by ratio
     assert fig.layout.shapes[0].y0 == 0.99 and fig.layout.xaxis.range[0] < 0 < 0.5 < fig.layout.xaxis.range[1]
     fig = plots.depth_curves(stats.layer_indices, {"mean similarity": [0.1, 0.2]})
-    assert fig.layout.xaxis.title.text == "decoder layer"
+    assert fig.layout.xaxis.title.text == "decoder layer" and list(fig.layout.xaxis.tickvals) == stats.layer_indices
     fig = plots.stability_curves([dict(tokens=10, overlap=0.5, rank_correlation=0.7)])
     assert [t.name for t in fig.data] == ["pruned-set overlap", "rank correlation"]
     fig = plots.plan_heatmap({0: [1, 2]}, [0, 1], 8)
