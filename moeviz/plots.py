@@ -39,6 +39,7 @@ def layer_expert_heatmap(
     fig.update_layout(
         title=title, xaxis_title="expert", yaxis_title="decoder layer",
         yaxis=dict(type="category", autorange="reversed"), margin=dict(l=60, r=20, t=50, b=50),
+        xaxis=dict(range=[-0.5, num_experts - 0.5], dtick=1 if num_experts <= 32 else None),
     )
     return fig
 
