@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from .adapters import Adapter, get_adapter
 from .data import parse_source, sample_sequences
 from .loading import model_fingerprint
-from .observe import Observer
+from .observe import Observer, distributed
 from .stats import STATS_VERSION, ExpertStats, StatsError
 
 DEFAULT_CACHE_DIR = Path("cache")
@@ -75,23 +75,36 @@ def calibrate(
 
     Returns the stats and their directory (None when `use_cache` is off). A cached
     directory that is corrupted or made for another model raises `StatsError`.
+
+    Data-parallel under `torch.distributed` (e.g. `torchrun --nproc-per-node N -m moeviz.cli
+    calibrate …`): every rank holds the model and observes every N-th sequence; the sums are
+    added across ranks, so every rank gets the stats of all the data; rank 0 writes the cache.
     """
     fingerprint = model_fingerprint(model)
     adapter = get_adapter(model)
     meta = model_meta(model, adapter, fingerprint)
     path = cache_path(model, config, fingerprint) if use_cache else None
-    if path is not None and path.exists():
+    world = distributed()
+    cached = path is not None and path.exists()
+    if world is not None:  # every rank follows rank 0's view of the cache
+        flag = [cached]
+        world.broadcast_object_list(flag, src=0)
+        cached = flag[0]
+    if cached:
         return ExpertStats.load(path, expect={k: meta[k] for k in ("model_fingerprint", "num_experts")}), path
     tokens = sample_sequences(config.data, config.num_samples, config.seq_len, tokenizer,
                               config.seed, vocab_size=model.config.vocab_size)
-    sums = observe(model, adapter, tokens, config, progress)
+    shard = tokens[world.get_rank()::world.get_world_size()] if world is not None else tokens
+    sums = observe(model, adapter, shard, config, progress)
     calibration = dict(config.key_fields(), tokens=int(tokens.numel()))
     stats = ExpertStats.from_sums(sums, dict(meta, calibration=calibration))
-    if path is not None:
+    if path is not None and (world is None or world.get_rank() == 0):
         try:
             stats.save(path)
         except FileExistsError:  # another process finished the same calibration first
             return ExpertStats.load(path, expect={"model_fingerprint": fingerprint}), path
+    if world is not None:
+        world.barrier()  # the cache exists once any rank returns
     return stats, path
 
 

@@ -182,21 +182,42 @@ def _calibrate(args) -> int:
         data=args.data, num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
         seed=args.seed, probe_tokens=0 if args.no_probes else args.probe_tokens, cache_dir=args.cache_dir,
     )
-    report = ProgressFile(args.progress_file)
+    rank, device = _start_data_parallel(args.device)  # under torchrun: one shard per process
+    report = ProgressFile(args.progress_file if rank == 0 else None)
     report.write("loading", 0, config.num_samples)
-    model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
 
-    def progress(done: int, total: int) -> None:
+    def progress(done: int, total: int) -> None:  # this process's sequences
+        bar.total = total
         bar.update(done - bar.n)
         report.write("calibrating", done, total)
 
-    with tqdm(total=config.num_samples, unit="seq", desc="calibrating", file=sys.stderr) as bar:
+    with tqdm(total=config.num_samples, unit="seq", desc="calibrating", file=sys.stderr, disable=rank != 0) as bar:
         stats, path = calibrate(model, config, tokenizer, progress=progress)
     report.write("done", config.num_samples, config.num_samples, path=str(path))
-    print(f"{stats.meta['tokens']} tokens, {stats.num_layers} MoE layers × {stats.num_experts} experts",
-          file=sys.stderr)
-    print(path)
+    if rank == 0:
+        print(f"{stats.meta['tokens']} tokens, {stats.num_layers} MoE layers × {stats.num_experts} experts",
+              file=sys.stderr)
+        print(path)
     return 0
+
+
+def _start_data_parallel(device: str) -> tuple[int, str]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs) and
+    take this process's GPU. Returns (rank, device)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, device
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), "cpu" if device == "auto" else device
 
 
 def _plan(args) -> int:

@@ -106,14 +106,30 @@ class LayerObserver:
             keys, pool = keys[keep], pool[keep]
         self.probe_keys, self.probe_x = keys, pool
 
+    def pool_probe_tokens(self, dist) -> None:
+        """Replace this rank's reservoir by the union of all ranks', cut to the lowest keys."""
+        P, H = self.probe_tokens, self.layer.hidden_size
+        n = self.probe_keys.shape[0]
+        keys = torch.full((P,), float("inf"), device=self.probe_keys.device)
+        keys[:n] = self.probe_keys
+        pool = torch.zeros(P, H, device=self.probe_x.device)
+        pool[:n] = self.probe_x
+        all_keys = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
+        all_pools = [torch.empty_like(pool) for _ in range(dist.get_world_size())]
+        dist.all_gather(all_keys, keys)
+        dist.all_gather(all_pools, pool)
+        keys, pool = torch.cat(all_keys), torch.cat(all_pools)
+        keep = torch.topk(keys, min(P, int(torch.isfinite(keys).sum())), largest=False).indices
+        self.probe_keys, self.probe_x = keys[keep], pool[keep]
+
     @torch.inference_mode()
-    def probe_sums(self, budget: int = 2**25) -> dict[str, torch.Tensor]:
+    def probe_sums(self, rank: int = 0, world_size: int = 1, budget: int = 2**25) -> dict[str, torch.Tensor]:
         """Run every expert on the probe tokens: Σ outputs (E, H) and Σ cosine similarities (E, E).
 
         Each chunk of c tokens goes through all E experts in one grouped call, with c chosen
         so that the E·c intermediate activations stay within `budget` elements.
         """
-        layer, x = self.layer, self.probe_x
+        layer, x = self.layer, self.probe_x[rank::world_size]  # a share of the pool per rank
         E, H, I = layer.num_experts, layer.hidden_size, layer.intermediate_size
         out_sum = torch.zeros(E, H, dtype=torch.float64, device=x.device)
         sim_sum = torch.zeros(E, E, dtype=torch.float64, device=x.device)
@@ -138,7 +154,9 @@ class Observer:
 
     def __init__(self, adapter: Adapter, probe_tokens: int = 256, seed: int = 0):
         self.adapter = adapter
-        generator = torch.Generator().manual_seed(seed)
+        world = distributed()
+        rank = world.get_rank() if world else 0
+        generator = torch.Generator().manual_seed(seed + 7919 * rank)  # other probe keys on every rank
         self.layers = [LayerObserver(layer, probe_tokens, generator) for layer in adapter.layers]
 
     @contextmanager
@@ -154,12 +172,37 @@ class Observer:
                 restore()
 
     def sums(self) -> dict[str, torch.Tensor]:
-        """Every sum stacked over layers, on the CPU: name → (L, …)."""
+        """Every sum stacked over layers, on the CPU: name → (L, …).
+
+        Under `torch.distributed` (each rank observed its own shard of the data), the sums are
+        added across ranks, the probe reservoirs are pooled into one uniform sample of all
+        ranks' tokens, and each rank runs the experts on its share of it: every rank returns
+        the sums of the whole data.
+        """
+        world = distributed()
         per_layer = [dict(obs.sums) for obs in self.layers]
+        if world is not None:
+            for sums in per_layer:
+                for tensor in sums.values():
+                    world.all_reduce(tensor)
         if all(obs.probe_tokens > 0 for obs in self.layers):
             for sums, obs in zip(per_layer, self.layers):
-                sums.update(obs.probe_sums())
+                if world is not None:
+                    obs.pool_probe_tokens(world)
+                part = obs.probe_sums(*(world.get_rank(), world.get_world_size()) if world else (0, 1))
+                if world is not None:
+                    for tensor in part.values():
+                        world.all_reduce(tensor)
+                sums.update(part)
         return {k: torch.stack([s[k] for s in per_layer]).cpu() for k in per_layer[0]}
+
+
+def distributed():
+    """torch.distributed when a process group with more than one rank is running, else None."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
 
 
 def _attach(obs: LayerObserver):

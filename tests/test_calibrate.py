@@ -173,3 +173,39 @@ def test_an_edited_calibration_file_is_a_new_key(tmp_path):
     assert key == cache_key("fp", CalibConfig(data=str(text), batch_size=1))
     text.write_text("other text\n\nmore text")
     assert cache_key("fp", CalibConfig(data=str(text))) != key
+
+
+def _rank(rank, world_size, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        config = CalibConfig(data="random", num_samples=6, seq_len=16, batch_size=2, probe_tokens=32,
+                             cache_dir=out_dir / "cache")
+        stats, path = calibrate(tiny_model("olmoe"), config)
+        stats.save(out_dir / f"rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_give_the_stats_of_one(tmp_path):
+    """Data-parallel calibration (gloo, two CPU processes) adds up to a single process's stats."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_rank, args=(2, tmp_path / "init", tmp_path), nprocs=2, start_method="spawn")
+    config = _config(tmp_path / "single", probe_tokens=32, batch_size=2)
+    single, _ = calibrate(tiny_model("olmoe"), config, use_cache=False)
+    ranks = [ExpertStats.load(tmp_path / f"rank{r}") for r in (0, 1)]
+    cached = list((tmp_path / "cache").glob("*/stats.safetensors"))
+    assert len(cached) == 1, "rank 0 writes the cache, once"
+    for name in ("count", "gate_sum", "prob_sum", "coactivation", "tokens"):
+        for stats in ranks:
+            torch.testing.assert_close(stats[name], single[name], rtol=1e-6, atol=1e-9)
+    for name in ("out_mean", "out_var", "in_sqnorm", "mid_sqnorm", "reap_sum"):
+        torch.testing.assert_close(ranks[0][name], single[name], rtol=1e-5, atol=1e-6)
+    # the pooled probe sample: as many tokens as asked, the same on every rank
+    assert ranks[0]["probe_tokens"].tolist() == [32.0] * ranks[0].num_layers
+    torch.testing.assert_close(ranks[0]["probe_sim_sum"], ranks[1]["probe_sim_sum"])
+    diag = torch.diagonal(ranks[0].probe_similarity, dim1=1, dim2=2)
+    torch.testing.assert_close(diag, torch.ones_like(diag))
