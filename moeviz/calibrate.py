@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 
 from .adapters import Adapter, get_adapter
 from .data import parse_source, sample_sequences
-from .loading import model_fingerprint
+from .loading import execution_device, model_fingerprint
 from .observe import Observer, distributed
 from .stats import STATS_VERSION, ExpertStats, StatsError
 
@@ -147,7 +147,7 @@ def observe(model, adapter: Adapter, tokens: torch.Tensor, config: CalibConfig,
 
 def _observe_pass(model, adapter, tokens, config, batch_size, progress):
     observer = Observer(adapter, probe_tokens=config.probe_tokens, seed=config.seed)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     with torch.inference_mode(), observer.attached():
         for start in range(0, len(tokens), batch_size):
             model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)

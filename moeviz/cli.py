@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--probe-tokens", type=int, default=256, help="tokens per layer on which every expert runs")
     cal.add_argument("--no-probes", action="store_true", help="skip the probes (same as --probe-tokens 0)")
     cal.add_argument("--cache-dir", default="cache")
+    _offload_arg(cal)
     cal.add_argument("--progress-file", help="also write progress as JSON here (for the app)")
     cal.set_defaults(func=_calibrate)
 
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--ratio", type=float, default=0.25)
     st.add_argument("--bootstrap", type=int, default=5, help="resamples of the chunks per size")
     st.add_argument("--out", help="write {method: rows} as JSON here")
+    _offload_arg(st)
     st.add_argument("--progress-file", help="also write progress as JSON here (for the app)")
     st.set_defaults(func=_stability)
 
@@ -156,6 +158,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="run the model repository's own code (only for repositories you trust)")
 
 
+def _offload_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload", action="store_true",
+                   help="keep the weights in CPU memory, each module on --device only while it runs "
+                        "(for a model larger than the GPU; needs accelerate)")
+
+
 def _info(args) -> int:
     from .adapters import get_adapter
     from .loading import load_model
@@ -185,7 +193,8 @@ def _calibrate(args) -> int:
     rank, device = _start_data_parallel(args.device)  # under torchrun: one shard per process
     report = ProgressFile(args.progress_file if rank == 0 else None)
     report.write("loading", 0, config.num_samples)
-    model, tokenizer = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code,
+                                  offload=args.offload)
 
     def progress(done: int, total: int) -> None:  # this process's sequences
         bar.total = total
@@ -382,7 +391,8 @@ def _stability(args) -> int:
                          batch_size=args.batch_size, seed=args.seed, probe_tokens=0)
     report = ProgressFile(args.progress_file)
     report.write("loading", 0, args.chunks)
-    model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
+                                  offload=args.offload)
 
     def progress(done: int, total: int) -> None:
         bar.update(done - bar.n)

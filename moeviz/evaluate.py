@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from .loading import execution_device
 from .data import sample_sequences
 
 Progress = Callable[[str, int, int], None]  # (step, done, total)
@@ -36,7 +37,7 @@ class EvalConfig:
 @torch.inference_mode()
 def _logits(model: PreTrainedModel, tokens: torch.Tensor, batch_size: int):
     """Yield (batch tokens, float32 logits) on the model's device."""
-    device = next(model.parameters()).device
+    device = execution_device(model)
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start:start + batch_size].to(device)
         yield batch, model(input_ids=batch, use_cache=False).logits.float()
@@ -81,7 +82,7 @@ def parameter_counts(model: PreTrainedModel) -> dict[str, int]:
 @torch.inference_mode()
 def throughput(model: PreTrainedModel, tokens: torch.Tensor, batch_size: int = 8, repeats: int = 2) -> float:
     """Tokens per second of forward passes over `tokens` (best of `repeats`, after a warm-up)."""
-    device = next(model.parameters()).device
+    device = execution_device(model)
     batch = tokens[:batch_size].to(device)
     model(input_ids=batch, use_cache=False)
     best = math.inf

@@ -11,6 +11,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from .loading import execution_device
 from .demo.corpus import DOMAINS, task_examples
 
 MONE_TASKS = ("arc_easy", "arc_challenge", "boolq", "copa", "mmlu", "openbookqa", "piqa", "rte", "winogrande")
@@ -66,7 +67,7 @@ def run_lm_eval(model, tokenizer, tasks=MONE_TASKS, limit: int | None = None, ba
     tasks = list(tasks)
     if include_path is None and any(t.startswith("moeviz_demo_") for t in tasks):
         include_path = demo_tasks_dir()
-    device = next(model.parameters()).device
+    device = execution_device(model)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False,

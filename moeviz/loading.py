@@ -64,13 +64,18 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
     device_map: str | None = None,
+    offload: bool = False,
 ) -> tuple[PreTrainedModel, object | None]:
     """Load a MoE causal LM and its tokenizer (None when the checkpoint has none).
 
     The architecture is checked from the config before any weight is read, so an
     unsupported model fails fast. `dtype=None` keeps the checkpoint's dtype on a GPU and
     uses float32 on the CPU. `device_map="auto"` spreads a large model over all GPUs.
+    `offload=True` keeps the weights in CPU memory and brings each module to `device` only
+    while it runs (accelerate's `cpu_offload`): a model larger than the GPU, one layer at a time.
     """
+    if offload and device_map is not None:
+        raise ValueError("Use either offload or device_map, not both.")
     config = load_config(name_or_path, trust_remote_code)
     family_of(config)  # raises for unsupported architectures
     source = resolve_source(name_or_path)
@@ -86,7 +91,13 @@ def load_model(
         model = load_exported(source, config, dtype=None if dtype == "auto" else dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if device_map is None:
+    if offload:
+        try:
+            from accelerate import cpu_offload
+        except ImportError as err:
+            raise ImportError("offload needs accelerate: pip install accelerate") from err
+        model = cpu_offload(model, execution_device=dev)
+    elif device_map is None:
         model.to(dev)
     model.eval()
     model.name_or_path = str(name_or_path)
@@ -106,6 +117,31 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
         return None  # e.g. a random model saved without tokenizer: use the `random` text source
 
 
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where the module computes: its weights' device, or accelerate's execution device when
+    its weights are offloaded. For a whole model: where its inputs go (the embeddings)."""
+    if isinstance(module, PreTrainedModel):
+        module = module.get_input_embeddings()
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device)
+    return next(module.parameters()).device
+
+
+def _offloaded_tensors(model) -> dict:
+    """Full name → tensor for the weights accelerate keeps off the model (offloaded modules)."""
+    found = {}
+    for prefix, module in model.named_modules():
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights is None:
+            continue
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if tensor.is_meta and name in weights:
+                found[f"{prefix}.{name}" if prefix else name] = weights[name]
+    return found
+
+
 def model_fingerprint(model: PreTrainedModel) -> str:
     """A short hash of the config and of a strided sample of every parameter.
 
@@ -117,7 +153,10 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"):
         config.pop(key, None)
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    offloaded = _offloaded_tensors(model)
     for name, param in model.state_dict().items():
+        if param.is_meta and name in offloaded:
+            param = offloaded[name]
         flat = param.detach().reshape(-1)
         step = max(1, flat.numel() // 64)
         sample = flat[::step][:64].float().cpu()

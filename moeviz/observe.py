@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from .adapters import Adapter, MoELayer, Routing
+from .loading import execution_device
 
 # Sums per layer: name → shape given (E, H, I). Means and variances are derived later.
 SUM_SHAPES = {
@@ -41,7 +42,7 @@ class LayerObserver:
 
     def __init__(self, layer: MoELayer, probe_tokens: int, generator: torch.Generator):
         self.layer = layer
-        dev = layer.router_weight.device
+        dev = execution_device(layer.router)
         E, H, I = layer.num_experts, layer.hidden_size, layer.intermediate_size
         self.sums = {k: torch.zeros(f(E, H, I), dtype=torch.float64, device=dev) for k, f in SUM_SHAPES.items()}
         self.probe_tokens = probe_tokens
@@ -134,17 +135,18 @@ class LayerObserver:
         out_sum = torch.zeros(E, H, dtype=torch.float64, device=x.device)
         sim_sum = torch.zeros(E, E, dtype=torch.float64, device=x.device)
         chunk = max(1, budget // (E * 2 * max(H, I)))
-        for start in range(0, x.shape[0], chunk):
-            xs = x[start:start + chunk].to(layer.router_weight.dtype)
-            c = xs.shape[0]
-            ids = torch.arange(E, device=x.device).repeat_interleave(c)
-            counts = torch.full((E,), c, device=x.device)
-            outs = layer.experts_forward_sorted(xs.repeat(E, 1), ids, counts)[1].float().view(E, c, H)
-            out_sum += outs.sum(1)
-            per_token = outs.transpose(0, 1)  # (c, E, H)
-            gram = per_token @ per_token.transpose(1, 2)  # (c, E, E)
-            norms = gram.diagonal(dim1=1, dim2=2).clamp(min=1e-24).sqrt()  # (c, E)
-            sim_sum += (gram / (norms[:, :, None] * norms[:, None, :])).sum(0)
+        with _weights_on_device(layer.experts):
+            for start in range(0, x.shape[0], chunk):
+                xs = x[start:start + chunk].to(layer.router_weight.dtype)
+                c = xs.shape[0]
+                ids = torch.arange(E, device=x.device).repeat_interleave(c)
+                counts = torch.full((E,), c, device=x.device)
+                outs = layer.experts_forward_sorted(xs.repeat(E, 1), ids, counts)[1].float().view(E, c, H)
+                out_sum += outs.sum(1)
+                per_token = outs.transpose(0, 1)  # (c, E, H)
+                gram = per_token @ per_token.transpose(1, 2)  # (c, E, E)
+                norms = gram.diagonal(dim1=1, dim2=2).clamp(min=1e-24).sqrt()  # (c, E)
+                sim_sum += (gram / (norms[:, :, None] * norms[:, None, :])).sum(0)
         return {"probe_out_sum": out_sum, "probe_sim_sum": sim_sum,
                 "probe_tokens": torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)}
 
@@ -211,19 +213,50 @@ def _attach(obs: LayerObserver):
     if layer.fused:
         handle = layer.router.register_forward_hook(
             lambda module, args, output: obs.record_routing(layer.routing_from_output(output)))
-        layer.experts.forward = lambda hidden, index, weights, *a, **kw: _observed_experts(
-            obs, hidden, index, weights)
+        undo = _swap_forward(layer.experts, lambda hidden, index, weights, *a, **kw: _observed_experts(
+            obs, hidden, index, weights))
 
         def restore():
             handle.remove()
-            del layer.experts.forward
+            undo()
         return restore
     if layer.shared:
         raise NotImplementedError(
             "Observing a ModuleList MoE block with shared experts is not supported; "
             "load the model with transformers' own (fused) implementation instead.")
-    layer.block.forward = lambda hidden, *a, **kw: _observed_list_block(obs, hidden)
-    return lambda: delattr(layer.block, "forward")
+    return _swap_forward(layer.block, lambda hidden, *a, **kw: _observed_list_block(obs, hidden))
+
+
+def _swap_forward(module: torch.nn.Module, forward) -> callable:
+    """Run `forward` in place of the module's own; return the function that restores it.
+
+    Under accelerate's hooks (device_map with offloading) the hook's wrapper stays, so the
+    weights still arrive on the execution device first; its inner `_old_forward` is swapped.
+    """
+    name = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in vars(module) else "forward"
+    had, before = name in vars(module), vars(module).get(name)
+    setattr(module, name, forward)
+
+    def restore():
+        if had:
+            setattr(module, name, before)
+        else:
+            delattr(module, name)
+    return restore
+
+
+@contextmanager
+def _weights_on_device(module: torch.nn.Module):
+    """The module's weights where it computes, also when accelerate offloads them between calls."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        yield
+        return
+    hook.pre_forward(module)
+    try:
+        yield
+    finally:
+        hook.post_forward(module, None)
 
 
 def _observed_experts(obs: LayerObserver, hidden, top_k_index, top_k_weights) -> torch.Tensor:

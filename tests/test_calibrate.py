@@ -209,3 +209,27 @@ def test_two_processes_give_the_stats_of_one(tmp_path):
     torch.testing.assert_close(ranks[0]["probe_sim_sum"], ranks[1]["probe_sim_sum"])
     diag = torch.diagonal(ranks[0].probe_similarity, dim1=1, dim2=2)
     torch.testing.assert_close(diag, torch.ones_like(diag))
+
+
+def test_an_offloaded_model_gives_the_same_stats_and_fingerprint():
+    """Weights kept off the device (accelerate's cpu_offload, one module at a time)."""
+    pytest.importorskip("accelerate", reason="offloading needs accelerate: pip install 'moeviz[eval]'")
+    import copy
+
+    from accelerate import cpu_offload
+
+    from moeviz.loading import model_fingerprint
+
+    model = tiny_model("mixtral")
+    config = _config(None, probe_tokens=32)
+    whole, _ = calibrate(model, config, use_cache=False)
+    offloaded = cpu_offload(copy.deepcopy(model), execution_device=torch.device("cpu"))
+    assert all(p.is_meta for p in offloaded.parameters())
+    assert model_fingerprint(offloaded) == model_fingerprint(model)
+    experts = get_adapter(offloaded).layers[0].experts
+    wrapper, inner = vars(experts)["forward"], vars(experts)["_old_forward"]
+    stats, _ = calibrate(offloaded, config, use_cache=False)
+    for name in ("count", "out_mean", "out_var", "in_sqnorm", "probe_sim_sum"):
+        torch.testing.assert_close(stats[name], whole[name])
+    # accelerate's wrapper stayed in place throughout, and its inner forward is back
+    assert vars(experts)["forward"] is wrapper and vars(experts)["_old_forward"] is inner
