@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args) or 0
-    except (ValueError, OSError, KeyError, NotImplementedError) as err:
+    except (ValueError, OSError, KeyError, NotImplementedError, ImportError) as err:
         print(f"moeviz: error: {err}", file=sys.stderr)
         return 2
 
