@@ -281,6 +281,25 @@ def stability(chunks: list[ExpertStats], plan_config, sizes=None, bootstrap: int
     return rows
 
 
+def source_agreement(stats_by_source: dict[str, ExpertStats], plan_config) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Do calibrations on different text agree on what to prune? For every pair of sources:
+    the overlap of their plans' pruned sets and the rank correlation of their scores, (S, S)
+    each (NaN correlations for methods without one score)."""
+    from .methods import make_plan, method_scores
+
+    names = list(stats_by_source)
+    plans = [make_plan(stats_by_source[n], plan_config).pruned for n in names]
+    scores = [_scores(stats_by_source[n], plan_config, method_scores) for n in names]
+    S = len(names)
+    overlap, rho = np.ones((S, S)), np.ones((S, S))
+    for i in range(S):
+        for j in range(S):
+            if i != j:
+                overlap[i, j] = pruned_overlap(plans[i], plans[j])
+                rho[i, j] = rank_correlation(scores[i], scores[j]) if scores[i] is not None else np.nan
+    return names, overlap, rho
+
+
 def _scores(stats, plan_config, method_scores):
     from .plan import PlanError
 

@@ -7,7 +7,7 @@ import streamlit as st
 from moeviz import analysis, plots
 from moeviz.calibrate import CalibConfig
 from moeviz.jobs import start_stability
-from moeviz.methods import get_method, method_names
+from moeviz.methods import PlanConfig, get_method, method_names
 from pages.common import cache_dir, calibration_sources, current_model, load_stats, stats_ui
 
 name, model, tokenizer, adapter, fingerprint = current_model()
@@ -60,6 +60,18 @@ def specialisation_ui() -> None:
     st.plotly_chart(plots.depth_curves(stats.layer_indices, {"specialisation": analysis.specialisation_index(shares)},
                                        "Specialisation by source across depth", "index (0–1)"),
                     key="specialisation_depth")
+    st.markdown("**Do the sources agree on what to prune?**")
+    c1, c2 = st.columns(2)
+    scored = [m for m in method_names() if not get_method(m).makes_plan]
+    method = c1.selectbox("Method", scored, index=scored.index("mone") if "mone" in scored else 0, key="agree_method")
+    ratio = c2.slider("Ratio", 0.0625, 0.75, 0.25, 0.0625, key="agree_ratio")
+    names, overlap, _ = analysis.source_agreement({src: load_stats(sources[src]) for src in chosen},
+                                                  PlanConfig(method, ratio=ratio))
+    st.caption("What am I looking at: for every pair of calibration sources, the fraction of the experts "
+               "one prunes that the other prunes too (1 = the same plan). Low values mean the decision "
+               "depends on the calibration text: calibrate on text like the model's real use.")
+    st.plotly_chart(plots.similarity_heatmap(overlap, None, f"{method} at {ratio:.0%}: pruned-set overlap",
+                                             "overlap", axis="source", names=names), key="agreement")
 
 
 def stability_ui() -> None:

@@ -102,6 +102,10 @@ def test_specialisation_shares_sum_to_one(twins):
     index = analysis.specialisation_index(share)
     assert index.shape == (2,) and ((0 <= index) & (index <= 1)).all()
     np.testing.assert_allclose(analysis.specialisation_index(analysis.specialisation({"a": stats, "b": stats})[1]), 0.0)
+    names, overlap, rho = analysis.source_agreement({"a": stats, "b": other, "a again": stats},
+                                                    PlanConfig("frequency", ratio=0.25))
+    assert names == ["a", "b", "a again"] and overlap[0, 2] == 1.0 and rho[0, 2] == pytest.approx(1.0)
+    assert 0 <= overlap[0, 1] <= 1 and -1 <= rho[0, 1] < 1 and np.allclose(np.diag(overlap), 1)
     one_each = np.zeros((2, 1, 4))
     one_each[0, 0, :2] = one_each[1, 0, 2:] = 1.0  # experts 0–1 serve only a, 2–3 only b
     np.testing.assert_allclose(analysis.specialisation_index(one_each), 1.0)

@@ -149,7 +149,7 @@ def test_layers_page_compares_calibration_sources(tmp_path):
     at.run()
     assert not at.exception, at.exception
     assert at.multiselect(key="sources").value == ["demo:prose", "demo:arithmetic"]
-    assert len(at.get("plotly_chart")) == 5
+    assert len(at.get("plotly_chart")) == 6  # + share heatmap, specialisation curve, agreement
     at.selectbox(key="share_of").select("demo:arithmetic").run()
     assert not at.exception, at.exception
     at.switch_page("pages/similarity.py").run()  # the expert map, coloured by each expert's main source
