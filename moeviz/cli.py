@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cprune: cluster on probe outputs or on (permutation-invariant) weights")
     plan.add_argument("--linkage", choices=("average", "ward"), default="average",
                       help="cprune: cluster linkage (the authors' code uses ward)")
+    plan.add_argument("--representative", choices=("frequency", "medoid"), default="frequency",
+                      help="cprune: each cluster keeps its most used expert, or the one nearest the others")
     plan.add_argument("--model", help="cprune --features weights: the model whose weights to read")
     plan.add_argument("--out", required=True, help="where to write plan.json")
     plan.set_defaults(func=_plan)
@@ -235,7 +237,8 @@ def _plan(args) -> int:
 
     stats = ExpertStats.load(args.stats)
     nm = tuple(int(x) for x in args.nm.split(":")) if args.nm else None
-    config = PlanConfig(args.method, args.ratio, args.scope, args.mode, args.seed, nm, args.features, args.linkage)
+    config = PlanConfig(args.method, args.ratio, args.scope, args.mode, args.seed, nm, args.features, args.linkage,
+                        args.representative)
     weights = None
     if args.features == "weights" and args.method == "cprune":
         weights = _weight_features(args.model, stats)

@@ -26,11 +26,14 @@ def settings_ui() -> PlanConfig:
     scope = c3.radio("Scope", ["layer", "global"], horizontal=True)
     modes = ["remove", "novice", "drop", "merge"]
     mode = c4.selectbox("Mode", modes, index=modes.index(get_method(method).default_mode))
-    linkage = "average"
+    linkage, representative = "average", "frequency"
     if method == "cprune":
-        linkage = st.radio("Linkage", ["average", "ward"], horizontal=True,
+        c1, c2 = st.columns(2)
+        linkage = c1.radio("Linkage", ["average", "ward"], horizontal=True,
                            help="how cluster distances update as experts merge; the C-Prune authors' code uses ward")
-    return PlanConfig(method, ratio=ratio, scope=scope, mode=mode, linkage=linkage)
+        representative = c2.radio("Each cluster keeps", ["frequency", "medoid"], horizontal=True,
+                                  help="its most used expert, or the one nearest the others (the paper)")
+    return PlanConfig(method, ratio=ratio, scope=scope, mode=mode, linkage=linkage, representative=representative)
 
 
 config = settings_ui()

@@ -189,6 +189,19 @@ def test_merging_a_permuted_copy_gives_back_the_same_expert(model_type):
         torch.testing.assert_close(layer.expert_forward(1, x)[1], before, atol=1e-5, rtol=1e-4)
 
 
+def test_cprune_keeps_the_most_used_member_or_the_medoid():
+    from moeviz.methods.cprune import _Layer
+
+    dist = np.abs(np.subtract.outer(np.arange(4.0), np.arange(4.0)))  # experts on a line
+    dist[3, :3] = dist[:3, 3] = 50.0  # expert 3 far from the rest
+    for representative, kept in (("frequency", 0), ("medoid", 1)):
+        layer = _Layer(dist, np.array([0.5, 0.2, 0.1, 0.2]), "average", representative)
+        layer.merge_closest()
+        layer.merge_closest()  # {0, 1, 2} is one cluster now
+        assert layer.merged_into == {e: kept for e in (0, 1, 2) if e != kept}
+        assert sorted(np.flatnonzero(layer.alive)) == sorted([kept, 3])
+
+
 def test_cprune_merge_mode_folds_into_the_survivor():
     model = tiny_model("olmoe")
     stats = _stats(model)

@@ -27,6 +27,7 @@ class PlanConfig:
     nm: tuple[int, int] | None = None  # moe_pruner: n:m semi-structured sparsity instead
     features: str = "outputs"  # cprune: "outputs" (probes) or "weights" (needs the model's weights)
     linkage: str = "average"  # cprune: "average" or "ward" (the authors' code)
+    representative: str = "frequency"  # cprune: each cluster keeps its most used member, or its "medoid"
 
 
 @dataclass(frozen=True)

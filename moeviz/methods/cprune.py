@@ -8,8 +8,9 @@ moeviz runs both stages as one agglomerative procedure on a shared distance scal
 layer, experts start as singleton clusters; the closest pair of clusters is merged (average linkage
 on cosine distances by default; `linkage="ward"`, the authors' choice, treats the cosine
 distance as half the squared distance between unit vectors), and the merged cluster keeps one
-representative, its most used member; the other is pruned and, in `merge` mode, folded into
-the representative. With `scope="layer"` each layer merges until `ratio` of it is pruned;
+representative, its most used member (or, with `representative="medoid"`, the member nearest
+the others: the paper's "nearest the centroid"); the others are pruned and, in `merge` mode,
+folded into the representative. With `scope="layer"` each layer merges until `ratio` of it is pruned;
 with `scope="global"` the next merge is always the globally closest pair across all layers,
 which is C-Prune's global cluster pruning. Feature spaces: `outputs` (the probes' mean cosine
 similarity of expert outputs on the same tokens, as the authors' code) or `weights`
@@ -26,13 +27,15 @@ from . import register
 
 @register("cprune", makes_plan=True)
 def cprune(stats, config, info, weights=None):
-    """C-Prune: merge the closest experts per layer (or globally), keep each cluster's most used."""
+    """C-Prune: merge the closest experts per layer (or globally), keep one per cluster."""
     distances = expert_distances(stats, config.features, weights)  # (L, E, E)
     frequency = stats.frequency.numpy()
     floor = max(info["top_k"], info.get("group_count") or 1)
     if config.linkage not in LINKAGES:
         raise PlanError(f"Unknown linkage {config.linkage!r}; use one of {', '.join(LINKAGES)}.")
-    layers = [_Layer(d, f, config.linkage) for d, f in zip(distances, frequency)]
+    if config.representative not in REPRESENTATIVES:
+        raise PlanError(f"Unknown representative {config.representative!r}; use one of {', '.join(REPRESENTATIVES)}.")
+    layers = [_Layer(d, f, config.linkage, config.representative) for d, f in zip(distances, frequency)]
     E = stats.num_experts
     if config.scope == "layer":
         n = int(round(config.ratio * E))
@@ -89,18 +92,27 @@ def weight_features(layer, rank: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 LINKAGES = ("average", "ward")
+REPRESENTATIVES = ("frequency", "medoid")
 
 
 class _Layer:
-    """Agglomeration of one layer's experts, tracking who merged into whom."""
+    """Agglomeration of one layer's experts, tracking who merged into whom.
 
-    def __init__(self, dist: np.ndarray, frequency: np.ndarray, linkage: str = "average"):
+    Every cluster is stored under its representative's index: its most used member
+    (`representative="frequency"`), or the member nearest the others (`"medoid"`, the
+    paper's "nearest the centroid").
+    """
+
+    def __init__(self, dist: np.ndarray, frequency: np.ndarray, linkage: str = "average",
+                 representative: str = "frequency"):
         E = len(frequency)
-        self.linkage = linkage
+        self.linkage, self.representative = linkage, representative
         self.heights: list[float] = []  # the distance of every merge, in order
+        self.dist = dist.astype(float)  # expert × expert, for medoids
         self.D = dist.astype(float) + np.diag(np.full(E, np.inf))  # cluster × cluster distances
         self.size = np.ones(E)
         self.alive = np.ones(E, dtype=bool)  # index = the cluster's representative
+        self.members = {e: [e] for e in range(E)}
         self.frequency = frequency
         self.merged_into: dict[int, int] = {}
         self._best = None
@@ -119,22 +131,27 @@ class _Layer:
     def merge_closest(self) -> None:
         height, a, b = self.closest()
         self.heights.append(height)
-        keep, drop = (a, b) if self.frequency[a] >= self.frequency[b] else (b, a)
-        n_a, n_b, n = self.size[keep], self.size[drop], self.size
+        n_a, n_b, n = self.size[a], self.size[b], self.size
         # Lance–Williams updates of the distances to the merged cluster
         if self.linkage == "ward":  # on squared distances
-            merged = ((n_a + n) * self.D[keep] + (n_b + n) * self.D[drop] - n * height) / (n_a + n_b + n)
+            merged = ((n_a + n) * self.D[a] + (n_b + n) * self.D[b] - n * height) / (n_a + n_b + n)
         else:
-            merged = (n_a * self.D[keep] + n_b * self.D[drop]) / (n_a + n_b)
-        self.D[keep, :] = merged
-        self.D[:, keep] = merged
-        self.D[keep, keep] = np.inf
-        self.D[drop, :] = np.inf
-        self.D[:, drop] = np.inf
-        self.size[keep] += self.size[drop]
-        self.alive[drop] = False
-        for src, dst in self.merged_into.items():
-            if dst == drop:
-                self.merged_into[src] = keep
-        self.merged_into[drop] = keep
+            merged = (n_a * self.D[a] + n_b * self.D[b]) / (n_a + n_b)
+        members = self.members.pop(a) + self.members.pop(b)
+        if self.representative == "medoid":
+            rep = members[int(np.argmin(self.dist[np.ix_(members, members)].sum(1)))]
+        else:
+            rep = members[int(np.argmax(self.frequency[members]))]
+        for old in (a, b):
+            self.D[old, :] = np.inf
+            self.D[:, old] = np.inf
+            self.alive[old] = False
+        self.D[rep, :] = merged
+        self.D[:, rep] = merged
+        self.D[rep, rep] = self.D[rep, a] = self.D[rep, b] = self.D[a, rep] = self.D[b, rep] = np.inf
+        self.alive[rep], self.size[rep], self.members[rep] = True, n_a + n_b, members
+        for m in members:
+            self.merged_into.pop(m, None)
+            if m != rep:
+                self.merged_into[m] = rep
         self._best = None
