@@ -102,7 +102,7 @@ def calibrate(
         try:
             stats.save(path)
         except FileExistsError:  # another process finished the same calibration first
-            return ExpertStats.load(path, expect={"model_fingerprint": fingerprint}), path
+            stats = ExpertStats.load(path, expect={"model_fingerprint": fingerprint})
     if world is not None:
         world.barrier()  # the cache exists once any rank returns
     return stats, path
