@@ -118,8 +118,11 @@ def calibrate_chunks(model: PreTrainedModel, config: CalibConfig, num_chunks: in
     meta = model_meta(model, adapter, model_fingerprint(model))
     tokens = sample_sequences(config.data, config.num_samples, config.seq_len, tokenizer,
                               config.seed, vocab_size=model.config.vocab_size)
+    world = distributed()  # data-parallel as in `calibrate`: each rank observes a shard of each chunk
     chunks = []
     for i, part in enumerate(torch.tensor_split(tokens, num_chunks)):
+        if world is not None:
+            part = part[world.get_rank()::world.get_world_size()]
         sums = observe(model, adapter, part, config)
         chunks.append(ExpertStats.from_sums(sums, dict(meta, calibration=dict(config.key_fields(), chunk=i))))
         if progress is not None:

@@ -392,20 +392,23 @@ def _stability(args) -> int:
     parse_source(args.data)
     config = CalibConfig(data=args.data, num_samples=args.samples, seq_len=args.seq_len,
                          batch_size=args.batch_size, seed=args.seed, probe_tokens=0)
-    report = ProgressFile(args.progress_file)
+    rank, device = _start_data_parallel(args.device)  # under torchrun: one shard per process
+    report = ProgressFile(args.progress_file if rank == 0 else None)
     report.write("loading", 0, args.chunks)
-    model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
+    model, tokenizer = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code,
                                   offload=args.offload)
 
     def progress(done: int, total: int) -> None:
         bar.update(done - bar.n)
         report.write("calibrating", done, total)
 
-    with tqdm(total=args.chunks, unit="chunk", desc="calibrating", file=sys.stderr) as bar:
+    with tqdm(total=args.chunks, unit="chunk", desc="calibrating", file=sys.stderr, disable=rank != 0) as bar:
         chunks = calibrate_chunks(model, config, args.chunks, tokenizer, progress)
     sizes = sorted({max(1, args.chunks * i // 8) for i in range(1, 9)})
     result = {name: stability(chunks, PlanConfig(name, ratio=args.ratio), sizes, args.bootstrap)
               for name in methods}
+    if rank != 0:
+        return 0
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     report.write("done", args.chunks, args.chunks, out=args.out)
