@@ -1,9 +1,19 @@
-"""Applying a plan: the only code that changes weights. The original model is never touched.
+"""Applying a plan: the only code that changes weights.
 
-- `remove`: every expert-indexed parameter and buffer is sliced (fused tensors or the expert
-  list, router rows, router bias, score-correction bias) and expert counts are updated.
-- `novice` (MoNE) / `drop`: pruned experts' weights go; the router still routes to them and
-  a routed token receives g_e(x)·μ_e (zeros for `drop`). A novice costs H numbers.
+Two ways, one set of rules:
+- `applied(model, plan, stats)`: the plan in place and reversibly, on the model's own weights
+  (no copy of the model, ever). Removal and drop mask the router (which equals removal);
+  novices answer for pruned experts through a wrapper around the experts; merges write only
+  the merged survivors; weight sparsity zeroes in place. Leaving the block puts back every
+  value exactly, also when the body raises; `handle.original()` lends the unpruned model for a
+  moment (evaluation compares both, batch by batch, on the same weights).
+- `apply_plan(model, plan, stats)`: the same plan, for good: expert tensors are sliced, counts
+  updated (the in-memory form of an export).
+
+Modes:
+- `remove`: the experts and their router rows go.
+- `novice` (MoNE) / `drop`: the experts go; the router still routes to them and a routed token
+  receives g_e(x)·μ_e (zeros for `drop`). A novice costs H numbers.
 - `merge`: pruned experts are folded into their survivor by a frequency-weighted average of
   weights (neurons matched first) and router rows, then removed.
 - weight sparsity (MoE-Pruner): zeros inside the kept experts, row by row.
@@ -11,15 +21,14 @@
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .adapters import Adapter, MoELayer, get_adapter
-from .loading import model_fingerprint
+from .adapters import Adapter, ExpertWeights, MoELayer, get_adapter
+from .checkpoint import fingerprint as model_fingerprint
 from .methods.moe_pruner import pruning_mask
 from .plan import PlanError, PruningPlan
 from .stats import ExpertStats
@@ -37,76 +46,199 @@ def model_info(model: PreTrainedModel, adapter: Adapter | None = None, fingerpri
     return info
 
 
-@torch.no_grad()
-def apply_plan(model: PreTrainedModel, plan: PruningPlan, stats: ExpertStats | None = None) -> PreTrainedModel:
-    """A pruned copy of `model`. Novices, merges and weight sparsity need the plan's `stats`."""
-    fingerprint = model_fingerprint(model)
-    plan.validate(model_info(model, fingerprint=fingerprint))
+def check_plan(model: PreTrainedModel, plan: PruningPlan, stats: ExpertStats | None,
+               adapter: Adapter | None = None, fingerprint: str | None = None) -> None:
+    """Refuse a plan (or stats) made for another model, or a plan that needs stats it lacks."""
+    fingerprint = fingerprint or model_fingerprint(model)
+    plan.validate(model_info(model, adapter, fingerprint=fingerprint))
     needs_stats = plan.mode in ("novice", "merge") or plan.sparsity or plan.nm
     if needs_stats and stats is None:
         raise PlanError(f"Applying this plan ({plan.mode}, sparsity {plan.sparsity}) needs its ExpertStats.")
     if stats is not None and stats.meta.get("model_fingerprint", fingerprint) != fingerprint:
         raise PlanError(f"These stats were calibrated on another model ({stats.meta.get('model')!r}).")
-    pruned = copy.deepcopy(model)
-    adapter = get_adapter(pruned)
+
+
+@torch.no_grad()
+def apply_plan(model: PreTrainedModel, plan: PruningPlan, stats: ExpertStats | None = None) -> PreTrainedModel:
+    """Prune `model` for good, in place, and return it: expert tensors sliced, counts updated.
+
+    For a reversible view of the same plan on the same weights, use `applied`.
+    """
+    check_plan(model, plan, stats)
+    adapter = get_adapter(model)
     for row, layer in enumerate(adapter.layers):
         if plan.sparsity or plan.nm:
-            sparsify_experts(layer, stats, row, plan)
+            for weight, mask in _sparsity_masks(layer, stats, row, plan):
+                weight.masked_fill_(mask, 0)
         experts = plan.pruned.get(layer.layer_idx, [])
         if not experts:
             continue
         if plan.mode == "merge":
-            merge_experts(layer, plan.merge_into.get(layer.layer_idx, {}), stats.frequency[row])
+            for view, merged in _merged_tensors(layer, plan.merge_into.get(layer.layer_idx, {}), stats.frequency[row]):
+                view.copy_(merged)
         keep = plan.kept(layer.layer_idx, layer.num_experts)
         if plan.mode in ("novice", "drop"):
-            novices = torch.zeros(len(experts), layer.hidden_size, dtype=torch.float32)
-            if plan.mode == "novice":
-                novices = stats["out_mean"][row, experts].float()
-            install_novices(layer, keep, experts, novices)
+            install_novices(layer, keep, experts, _novices(layer, plan, stats, row, experts))
         else:
             remove_experts(layer, keep)
     if plan.mode in ("remove", "merge") and plan.num_pruned and plan.is_uniform():
-        _set_count(pruned.config, adapter.layers[0].num_experts)
-    return pruned
+        _set_count(model.config, adapter.layers[0].num_experts)
+    model.__dict__.pop("_moeviz_source", None)  # no longer the weights of those files
+    return model
 
 
 @contextmanager
-def preview_plan(model: PreTrainedModel, plan: PruningPlan):
-    """Run `model` as if the plan's experts were removed, without copying any weight.
+def applied(model: PreTrainedModel, plan: PruningPlan, stats: ExpertStats | None = None,
+            fingerprint: str | None = None):
+    """Run `model` under `plan`, in place, without copying it; everything is put back on exit.
 
-    The routers' logits of pruned experts are masked to −inf (score-correction biases for
-    DeepSeek-V3-style routers), which equals removal. Only `remove` plans without weight
-    sparsity can be previewed. Everything is restored on exit, also on error.
+    Yields an `AppliedPlan`, whose `original()` context lends the unpruned model back for a
+    moment. The outputs equal those of `apply_plan` (and of the exported checkpoint).
     """
-    if plan.mode != "remove" or plan.sparsity or plan.nm:
-        raise PlanError("Only plans that remove experts (without weight sparsity) can be previewed.")
-    adapter = get_adapter(model)
-    plan.validate(model_info(model, adapter))
-    undo = []
+    handle = AppliedPlan(model, plan, stats, fingerprint)
     try:
-        for layer in adapter.layers:
-            experts = plan.pruned.get(layer.layer_idx, [])
-            if experts:
-                undo.append(_mask_layer(layer, experts))
-        yield model
+        handle.swap()
+        yield handle
     finally:
-        for restore in undo:
-            restore()
+        handle.close()
 
 
-def _mask_layer(layer: MoELayer, experts: list[int]):
+class AppliedPlan:
+    """A plan's in-place edits, each an exchange of values that a second exchange undoes."""
+
+    @torch.no_grad()
+    def __init__(self, model, plan: PruningPlan, stats: ExpertStats | None = None, fingerprint: str | None = None):
+        self.model, self.plan = model, plan
+        self.adapter = get_adapter(model)
+        check_plan(model, plan, stats, self.adapter, fingerprint)
+        self.active = False
+        self.edits: list = []
+        for row, layer in enumerate(self.adapter.layers):
+            if plan.sparsity or plan.nm:
+                self.edits += [_ValueSwap(w, mask, torch.zeros((), dtype=w.dtype, device=w.device))
+                               for w, mask in _sparsity_masks(layer, stats, row, plan)]
+            experts = plan.pruned.get(layer.layer_idx, [])
+            if not experts:
+                continue
+            if plan.mode == "merge":
+                self.edits += [_ValueSwap(view, None, merged) for view, merged in
+                               _merged_tensors(layer, plan.merge_into.get(layer.layer_idx, {}), stats.frequency[row])]
+            if plan.mode in ("novice", "drop"):
+                keep = plan.kept(layer.layer_idx, layer.num_experts)
+                wrapper = NoviceExperts(layer.experts, keep, experts, _novices(layer, plan, stats, row, experts),
+                                        sliced=False)
+                self.edits.append(_ModuleSwap(layer.block, "experts", wrapper))
+            else:
+                self.edits.append(_router_mask(layer, experts))
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        for edit in self.edits:
+            edit.swap()
+        self.active = not self.active
+
+    @contextmanager
+    def original(self):
+        """The model without the plan, for the duration of the block."""
+        if self.active:
+            self.swap()
+        try:
+            yield self.model
+        finally:
+            if not self.active:
+                self.swap()
+
+    def close(self) -> None:
+        if self.active:
+            self.swap()
+        for edit in self.edits:
+            getattr(edit, "close", lambda: None)()
+
+
+class _ValueSwap:
+    """Exchange the values of `tensor` (where `mask`, packed to bits, says; everywhere when None)
+    with stored ones: a second exchange puts the first values back, bit for bit."""
+
+    def __init__(self, tensor: torch.Tensor, mask: torch.Tensor | None, values: torch.Tensor):
+        self.tensor, self.shape = tensor, tuple(tensor.shape)
+        self.bits = None if mask is None else _pack(mask)
+        count = int(mask.sum()) if mask is not None else tensor.numel()
+        self.values = values.to(tensor.dtype).expand(count).clone() if values.dim() == 0 else values.to(tensor.dtype)
+
+    def swap(self) -> None:
+        if self.bits is None:
+            current = self.tensor.clone()
+            self.tensor.copy_(self.values)
+        else:
+            mask = _unpack(self.bits, self.shape)
+            current = self.tensor[mask]
+            self.tensor[mask] = self.values
+        self.values = current
+
+
+class _ModuleSwap:
+    def __init__(self, parent: nn.Module, name: str, other: nn.Module):
+        self.parent, self.name, self.other = parent, name, other
+
+    def swap(self) -> None:
+        current = getattr(self.parent, self.name)
+        setattr(self.parent, self.name, self.other)
+        self.other = current
+
+
+class _RouterHook:
+    """Masks the router's logits of pruned experts to −inf while on (a hook, registered once)."""
+
+    def __init__(self, layer: MoELayer, experts: list[int]):
+        self.on = False
+        masked = torch.zeros(layer.num_experts, dtype=torch.bool, device=layer.router_weight.device)
+        masked[experts] = True
+        self.handle = layer.router.register_forward_hook(
+            lambda m, a, out: layer.mask_router_output(out, masked) if self.on else None)
+
+    def swap(self) -> None:
+        self.on = not self.on
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def _router_mask(layer: MoELayer, experts: list[int]):
+    """Removal without removing: −inf router logits (a score-correction bias of −inf for
+    routers that choose by score + bias, DeepSeek-V3)."""
     if layer.family.routing == "biased":
         bias = layer.router.e_score_correction_bias
-        saved = bias[experts].clone()
-        bias[experts] = float("-inf")
-        return lambda: bias.index_put_((torch.tensor(experts),), saved)
+        index = torch.tensor(experts, device=bias.device)
+        return _ValueSwap(bias, torch.zeros_like(bias, dtype=torch.bool).index_fill_(0, index, True),
+                          torch.tensor(float("-inf")))
     if layer.family.routing is None:
-        raise NotImplementedError(f"moeviz cannot re-route {layer.family.model_type}'s router; "
-                                  "apply the plan instead of previewing it.")
-    masked = torch.zeros(layer.num_experts, dtype=torch.bool, device=layer.router_weight.device)
-    masked[experts] = True
-    handle = layer.router.register_forward_hook(lambda m, a, out: layer.mask_router_output(out, masked))
-    return handle.remove
+        raise NotImplementedError(f"moeviz cannot re-route {layer.family.model_type}'s router in place; "
+                                  "export the plan (moeviz prune) and evaluate the export.")
+    return _RouterHook(layer, experts)
+
+
+_BITS = 2 ** torch.arange(8, dtype=torch.uint8)
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 bits (1/8 of a byte per value)."""
+    flat = mask.reshape(-1)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    return (flat.view(-1, 8).to(torch.uint8) * _BITS.to(flat.device)).sum(1, dtype=torch.uint8)
+
+
+def _unpack(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    return ((bits[:, None] & _BITS.to(bits.device)) > 0).reshape(-1)[:n].view(shape)
+
+
+def _novices(layer: MoELayer, plan: PruningPlan, stats, row: int, experts: list[int]) -> torch.Tensor:
+    """(P, H): MoNE's novices, the pruned experts' mean outputs; zeros for `drop`."""
+    if plan.mode == "novice":
+        return stats["out_mean"][row, experts].float()
+    return torch.zeros(len(experts), layer.hidden_size)
 
 
 # ---- removal ----------------------------------------------------------------------------
@@ -143,34 +275,44 @@ def _set_count(obj, count: int) -> None:
 
 # ---- novices ----------------------------------------------------------------------------
 class NoviceExperts(nn.Module):
-    """Kept experts plus novices: a token routed to pruned expert e receives g_e(x)·μ_e.
+    """Experts plus novices: a token routed to pruned expert e receives g_e(x)·μ_e.
 
-    Wraps the (sliced) experts module; routing still runs over all E original experts.
+    Wraps the experts module `inner`; routing still runs over all E original experts. With
+    `sliced=True` (an applied or exported plan) `inner` holds only the kept experts, in order;
+    with `sliced=False` (an in-place view) it still holds all E and the pruned ones get weight 0.
     """
 
-    def __init__(self, inner: nn.Module, keep: list[int], pruned: list[int], novices: torch.Tensor):
+    def __init__(self, inner: nn.Module, keep: list[int], pruned: list[int], novices: torch.Tensor,
+                 sliced: bool = True):
         super().__init__()
-        E = len(keep) + len(pruned)
         self.inner = inner
-        self.num_experts = E
-        to_inner = torch.full((E,), -1, dtype=torch.long)
-        to_inner[keep] = torch.arange(len(keep))
-        to_novice = torch.full((E,), -1, dtype=torch.long)
-        to_novice[pruned] = torch.arange(len(pruned))
-        self.register_buffer("to_inner", to_inner)
-        self.register_buffer("to_novice", to_novice)
+        self.num_experts = len(keep) + len(pruned)
+        self.keep, self.pruned, self.sliced = list(keep), list(pruned), sliced
         self.novices = nn.Parameter(novices.clone(), requires_grad=False)  # (P, H)
+        self._index = None
+
+    def index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Original expert → its index in `inner` (−1 if pruned), and → its novice (−1 if kept)."""
+        if self._index is None or self._index[0].device != torch.device(device):
+            to_inner = torch.full((self.num_experts,), -1, dtype=torch.long)
+            to_inner[self.keep] = torch.arange(len(self.keep)) if self.sliced else torch.tensor(self.keep)
+            to_novice = torch.full((self.num_experts,), -1, dtype=torch.long)
+            to_novice[self.pruned] = torch.arange(len(self.pruned))
+            self._index = (to_inner.to(device), to_novice.to(device))
+        return self._index
 
     def forward(self, hidden, top_k_index, top_k_weights):
-        inner_idx = self.to_inner[top_k_index]  # (T, k)
+        to_inner, to_novice = self.index(top_k_index.device)
+        inner_idx = to_inner[top_k_index]  # (T, k)
         is_novice = inner_idx < 0
         out = self.inner(hidden, inner_idx.clamp(min=0), top_k_weights.masked_fill(is_novice, 0))
         novice_w = top_k_weights.masked_fill(~is_novice, 0).to(self.novices.dtype)  # (T, k)
-        novice_out = self.novices[self.to_novice[top_k_index].clamp(min=0)]  # (T, k, H)
+        novice_out = self.novices[to_novice[top_k_index].clamp(min=0)]  # (T, k, H)
         return out + (novice_w[..., None] * novice_out).sum(1).to(out.dtype)
 
 
 def install_novices(layer: MoELayer, keep: list[int], pruned: list[int], novices: torch.Tensor) -> None:
+    """Slice the layer's experts to `keep` and answer for `pruned` with novices (P, H), for good."""
     if not layer.fused:
         raise PlanError("Novices are supported for fused expert layouts (transformers 5 models).")
     device, dtype = layer.router_weight.device, layer.experts.down_proj.dtype
@@ -182,21 +324,38 @@ def install_novices(layer: MoELayer, keep: list[int], pruned: list[int], novices
 
 
 # ---- merging ----------------------------------------------------------------------------
-def merge_experts(layer: MoELayer, merge_into: dict[int, int], frequency: torch.Tensor) -> None:
-    """Fold each source expert into its survivor: frequency-weighted mean of weights and router
-    rows, after permuting each source's intermediate neurons to match the survivor's."""
+def _merged_tensors(layer: MoELayer, merge_into: dict[int, int], frequency: torch.Tensor):
+    """(view into the model, its merged value) for every survivor's weights and router row.
+
+    Each source expert is folded into its survivor: a frequency-weighted mean of weights and
+    router rows, after permuting a copy of each source's intermediate neurons to match the
+    survivor's. Only the survivors change: the sources are removed (or masked) afterwards.
+    """
+    if not layer.fused:
+        raise PlanError("Merging is supported for fused expert layouts (transformers 5 models).")
     groups: dict[int, list[int]] = {}
     for src, dst in merge_into.items():
         groups.setdefault(dst, [dst]).append(src)
+    edits = []
     for dst, members in groups.items():
-        for src in members[1:]:
-            align_neurons(layer.expert_weights(dst), layer.expert_weights(src))
+        target = layer.expert_weights(dst)
+        weights = [target] + [_copy(layer.expert_weights(src)) for src in members[1:]]
+        for expert in weights[1:]:
+            align_neurons(target, expert)
         w = frequency[members].float().clamp(min=1e-12)
-        w = (w / w.sum()).to(layer.router_weight.device)
-        for name, tensor in _expert_tensors(layer):
-            tensor[dst] = sum(wi * tensor[m] for wi, m in zip(w, members))
+        w = (w / w.sum()).tolist()
+        for field in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
+            view = getattr(target, field)
+            if view is not None:
+                edits.append((view, sum(wi * getattr(e, field).float() for wi, e in zip(w, weights)).to(view.dtype)))
         router = layer.router_weight
-        router[dst] = sum(wi * router[m] for wi, m in zip(w, members))
+        edits.append((router[dst], sum(wi * router[m].float() for wi, m in zip(w, members)).to(router.dtype)))
+    return edits
+
+
+def _copy(weights: ExpertWeights) -> ExpertWeights:
+    return ExpertWeights(*(None if t is None else t.detach().clone() for t in (
+        weights.gate, weights.up, weights.down, weights.gate_bias, weights.up_bias, weights.down_bias)))
 
 
 @torch.no_grad()
@@ -222,16 +381,10 @@ def align_neurons(reference, expert) -> None:
     expert.down.copy_(expert.down[:, perm].clone())
 
 
-def _expert_tensors(layer: MoELayer):
-    """(name, tensor indexed by expert) for a fused layout."""
-    if not layer.fused:
-        raise PlanError("Merging is supported for fused expert layouts (transformers 5 models).")
-    return [(n, p.data) for n, p in layer.experts.named_parameters(recurse=False)]
-
-
 # ---- weight sparsity (MoE-Pruner) ---------------------------------------------------------
-def sparsify_experts(layer: MoELayer, stats: ExpertStats, row: int, plan: PruningPlan) -> None:
-    """Zero the lowest |W|·‖gX‖ weights of each row of every kept expert's gate, up and down."""
+def _sparsity_masks(layer: MoELayer, stats: ExpertStats, row: int, plan: PruningPlan):
+    """(weight view, mask) for the gate, up and down of every kept expert: the lowest |W|·‖gX‖
+    of each row (one expert at a time, so only one expert's scores exist at once)."""
     gone = set(plan.pruned.get(layer.layer_idx, ()))
     for e in range(layer.num_experts):
         if e in gone:
@@ -240,60 +393,4 @@ def sparsify_experts(layer: MoELayer, stats: ExpertStats, row: int, plan: Prunin
         in_norm, mid_norm = stats["in_sqnorm"][row, e], stats["mid_sqnorm"][row, e]
         for weight, norm in ((w.gate, in_norm), (w.up, in_norm), (w.down, mid_norm)):
             if weight is not None:
-                weight.masked_fill_(pruning_mask(weight, norm.to(weight.device), plan.sparsity, plan.nm), 0)
-
-
-# ---- export -----------------------------------------------------------------------------
-PLAN_FILE = "moeviz_plan.json"
-
-
-def export_model(model: PreTrainedModel, plan: PruningPlan, out_dir, tokenizer=None) -> str:
-    """Write a pruned model. Returns "transformers" or "moeviz": how it reloads.
-
-    A plan that removes the same number of experts from every layer, without novices, is a
-    plain transformers checkpoint (config's expert count updated). Anything else (novices,
-    uneven counts) is the original config, the pruned weights and the plan; it reloads
-    through `moeviz.load_model`.
-    """
-    from pathlib import Path
-
-    from safetensors.torch import save_model
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new directory.")
-    out.mkdir(parents=True, exist_ok=True)
-    plain = plan.mode in ("remove", "merge") and plan.is_uniform()
-    if plain:
-        model.save_pretrained(out)
-    else:
-        model.config.save_pretrained(out)
-        save_model(model, str(out / "model.safetensors"))
-        plan.save(out / PLAN_FILE)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return "transformers" if plain else "moeviz"
-
-
-@torch.no_grad()
-def load_exported(path, config, dtype=None) -> PreTrainedModel:
-    """Rebuild a moeviz-format export: the original architecture, restructured by its plan."""
-    from pathlib import Path
-
-    from safetensors.torch import load_model
-    from transformers import AutoModelForCausalLM
-
-    plan = PruningPlan.load(Path(path) / PLAN_FILE)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    adapter = get_adapter(model)
-    for layer in adapter.layers:
-        experts = plan.pruned.get(layer.layer_idx, [])
-        if not experts:
-            continue
-        keep = plan.kept(layer.layer_idx, layer.num_experts)
-        if plan.mode in ("novice", "drop"):
-            install_novices(layer, keep, experts, torch.zeros(len(experts), layer.hidden_size))
-        else:
-            remove_experts(layer, keep)
-    load_model(model, str(Path(path) / "model.safetensors"), strict=True)
-    return model.eval()
+                yield weight, pruning_mask(weight, norm.to(weight.device), plan.sparsity, plan.nm)

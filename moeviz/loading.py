@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -11,6 +9,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .adapters import family_of
+from .checkpoint import check_fits, fingerprint, model_bytes, skeleton
+
+PLAN_FILE = "moeviz_plan.json"  # beside a pruned export that reloads through moeviz
 
 DEMO = "demo"
 
@@ -69,10 +70,11 @@ def load_model(
     """Load a MoE causal LM and its tokenizer (None when the checkpoint has none).
 
     The architecture is checked from the config before any weight is read, so an
-    unsupported model fails fast. `dtype=None` keeps the checkpoint's dtype on a GPU and
-    uses float32 on the CPU. `device_map="auto"` spreads a large model over all GPUs.
-    `offload=True` keeps the weights in CPU memory and brings each module to `device` only
-    while it runs (accelerate's `cpu_offload`): a model larger than the GPU, one layer at a time.
+    unsupported model fails fast, and so is the size: a model that cannot fit where it is
+    asked to go is refused in one line naming the options. The weights keep the checkpoint's
+    dtype (bf16 stays bf16, on the CPU too) unless `dtype` says otherwise. `device_map="auto"`
+    spreads a large model over all GPUs. `offload=True` keeps the weights in CPU memory and
+    brings each module to `device` only while it runs (accelerate's `cpu_offload`).
     """
     if offload and device_map is not None:
         raise ValueError("Use either offload or device_map, not both.")
@@ -80,16 +82,18 @@ def load_model(
     family_of(config)  # raises for unsupported architectures
     source = resolve_source(name_or_path)
     dev = resolve_device(device)
-    if dtype is None:
-        dtype = "auto" if dev.type == "cuda" else torch.float32
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    if (Path(source) / "moeviz_plan.json").is_file():  # a pruned export moeviz wrote
-        from .apply import load_exported
+    dtype = parse_dtype(dtype)
+    if device_map is None:
+        needed = model_bytes(skeleton(config), None if dtype == "auto" else dtype)
+        check_fits(needed, torch.device("cpu") if offload else dev, f"{name_or_path} ({needed / 2**30:.1f} GiB)")
+    if (Path(source) / PLAN_FILE).is_file():  # a pruned export moeviz wrote
+        from .export import load_exported
 
         model = load_exported(source, config, dtype=None if dtype == "auto" else dtype)
     else:
+        kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+        if device_map is not None:
+            kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if offload:
         try:
@@ -101,7 +105,28 @@ def load_model(
         model.to(dev)
     model.eval()
     model.name_or_path = str(name_or_path)
+    if Path(source).is_dir():
+        model._moeviz_source = source  # the files these weights came from (fingerprint, restores)
     return model, load_tokenizer(source, trust_remote_code)
+
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+    """None or "auto": the checkpoint's own dtype; else float32, bfloat16 or float16."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or "auto"
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def load_skeleton(name_or_path: str | os.PathLike = DEMO, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model's modules on the meta device: layers, experts and shapes, no weights read."""
+    config = load_config(name_or_path, trust_remote_code)
+    family_of(config)
+    return skeleton(config, str(name_or_path))
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -129,38 +154,8 @@ def execution_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _offloaded_tensors(model) -> dict:
-    """Full name → tensor for the weights accelerate keeps off the model (offloaded modules)."""
-    found = {}
-    for prefix, module in model.named_modules():
-        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-        if weights is None:
-            continue
-        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if tensor.is_meta and name in weights:
-                found[f"{prefix}.{name}" if prefix else name] = weights[name]
-    return found
-
-
-def model_fingerprint(model: PreTrainedModel) -> str:
-    """A short hash of the config and of a strided sample of every parameter.
-
-    Two loads of the same weights agree; a pruned or retrained model differs. Cheap even
-    for large models: at most 64 numbers per tensor are read.
-    """
-    h = hashlib.sha256()
-    config = model.config.to_dict()
-    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"):
-        config.pop(key, None)
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    offloaded = _offloaded_tensors(model)
-    for name, param in model.state_dict().items():
-        if param.is_meta and name in offloaded:
-            param = offloaded[name]
-        flat = param.detach().reshape(-1)
-        step = max(1, flat.numel() // 64)
-        sample = flat[::step][:64].float().cpu()
-        h.update(name.encode())
-        h.update(str(tuple(param.shape)).encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
+def model_fingerprint(model: PreTrainedModel | str | os.PathLike) -> str:
+    """A short hash of a model's config and weights (see `moeviz.checkpoint.fingerprint`)."""
+    if isinstance(model, PreTrainedModel):
+        return fingerprint(model)
+    return fingerprint(resolve_source(model))

@@ -1,0 +1,242 @@
+"""A model's checkpoint without its weights in memory: the config, a skeleton on the meta
+device, and the safetensors files read tensor by tensor (memory-mapped).
+
+What needs no weights (listing layers, making plans, the dashboard's pages) uses `skeleton`;
+`Checkpoint` reads single tensors straight from the files; `fingerprint` identifies the
+weights from a strided sample of every tensor, the same whether it reads the files or a
+model in memory; `check_fits` refuses a load that cannot fit before any weight is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+_SAMPLE_ROWS, _SAMPLE_COLS = 8, 8  # per tensor, for the fingerprint
+_VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
+                    "_attn_implementation_autoset", "_commit_hash")
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class Checkpoint:
+    """The safetensors files of a local checkpoint directory: names, shapes, dtypes, and one
+    tensor at a time, memory-mapped (reading a tensor does not read its neighbours)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {name: self.path / file for name, file in weight_map.items()}
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"{self.path} holds no .safetensors files.")
+            self.file_of = {name: file for file in files for name in _header(file)}
+        self._headers = {file: _header(file) for file in set(self.file_of.values())}
+        self._open: dict[Path, object] = {}
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(self._headers)
+
+    def keys(self) -> list[str]:
+        return sorted(self.file_of)
+
+    def info(self, name: str) -> dict:
+        """{"dtype": "BF16", "shape": [...], "data_offsets": [...]} from the file's header."""
+        return self._headers[self.file_of[name]][name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.info(name)["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self.info(name)["dtype"]]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor (the files' size, less their headers)."""
+        return sum(h[n]["data_offsets"][1] - h[n]["data_offsets"][0] for h in self._headers.values() for n in h)
+
+    @property
+    def main_dtype(self) -> torch.dtype:
+        """The dtype holding most of the bytes (the checkpoint's dtype)."""
+        size = Counter()
+        for header in self._headers.values():
+            for info in header.values():
+                size[info["dtype"]] += info["data_offsets"][1] - info["data_offsets"][0]
+        return DTYPES[size.most_common(1)[0][0]]
+
+    def _handle(self, name: str):
+        file = self.file_of[name]
+        if file not in self._open:
+            self._open[file] = safe_open(str(file), framework="pt")
+        return self._open[file]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, read from its file (a new CPU tensor of its own size)."""
+        return self._handle(name).get_tensor(name)
+
+    def rows(self, name: str, index: list[int]) -> torch.Tensor:
+        """Rows `index` (along the first dimension) of one tensor, reading only those rows."""
+        part = self._handle(name).get_slice(name)
+        return torch.stack([part[i:i + 1][0] for i in index]) if self.shape(name) else part[()]
+
+
+def _header(file: Path) -> dict:
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+# ---- fingerprints -----------------------------------------------------------------------
+def fingerprint(source: str | os.PathLike | PreTrainedModel) -> str:
+    """A short hash of the config and of a strided sample of every tensor.
+
+    Two loads of the same weights agree, in any dtype they are loaded in; a pruned or
+    retrained model differs. A checkpoint directory is read from its files (at most 64
+    numbers a tensor); a model loaded by moeviz from a directory is hashed from that
+    directory; any other model (built in memory) is hashed as `save_pretrained` would write it.
+    """
+    if isinstance(source, PreTrainedModel):
+        origin = getattr(source, "_moeviz_source", None)
+        if origin is None:
+            return _model_fingerprint(source)
+        source = origin
+    from transformers import AutoConfig
+
+    ckpt = Checkpoint(source)
+    h = _config_hash(AutoConfig.from_pretrained(source))
+    for name in ckpt.keys():
+        shape = ckpt.shape(name)
+        _hash_tensor(h, name, shape, ckpt.rows(name, _row_index(shape)))
+    return h.hexdigest()[:16]
+
+
+def _model_fingerprint(model: PreTrainedModel) -> str:
+    from transformers.core_model_loading import revert_weight_conversion
+
+    h = _config_hash(model.config)
+    state = dict(model.state_dict())
+    state.update(_offloaded(model, state))
+    state = revert_weight_conversion(model, state)  # the names a checkpoint would hold
+    for name in sorted(state):
+        tensor = state[name].detach()
+        shape = tuple(tensor.shape)
+        rows = tensor[_row_index(shape)] if shape else tensor
+        _hash_tensor(h, name, shape, rows)
+    return h.hexdigest()[:16]
+
+
+def _offloaded(model: PreTrainedModel, state: dict) -> dict:
+    """Name → tensor for the weights accelerate keeps off the model (meta in its state dict)."""
+    found = {}
+    for prefix, module in model.named_modules():
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights is None:
+            continue
+        for name in weights:
+            full = f"{prefix}.{name}" if prefix else name
+            if full in state and state[full].is_meta:
+                found[full] = weights[name]
+    return found
+
+
+def _config_hash(config):
+    h = hashlib.sha256()
+    d = config.to_dict()
+    for key in _VOLATILE_CONFIG:
+        d.pop(key, None)
+    h.update(json.dumps(d, sort_keys=True, default=str).encode())
+    return h
+
+
+def _row_index(shape: tuple[int, ...]) -> list[int]:
+    if not shape:
+        return []
+    n = shape[0]
+    return sorted({round(i * (n - 1) / max(_SAMPLE_ROWS - 1, 1)) for i in range(min(n, _SAMPLE_ROWS))})
+
+
+def _hash_tensor(h, name: str, shape: tuple[int, ...], rows: torch.Tensor) -> None:
+    flat = rows.reshape(len(rows), -1) if shape else rows.reshape(1, 1)
+    step = max(1, flat.shape[1] // _SAMPLE_COLS)
+    sample = flat[:, ::step][:, :_SAMPLE_COLS].float().cpu()
+    h.update(name.encode())
+    h.update(str(shape).encode())
+    h.update(sample.numpy().tobytes())
+
+
+# ---- skeletons and sizes ------------------------------------------------------------------
+def skeleton(config, name: str = "") -> PreTrainedModel:
+    """The model's modules with every tensor on the meta device: no memory, no weights read.
+
+    Enough for the adapter to list layers, experts and shapes; not for running the model.
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    model.name_or_path = name
+    return model.eval()
+
+
+def model_bytes(model: PreTrainedModel, dtype: torch.dtype | None = None) -> int:
+    """Bytes of every parameter and buffer, in `dtype` where given (floating tensors only)."""
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        size = t.element_size() if dtype is None or not t.is_floating_point() else torch.finfo(dtype).bits // 8
+        total += t.numel() * size
+    return total
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory where the weights would go: the GPU's free memory, or the RAM the kernel
+    calls available. `MOEVIZ_MAX_MEMORY` (bytes, or with a K/M/G suffix) caps it."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = _meminfo_available()
+    cap = os.environ.get("MOEVIZ_MAX_MEMORY")
+    return min(free, parse_bytes(cap)) if cap else free
+
+
+def _meminfo_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse
+
+
+def parse_bytes(text: str) -> int:
+    text = text.strip().upper().removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
+    return int(float(text.rstrip("KMGT")) * scale)
+
+
+class DoesNotFit(MemoryError):
+    """A model that would not fit where it was asked to go."""
+
+
+def check_fits(needed: int, device: torch.device, what: str) -> None:
+    """Refuse, in one line naming the options, a load of `needed` bytes that cannot fit."""
+    free = available_bytes(device)
+    if needed > free:
+        where = "GPU memory" if device.type == "cuda" else "RAM"
+        raise DoesNotFit(
+            f"{what} needs {needed / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB of {where} is free: "
+            "spread it over several GPUs (--device-map auto), keep the weights in CPU memory and run "
+            "one module at a time on the GPU (--offload), or load a smaller dtype (--dtype bfloat16)."
+        )
