@@ -14,6 +14,9 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars only
     if not hasattr(args, "func"):
         parser.print_help()
         return 0
@@ -45,7 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--no-probes", action="store_true", help="skip the probes (same as --probe-tokens 0)")
     cal.add_argument("--cache-dir", default="cache")
     _offload_arg(cal)
-    cal.add_argument("--progress-file", help="also write progress as JSON here (for the app)")
     cal.set_defaults(func=_calibrate)
 
     plan = sub.add_parser("plan", help="make a pruning plan (JSON) from cached stats")
@@ -83,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--stats", help="the plan's stats directory (novices, merges, weight sparsity)")
     ev.add_argument("--runs", help="also store the report as a run in this SQLite file")
     ev.add_argument("--out", help="write the report as JSON here")
-    ev.add_argument("--progress-file", help="also write progress as JSON here (for the app)")
     ev.set_defaults(func=_evaluate)
 
     sw = sub.add_parser("sweep", help="plan, apply, evaluate and store every method × ratio")
@@ -112,8 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--bootstrap", type=int, default=5, help="resamples of the chunks per size")
     st.add_argument("--out", help="write {method: rows} as JSON here")
     _offload_arg(st)
-    st.add_argument("--progress-file", help="also write progress as JSON here (for the app)")
     st.set_defaults(func=_stability)
+
+    srv = sub.add_parser("serve", help="a backend that holds the model once and runs the app's jobs")
+    _model_args(srv)
+    srv.add_argument("--port", type=int, default=0, help="on 127.0.0.1; 0 picks a free one")
+    srv.add_argument("--cache-dir", default="cache")
+    srv.add_argument("--ready-file", help=argparse.SUPPRESS)  # the app learns the port here
+    srv.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # exit when this process ends
+    srv.set_defaults(func=_serve)
 
     runs = sub.add_parser("runs", help="list stored runs, or delete one")
     runs.add_argument("--runs", default="cache/runs.sqlite")
@@ -133,7 +141,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="'demo' (the demo tasks), 'none', lm-eval task names (comma-separated), "
                         "or 'auto': demo tasks for the demo model")
     p.add_argument("--task-examples", type=_positive, default=200, help="per demo domain")
-    p.add_argument("--no-throughput", action="store_true")
+    p.add_argument("--throughput", action="store_true", help="also time forward passes (a standalone model only)")
 
 
 def _eval_config(args):
@@ -143,7 +151,7 @@ def _eval_config(args):
     demo = args.tasks == "demo" or "demo" in names or (args.tasks == "auto" and args.model == "demo")
     return EvalConfig(data=args.data, num_samples=args.samples, seq_len=args.seq_len,
                       batch_size=args.batch_size, demo_tasks=demo, task_examples=args.task_examples,
-                      lm_eval_tasks=tuple(n for n in names if n != "demo"), throughput=not args.no_throughput)
+                      lm_eval_tasks=tuple(n for n in names if n != "demo"), throughput=args.throughput)
 
 
 def _positive(text: str) -> int:
@@ -156,6 +164,8 @@ def _positive(text: str) -> int:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="'demo', a local checkpoint path or a hub id")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="the weights' dtype in memory; auto keeps the checkpoint's own")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the model repository's own code (only for repositories you trust)")
 
@@ -168,9 +178,9 @@ def _offload_arg(p: argparse.ArgumentParser) -> None:
 
 def _info(args) -> int:
     from .adapters import get_adapter
-    from .loading import load_model
+    from .loading import load_skeleton
 
-    model, _ = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    model = load_skeleton(args.model, trust_remote_code=args.trust_remote_code)  # no weight is read
     adapter = get_adapter(model)
     print(f"{args.model}: {model.config.model_type}, {len(adapter.layers)} MoE layers, "
           f"top-{adapter.top_k}")
@@ -179,12 +189,20 @@ def _info(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from .backend import serve
+
+    serve(args.model, args.port, args.device, None if args.dtype == "auto" else args.dtype, args.cache_dir,
+          args.ready_file, args.parent_pid)
+    return 0
+
+
 def _calibrate(args) -> int:
     from tqdm import tqdm
 
     from .calibrate import CalibConfig, calibrate
     from .data import parse_source
-    from .jobs import ProgressFile
+    from .calibrate import cache_path
     from .loading import load_model
 
     parse_source(args.data)  # a bad source fails before the model loads
@@ -193,22 +211,20 @@ def _calibrate(args) -> int:
         seed=args.seed, probe_tokens=0 if args.no_probes else args.probe_tokens, cache_dir=args.cache_dir,
     )
     rank, device = _start_data_parallel(args.device)  # under torchrun: one shard per process
-    report = ProgressFile(args.progress_file if rank == 0 else None)
-    report.write("loading", 0, config.num_samples)
-    model, tokenizer = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code,
+    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                                   offload=args.offload)
 
     def progress(done: int, total: int) -> None:  # this process's sequences
         bar.total = total
         bar.update(done - bar.n)
-        report.write("calibrating", done, total)
 
-    with tqdm(total=config.num_samples, unit="seq", desc="calibrating", file=sys.stderr, disable=rank != 0) as bar:
+    cached = cache_path(model, config).exists()
+    with tqdm(total=config.num_samples, unit="seq", desc="calibrating", file=sys.stderr,
+              disable=rank != 0 or cached) as bar:
         stats, path = calibrate(model, config, tokenizer, progress=progress)
-    report.write("done", config.num_samples, config.num_samples, path=str(path))
     if rank == 0:
-        print(f"{stats.meta['tokens']} tokens, {stats.num_layers} MoE layers × {stats.num_experts} experts",
-              file=sys.stderr)
+        print(f"{'cached: ' if cached else ''}{stats.meta['tokens']} tokens, {stats.num_layers} MoE layers × "
+              f"{stats.num_experts} experts", file=sys.stderr)
         print(path)
     return 0
 
@@ -290,49 +306,40 @@ def _evaluate(args) -> int:
     import json
 
     from .evaluate import evaluate
-    from .jobs import ProgressFile
     from .loading import load_model, model_fingerprint
 
     config = _eval_config(args)
-    report_file = ProgressFile(args.progress_file)
-    report_file.write("loading", 0, 1)
-    model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
-    reference, plan = None, None
+    if args.plan and args.reference:
+        raise ValueError("Give --plan (evaluated in place against --model) or --reference, not both.")
+    plan = stats = None
     if args.plan:
-        from .apply import apply_plan
         from .plan import PruningPlan
         from .stats import ExpertStats
 
         plan = PruningPlan.load(args.plan)
         stats = ExpertStats.load(args.stats) if args.stats else None
-        model, reference = apply_plan(model, plan, stats), model
-    elif args.reference:
-        reference, _ = load_model(args.reference, device=args.device, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code)
 
     def progress(step, done, total):
         print(f"{step}…", file=sys.stderr)
-        report_file.write(step, done, total)
 
-    report = evaluate(model, config, tokenizer, reference, progress=progress)
-    extra = {}
-    if args.runs:
-        from .runs import Run, RunStore
+    if args.runs:  # the plan in place, against the original; the original stored once as the baseline
+        from .runs import RunStore, store_evaluation
 
-        store = RunStore(args.runs)
-        fingerprint = model_fingerprint(reference if plan else model)
-        if plan and not store.list(fingerprint=fingerprint, method="original"):
-            progress("the original, as the baseline", 0, 1)  # every comparison needs it, once
-            baseline = evaluate(reference, config, tokenizer, reference)
-            store.add(Run(args.model, "original", 0.0, baseline, None, None, args.stats, fingerprint))
-        run = Run(args.model, plan.method if plan else "original", plan.ratio if plan else 0.0, report,
-                  plan.mode if plan else None, plan.scope if plan else None, args.stats, fingerprint)
-        extra["run_id"] = store.add(run)
+        ids = store_evaluation(RunStore(args.runs), model, tokenizer, config, args.model, model_fingerprint(model),
+                               plan, stats, args.stats, progress)
+        report = RunStore(args.runs).get(ids["run_id"]).metrics
+        print(f"stored as run {ids['run_id']}" + (" (already stored)" if ids["cached"] else ""), file=sys.stderr)
+    else:
+        reference = None
+        if args.reference:
+            reference, _ = load_model(args.reference, device=args.device, dtype=args.dtype,
+                                      trust_remote_code=args.trust_remote_code)
+        report = evaluate(model, config, tokenizer, reference, progress=progress, plan=plan, stats=stats)
     text = json.dumps(report, indent=2, default=float)
     if args.out:
-        from pathlib import Path
-
         Path(args.out).write_text(text)
-    report_file.write("done", 1, 1, **extra)
     print(text)
     return 0
 
@@ -348,7 +355,8 @@ def _sweep(args) -> int:
     stats = ExpertStats.load(args.stats)
     methods = [m for m in args.methods.split(",") if m]
     ratios = [float(r) for r in args.ratios.split(",") if r]
-    model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code)
     with tqdm(total=1 + len(methods) * len(ratios), unit="run", file=sys.stderr) as bar:
         def progress(done, total, label):
             bar.set_postfix_str(label)
@@ -379,7 +387,6 @@ def _stability(args) -> int:
     from .analysis import stability
     from .calibrate import CalibConfig, calibrate_chunks
     from .data import parse_source
-    from .jobs import ProgressFile
     from .loading import load_model
     from .methods import PlanConfig, get_method
 
@@ -393,14 +400,11 @@ def _stability(args) -> int:
     config = CalibConfig(data=args.data, num_samples=args.samples, seq_len=args.seq_len,
                          batch_size=args.batch_size, seed=args.seed, probe_tokens=0)
     rank, device = _start_data_parallel(args.device)  # under torchrun: one shard per process
-    report = ProgressFile(args.progress_file if rank == 0 else None)
-    report.write("loading", 0, args.chunks)
-    model, tokenizer = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code,
-                                  offload=args.offload)
+    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code, offload=args.offload)
 
     def progress(done: int, total: int) -> None:
         bar.update(done - bar.n)
-        report.write("calibrating", done, total)
 
     with tqdm(total=args.chunks, unit="chunk", desc="calibrating", file=sys.stderr, disable=rank != 0) as bar:
         chunks = calibrate_chunks(model, config, args.chunks, tokenizer, progress)
@@ -411,7 +415,6 @@ def _stability(args) -> int:
         return 0
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
-    report.write("done", args.chunks, args.chunks, out=args.out)
     for name, rows in result.items():
         print(f"\n{name} at ratio {args.ratio}: agreement with all {args.samples} sequences")
         print(pd.DataFrame(rows).to_string(index=False, float_format="%.3f"))

@@ -1,106 +1,109 @@
-"""Long work outside the app's script: a worker process that reports progress to a file.
-
-The app starts `moeviz calibrate … --progress-file F` and polls F; a click in the app never
-interrupts the worker, and the worker never touches Streamlit.
-"""
+"""The jobs a backend runs for the app, each a thin call into the library on the backend's
+one loaded model. Arguments and results are plain JSON values; every job reports progress
+as (step, done, total)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from .calibrate import CalibConfig
+
+def calibrate(server, progress, **config) -> dict:
+    """Calibrate (or find cached) stats: {"path", "cached"}. `config` holds CalibConfig's fields."""
+    from .calibrate import CalibConfig, cache_path
+    from .calibrate import calibrate as run
+
+    model, tokenizer, fingerprint = server.loaded()
+    config = CalibConfig(**{"cache_dir": server.cache_dir, **config})
+    cached = cache_path(model, config, fingerprint).exists()
+    stats, path = run(model, config, tokenizer, progress=lambda done, total: progress("calibrating", done, total))
+    return dict(path=str(path), cached=cached, tokens=stats.meta["tokens"])
 
 
-class ProgressFile:
-    """Progress as a small JSON file, replaced atomically on each write. A None path writes nothing."""
+def evaluate(server, progress, plan: dict, stats: str | None, runs: str, **config) -> dict:
+    """Evaluate `plan` (its JSON object) in place against the original; store it (and, once,
+    the original as the baseline) in `runs`: {"run_id", "baseline_id"}."""
+    from .evaluate import EvalConfig
+    from .plan import PruningPlan
+    from .runs import RunStore, store_evaluation
+    from .stats import ExpertStats
 
-    def __init__(self, path: str | os.PathLike | None):
-        self.path = Path(path) if path else None
-
-    def write(self, state: str, done: int, total: int, **extra) -> None:
-        if self.path is None:
-            return
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".progress.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(dict(state=state, done=done, total=total, **extra), f)
-        os.replace(tmp, self.path)
-
-    def read(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return dict(state="starting", done=0, total=0)
+    model, tokenizer, fingerprint = server.loaded()
+    plan = PruningPlan(**plan)
+    loaded = ExpertStats.load(stats) if stats else None
+    config = EvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    return store_evaluation(RunStore(runs), model, tokenizer, config, server.model_name, fingerprint,
+                            plan, loaded, stats, progress)
 
 
-@dataclass
-class Job:
-    """A `moeviz` command running in a worker process, reporting to a progress file."""
+def export(server, progress, plan: dict, stats: str | None, out: str) -> dict:
+    """Write the pruned checkpoint, streamed from the original's files: {"path", "reload"}."""
+    from .export import export_plan
+    from .loading import resolve_source
+    from .plan import PruningPlan
+    from .stats import ExpertStats
 
-    process: subprocess.Popen
-    progress: ProgressFile
-    log: Path
-
-    def status(self) -> dict:
-        """state (starting, loading, …, done, failed), done, total; the command's results when
-        done (e.g. path); error, the last line it printed, when failed."""
-        status = self.progress.read()
-        code = self.process.poll()
-        if code not in (None, 0) or (code == 0 and status.get("state") != "done"):
-            lines = self.log.read_text(errors="replace").strip().splitlines()
-            status = dict(status, state="failed", error=lines[-1] if lines else f"exit status {code}")
-        return status
+    loaded = ExpertStats.load(stats) if stats else None
+    kind = export_plan(resolve_source(server.model_name), PruningPlan(**plan), loaded, out,
+                       progress=lambda done, total: progress("writing", done, total))
+    how = "AutoModelForCausalLM.from_pretrained" if kind == "transformers" else "moeviz.load_model"
+    return dict(path=str(out), reload=how)
 
 
-def start_job(args: list[str], workdir: str | os.PathLike | None = None) -> Job:
-    """Run `moeviz ARGS --progress-file …` in a worker process; poll the job's `status()`."""
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="moeviz-job-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    progress, log = ProgressFile(workdir / "progress.json"), workdir / "worker.log"
-    cmd = [sys.executable, "-m", "moeviz.cli", *args, "--progress-file", str(progress.path)]
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    return Job(process, progress, log)
+def stability(server, progress, config: dict, chunks: int, methods: list[str], ratio: float, out: str,
+              bootstrap: int = 5) -> dict:
+    """Stats of `chunks` calibration chunks and each method's agreement with the full set,
+    written to `out` (JSON {method: rows})."""
+    import json
+
+    from .analysis import stability as agreement
+    from .calibrate import CalibConfig, calibrate_chunks
+    from .methods import PlanConfig
+
+    model, tokenizer, _ = server.loaded()
+    config = CalibConfig(**{**config, "probe_tokens": 0})
+    parts = calibrate_chunks(model, config, chunks, tokenizer, lambda done, total: progress("calibrating", done, total))
+    sizes = sorted({max(1, chunks * i // 8) for i in range(1, 9)})
+    result = {name: agreement(parts, PlanConfig(name, ratio=ratio), sizes, bootstrap) for name in methods}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    return dict(out=str(out))
 
 
-def start_calibration(model: str, config: CalibConfig, device: str = "auto",
-                      workdir: str | os.PathLike | None = None) -> Job:
-    """`moeviz calibrate` in a worker: the stats directory is the status's `path` when done."""
-    return start_job([
-        "calibrate", "--model", model, "--device", device,
-        "--data", config.data, "--samples", str(config.num_samples), "--seq-len", str(config.seq_len),
-        "--batch-size", str(config.batch_size), "--seed", str(config.seed),
-        "--probe-tokens", str(config.probe_tokens), "--cache-dir", str(Path(config.cache_dir).resolve()),
-    ], workdir)
+def similarity(server, progress, space: str, out: str) -> dict:
+    """A weight-space similarity (E × E per layer) of the loaded model, saved to `out` (.npy)."""
+    import numpy as np
+
+    from .adapters import get_adapter
+    from .analysis import similarity as compute
+
+    model, _, _ = server.loaded()
+    progress(space, 0, 1)
+    sim = compute(None, space, get_adapter(model))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_suffix(".tmp.npy")
+    np.save(tmp, sim)
+    tmp.replace(out)
+    return dict(out=str(out))
 
 
-def start_evaluation(model: str, plan_file: str | os.PathLike, stats_dir: str | os.PathLike,
-                     runs: str | os.PathLike, extra: list[str] = (), device: str = "auto",
-                     workdir: str | os.PathLike | None = None) -> Job:
-    """`moeviz evaluate` of a plan against the original, stored as a run (the status's `run_id`)."""
-    return start_job([
-        "evaluate", "--model", model, "--device", device, "--plan", str(plan_file),
-        "--stats", str(stats_dir), "--runs", str(runs), *extra,
-    ], workdir)
+def curve(server, progress, stats: str, methods: list[str], ratios: list[float], out: str, mode: str | None = None,
+          scope: str = "layer", num_samples: int = 8, seq_len: int = 128, data: str | None = None) -> dict:
+    """A quick fidelity estimate (KL, top-1 agreement) of each method at each ratio, on a small
+    held-out batch, every plan applied in place; written to `out` (JSON {method: rows})."""
+    import json
 
+    from .evaluate import ratio_curve
+    from .stats import ExpertStats
 
-def start_export(model: str, plan_file: str | os.PathLike, stats_dir: str | os.PathLike, out: str | os.PathLike,
-                 device: str = "auto", workdir: str | os.PathLike | None = None) -> Job:
-    """`moeviz prune` in a worker: the checkpoint's directory is the status's `path` when done."""
-    return start_job(["prune", "--model", model, "--device", device, "--plan", str(plan_file),
-                      "--stats", str(stats_dir), "--out", str(out)], workdir)
-
-
-def start_stability(model: str, config: CalibConfig, chunks: int, methods: list[str], ratio: float,
-                    out: str | os.PathLike, device: str = "auto", workdir: str | os.PathLike | None = None) -> Job:
-    """`moeviz stability` in a worker: {method: rows} is written to `out` (JSON) when done."""
-    return start_job([
-        "stability", "--model", model, "--device", device, "--data", config.data,
-        "--samples", str(config.num_samples), "--seq-len", str(config.seq_len), "--seed", str(config.seed),
-        "--chunks", str(chunks), "--methods", ",".join(methods), "--ratio", str(ratio), "--out", str(out),
-    ], workdir)
+    model, tokenizer, fingerprint = server.loaded()
+    loaded = ExpertStats.load(stats)
+    data = data or (loaded.meta.get("calibration") or {}).get("data", "demo")
+    result = ratio_curve(model, tokenizer, loaded, methods, ratios, mode, scope, data, num_samples, seq_len,
+                         fingerprint, progress)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(out)
+    return dict(out=str(out))

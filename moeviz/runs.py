@@ -101,3 +101,40 @@ class RunStore:
             rows.append(dict(id=run.id, model=run.model, method=run.method, mode=run.mode, ratio=run.ratio,
                              scope=run.scope, calibration=run.calibration, **flat))
         return pd.DataFrame(rows)
+
+
+def plan_digest(plan) -> str:
+    """What a plan does (not how it was named): its mode, pruned experts, merges and sparsity."""
+    import hashlib
+
+    what = dict(mode=plan.mode, pruned=plan.pruned, merge_into=plan.merge_into, sparsity=plan.sparsity, nm=plan.nm)
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def store_evaluation(store: RunStore, model, tokenizer, config, name: str, fingerprint: str, plan=None,
+                     stats=None, calibration: str | None = None, progress=None) -> dict:
+    """Evaluate `plan` on `model` (in place, against the same weights without it) and store the
+    run; the original is evaluated and stored once per evaluation setting, as the baseline of
+    every comparison. An identical evaluation already stored is returned, not repeated.
+    Returns {"run_id", "baseline_id", "cached"}."""
+    from dataclasses import asdict
+
+    from .evaluate import evaluate
+
+    setting = json.loads(json.dumps(asdict(config), default=list))
+    same = lambda run: run.metrics.get("eval") == setting  # noqa: E731
+    baseline = next((r for r in store.list(fingerprint=fingerprint, method="original") if same(r)), None)
+    if baseline is None:
+        report = evaluate(model, config, tokenizer, progress=progress)
+        report.update(kl=0.0, top1_agreement=1.0, params_saved=0.0, bytes_saved=0.0, eval=setting)
+        baseline = store.get(store.add(Run(name, "original", 0.0, report, None, None, calibration, fingerprint)))
+    if plan is None:
+        return dict(run_id=baseline.id, baseline_id=baseline.id, cached=True)
+    digest = plan_digest(plan)
+    for run in store.list(fingerprint=fingerprint, method=plan.method):
+        if run.metrics.get("plan_digest") == digest and same(run):
+            return dict(run_id=run.id, baseline_id=baseline.id, cached=True)
+    report = evaluate(model, config, tokenizer, progress=progress, plan=plan, stats=stats, fingerprint=fingerprint)
+    report.update(plan_digest=digest, eval=setting)
+    run = Run(name, plan.method, plan.ratio, report, plan.mode, plan.scope, calibration, fingerprint)
+    return dict(run_id=store.add(run), baseline_id=baseline.id, cached=False)

@@ -7,7 +7,6 @@ from collections.abc import Callable
 import pandas as pd
 from transformers import PreTrainedModel
 
-from .apply import apply_plan
 from .evaluate import EvalConfig, evaluate
 from .loading import model_fingerprint
 from .methods import PlanConfig, make_plan
@@ -38,9 +37,12 @@ def sweep(model: PreTrainedModel, tokenizer, stats: ExpertStats, methods: list[s
     runs_per_cell = {spec: random_seeds if parse_method(spec)[0] == "random" else 1 for spec in methods}
     total, done, rows = 1 + sum(runs_per_cell.values()) * len(ratios), 0, []
 
-    def run(label, method, mode, ratio, model_to_evaluate) -> dict:
+    def run(label, method, mode, ratio, plan=None) -> dict:
         nonlocal done
-        report = evaluate(model_to_evaluate, eval_config, tokenizer, reference=model)
+        if plan is None:
+            report = evaluate(model, eval_config, tokenizer, reference=model)
+        else:  # the plan in place, against the same weights without it
+            report = evaluate(model, eval_config, tokenizer, plan=plan, stats=stats, fingerprint=fingerprint)
         if store is not None:
             store.add(Run(name, method, ratio, report, mode, scope, calibration, fingerprint))
         done += 1
@@ -49,7 +51,7 @@ def sweep(model: PreTrainedModel, tokenizer, stats: ExpertStats, methods: list[s
         return report
 
     rows.append(dict(method="original", mode="", ratio=0.0, runs=1,
-                     **run("original", "original", None, 0.0, model)))
+                     **run("original", "original", None, 0.0)))
     for spec in methods:
         method, mode = parse_method(spec)
         for ratio in ratios:
@@ -57,7 +59,7 @@ def sweep(model: PreTrainedModel, tokenizer, stats: ExpertStats, methods: list[s
             for seed in range(runs_per_cell[spec]):
                 plan = make_plan(stats, PlanConfig(method, ratio=ratio, scope=scope, mode=mode, seed=seed),
                                  calibration=calibration)
-                reports.append(dict(run(f"{spec} {ratio:g}", method, plan.mode, ratio, apply_plan(model, plan, stats)),
+                reports.append(dict(run(f"{spec} {ratio:g}", method, plan.mode, ratio, plan),
                                     **({"seed": seed} if method == "random" else {})))
             kind = "sparsity" if plan.sparsity or plan.nm else plan.mode
             rows.append(dict(method=method, mode=kind, ratio=ratio, runs=len(reports), **_mean(reports)))

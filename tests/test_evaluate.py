@@ -54,22 +54,43 @@ def test_parameter_accounting_matches_a_hand_count():
     stats, _ = calibrate(model, CalibConfig(data="random", num_samples=4, seq_len=16, probe_tokens=0), use_cache=False)
     pruned = {0: [0, 1], 1: [2, 3]}
     info = model_info(model)
-    removed = parameter_counts(apply_plan(model, PruningPlan("m", 0.25, mode="remove", model=info, pruned=pruned)))
+    removed = parameter_counts(apply_plan(tiny_model("mixtral"), PruningPlan("m", 0.25, mode="remove", model=info, pruned=pruned)))
     assert removed["routed_params"] == 2 * 6 * per_expert
     assert counts["params"] - removed["params"] == 4 * per_expert + 4 * 32  # and 4 router rows
-    novice = parameter_counts(apply_plan(model, PruningPlan("m", 0.25, mode="novice", model=info, pruned=pruned), stats))
+    novice_plan = PruningPlan("m", 0.25, mode="novice", model=info, pruned=pruned)
+    novice = parameter_counts(apply_plan(tiny_model("mixtral"), novice_plan, stats))
     assert novice["novice_params"] == 4 * 32 and novice["routed_params"] == 2 * 6 * per_expert
     assert novice["params"] == removed["params"] + 4 * 32 + 4 * 32  # novices, and the router keeps its rows
-    sparse = parameter_counts(apply_plan(model, PruningPlan("m", 0.0, model=info, sparsity=0.5), stats))
+    sparse_plan = PruningPlan("m", 0.0, model=info, sparsity=0.5)
+    sparse = parameter_counts(apply_plan(tiny_model("mixtral"), sparse_plan, stats))
     assert sparse["routed_nonzero"] == counts["routed_params"] // 2 and sparse["params"] == counts["params"]
+
+
+@pytest.mark.parametrize("mode", ["remove", "novice", "sparsity"])
+def test_a_plan_in_place_reports_what_the_pruned_model_does(mode):
+    """evaluate(plan=…) on the original's weights equals evaluate of the pruned model against the original."""
+    model = tiny_model("mixtral")
+    stats, _ = calibrate(model, CalibConfig(data="random", num_samples=4, seq_len=16, probe_tokens=0), use_cache=False)
+    info = model_info(model)
+    plan = (PruningPlan("m", 0.5, model=info, sparsity=0.5) if mode == "sparsity" else
+            PruningPlan("m", 0.25, mode=mode, model=info, pruned={0: [0, 1], 1: [2, 3]}))
+    config = EvalConfig(data="random", num_samples=6, seq_len=16, batch_size=4)
+    in_place = evaluate(model, config, plan=plan, stats=stats)
+    pruned = evaluate(apply_plan(tiny_model("mixtral"), plan, stats), config, reference=model)
+    for key in ("perplexity", "kl", "top1_agreement"):
+        assert in_place[key] == pytest.approx(pruned[key], rel=1e-4, abs=1e-6), key
+    for key in ("params", "bytes", "routed_params", "routed_nonzero", "novice_params"):
+        assert in_place[key] == pruned[key], key
+    assert in_place["params_saved"] == pytest.approx(pruned["params_saved"])
+    assert 0 < in_place["perplexity_se"] < in_place["perplexity"]
 
 
 def test_evaluate_reports_every_metric():
     model = tiny_model("qwen2_moe")
-    config = EvalConfig(data="random", num_samples=4, seq_len=16, batch_size=2)
+    config = EvalConfig(data="random", num_samples=4, seq_len=16, batch_size=2, throughput=True)
     report = evaluate(model, config, reference=model)
     assert report["kl"] == pytest.approx(0, abs=1e-7) and report["params_saved"] == 0
-    assert 1 < report["perplexity"] and report["tokens_per_s"] > 0 and report["speedup"] > 0
+    assert 1 < report["perplexity"] and report["tokens_per_s"] > 0 and report["perplexity_se"] > 0
 
 
 def test_runs_are_stored_listed_and_deleted(tmp_path):

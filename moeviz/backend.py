@@ -1,0 +1,270 @@
+"""One long-lived process per model that owns its weights and runs the app's long work.
+
+The dashboard's own process never holds a model's weights: it starts one backend per model
+on first need (or reaches one started by hand with `moeviz serve --model M`), which loads the
+model once, on the GPU when there is one, and runs jobs (calibrate, evaluate a plan, export,
+stability, weight similarities) one after another, each reporting its progress. Messages are
+JSON over HTTP bound to 127.0.0.1; no pickle crosses the wire. A backend the app started
+stops with the app: it watches its parent and exits within a second of the app's end.
+
+    client = Backend.start("demo")           # or Backend.connect(port)
+    job = client.submit("calibrate", data="demo", num_samples=64)
+    client.status(job)                       # {"state": "running", "step": …, "done": …, "total": …}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+JOB_KINDS = ("calibrate", "evaluate", "export", "stability", "similarity", "curve")
+
+
+# ---- the server (runs in the backend process) ---------------------------------------------
+@dataclass
+class Job:
+    id: str
+    kind: str
+    args: dict
+    state: str = "queued"  # queued, running, done, failed
+    step: str = ""
+    done: float = 0
+    total: float = 0
+    started: float | None = None
+    result: dict = field(default_factory=dict)
+    error: str | None = None
+
+    def view(self) -> dict:
+        left = None
+        if self.state == "running" and self.started and 0 < self.done < self.total:
+            left = (time.time() - self.started) * (self.total - self.done) / self.done
+        return dict(id=self.id, kind=self.kind, state=self.state, step=self.step, done=self.done,
+                    total=self.total, seconds_left=left, result=self.result, error=self.error)
+
+
+class Server:
+    """Holds the model (loaded on the first job that needs it) and runs jobs in order."""
+
+    def __init__(self, model: str, device: str = "auto", dtype: str | None = None, cache_dir: str = "cache"):
+        self.model_name, self.device, self.dtype, self.cache_dir = model, device, dtype, cache_dir
+        self.model = self.tokenizer = self.fingerprint = None
+        self.loads = 0  # how many times the weights were read (once, unless something is wrong)
+        self.jobs: dict[str, Job] = {}
+        self.queue: queue.Queue[Job] = queue.Queue()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._work, daemon=True, name="jobs").start()
+
+    def submit(self, kind: str, args: dict) -> Job:
+        if kind not in JOB_KINDS:
+            raise ValueError(f"Unknown job kind {kind!r}; kinds: {', '.join(JOB_KINDS)}")
+        with self.lock:
+            job = Job(f"{kind}-{len(self.jobs) + 1}", kind, args)
+            self.jobs[job.id] = job
+        self.queue.put(job)
+        return job
+
+    def loaded(self):
+        """(model, tokenizer, fingerprint), loading the model on first use: once per backend."""
+        if self.model is None:
+            from .loading import load_model, model_fingerprint
+
+            self.model, self.tokenizer = load_model(self.model_name, device=self.device, dtype=self.dtype)
+            self.loads += 1
+            self.fingerprint = model_fingerprint(self.model)
+        return self.model, self.tokenizer, self.fingerprint
+
+    def _work(self) -> None:
+        from . import jobs
+
+        while True:
+            job = self.queue.get()
+            job.state, job.started = "running", time.time()
+
+            def progress(step: str, done: float, total: float) -> None:
+                job.step, job.done, job.total = step, done, total
+
+            try:
+                job.result = getattr(jobs, job.kind)(self, progress=progress, **job.args) or {}
+                job.state = "done"
+            except Exception as err:  # a job's failure is reported to the app, the backend goes on
+                job.error = f"{type(err).__name__}: {err}"
+                job.state = "failed"
+                traceback.print_exc()
+
+
+def serve(model: str, port: int = 0, device: str = "auto", dtype: str | None = None, cache_dir: str = "cache",
+          ready_file: str | None = None, parent_pid: int | None = None) -> None:
+    """Run a backend for `model` until stopped (or until `parent_pid` exits)."""
+    server = Server(model, device, dtype, cache_dir)
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(server))
+    httpd.daemon_threads = True
+    if parent_pid:
+        threading.Thread(target=_watch_parent, args=(parent_pid, httpd), daemon=True).start()
+    print(f"moeviz backend for {model} on http://127.0.0.1:{httpd.server_port}", file=sys.stderr, flush=True)
+    if ready_file:  # tell the starter which port (atomically)
+        tmp = Path(ready_file).with_suffix(".tmp")
+        tmp.write_text(json.dumps(dict(port=httpd.server_port, pid=os.getpid())))
+        os.replace(tmp, ready_file)
+    try:
+        httpd.serve_forever(poll_interval=0.5)
+    finally:
+        httpd.server_close()
+
+
+def _watch_parent(pid: int, httpd) -> None:
+    """Exit within a second of the app's end, however it ends (Ctrl-C, a closed terminal, kill -9):
+    an orphan is handed to another parent."""
+    while os.getppid() == pid:
+        time.sleep(1)
+    os._exit(0)  # the app is gone: so are its backend and the jobs running in it
+
+
+def _handler(server: Server):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet: the app polls often
+            pass
+
+        def _send(self, code: int, body: dict) -> None:
+            data = json.dumps(body, default=float).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/health":
+                return self._send(200, dict(ok=True, model=server.model_name, loaded=server.model is not None,
+                                            loads=server.loads, pid=os.getpid()))
+            if self.path.startswith("/jobs/"):
+                job = server.jobs.get(self.path.removeprefix("/jobs/"))
+                return self._send(200, job.view()) if job else self._send(404, dict(error="no such job"))
+            if self.path == "/jobs":
+                return self._send(200, dict(jobs=[j.view() for j in server.jobs.values()]))
+            self._send(404, dict(error=f"no route {self.path}"))
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length", 0))
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
+            except json.JSONDecodeError as err:
+                return self._send(400, dict(error=f"not JSON: {err}"))
+            if self.path == "/jobs":
+                try:
+                    job = server.submit(body.get("kind"), body.get("args") or {})
+                except ValueError as err:
+                    return self._send(400, dict(error=str(err)))
+                return self._send(200, job.view())
+            if self.path == "/shutdown":
+                self._send(200, dict(ok=True))
+                threading.Thread(target=lambda: os.kill(os.getpid(), signal.SIGTERM), daemon=True).start()
+                return None
+            self._send(404, dict(error=f"no route {self.path}"))
+
+    return Handler
+
+
+# ---- the client (runs in the app's process) -----------------------------------------------
+class BackendError(RuntimeError):
+    """The backend is unreachable or gone (crashed, killed); the next start replaces it."""
+
+
+class Backend:
+    """A handle on one backend process: submit jobs, read their status."""
+
+    def __init__(self, port: int, process: subprocess.Popen | None = None, log: Path | None = None):
+        self.port, self.process, self.log = port, process, log
+
+    @classmethod
+    def start(cls, model: str, device: str = "auto", cache_dir: str = "cache", dtype: str | None = None,
+              timeout: float = 120) -> Backend:
+        """Start `moeviz serve` for `model` as a child that exits when this process ends."""
+        workdir = Path(tempfile.mkdtemp(prefix="moeviz-backend-"))
+        ready, log = workdir / "ready.json", workdir / "backend.log"
+        cmd = [sys.executable, "-m", "moeviz.cli", "serve", "--model", model, "--device", device,
+               "--cache-dir", str(Path(cache_dir).resolve()), "--ready-file", str(ready),
+               "--parent-pid", str(os.getpid())] + (["--dtype", dtype] if dtype else [])
+        with open(log, "w") as out:
+            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.time() + timeout
+        while not ready.exists():
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                raise BackendError(f"The backend for {model} did not start: {_tail(log)}")
+            time.sleep(0.1)
+        return cls(json.loads(ready.read_text())["port"], process, log)
+
+    @classmethod
+    def connect(cls, port: int) -> Backend:
+        """A backend started by hand (`moeviz serve --port P`)."""
+        backend = cls(port)
+        backend.health()
+        return backend
+
+    def alive(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            return False
+        try:
+            self.health()
+        except BackendError:
+            return False
+        return True
+
+    def health(self) -> dict:
+        return self._call("GET", "/health")
+
+    def submit(self, kind: str, **args) -> str:
+        return self._call("POST", "/jobs", dict(kind=kind, args=args))["id"]
+
+    def status(self, job_id: str) -> dict:
+        return self._call("GET", f"/jobs/{job_id}")
+
+    def wait(self, job_id: str, timeout: float = 600, poll: float = 0.2) -> dict:
+        deadline = time.time() + timeout
+        while (status := self.status(job_id))["state"] not in ("done", "failed"):
+            if time.time() > deadline:
+                raise TimeoutError(f"Job {job_id} still {status['state']} after {timeout} s")
+            time.sleep(poll)
+        return status
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            raise BackendError(json.loads(err.read() or b"{}").get("error", str(err))) from err
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+            code = self.process.poll() if self.process is not None else None
+            why = f"exited with status {code}: {_tail(self.log)}" if code is not None else f"unreachable ({err})"
+            raise BackendError(f"The backend {why}") from err
+
+
+def _tail(log: Path | None, lines: int = 3) -> str:
+    if log is None or not log.exists():
+        return ""
+    text = [line for line in log.read_text(errors="replace").strip().splitlines() if line.strip()]
+    return " | ".join(text[-lines:])

@@ -1,0 +1,88 @@
+"""The backend: one process loads the model once and runs jobs in order; a crash is reported
+and the next start replaces it; it exits when the process that started it ends."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from moeviz.backend import Backend, BackendError
+from moeviz.methods import PlanConfig, make_plan
+from moeviz.stats import ExpertStats
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    backend = Backend.start("demo", device="cpu", cache_dir=str(cache))
+    yield backend, cache
+    backend.stop()
+
+
+def test_two_evaluations_load_the_weights_once_in_one_process(backend):
+    client, cache = backend
+    assert client.health()["loaded"] is False  # nothing is read before a job needs the weights
+    cal = client.wait(client.submit("calibrate", data="demo", num_samples=8, seq_len=64, probe_tokens=32))
+    assert cal["state"] == "done", cal
+    stats = ExpertStats.load(cal["result"]["path"])
+    assert stats.meta["tokens"] == 8 * 64
+    ids = []
+    for method in ("frequency", "mone"):
+        plan = make_plan(stats, PlanConfig(method, ratio=0.25))
+        job = client.submit("evaluate", plan=json.loads(plan.to_json()), stats=cal["result"]["path"],
+                            runs=str(cache / "runs.sqlite"), data="demo", num_samples=4, seq_len=64)
+        ids.append(job)
+    done = [client.wait(job) for job in ids]
+    assert [d["state"] for d in done] == ["done", "done"], done
+    assert done[0]["result"]["baseline_id"] == done[1]["result"]["baseline_id"]  # the original, once
+    health = client.health()
+    assert health["loads"] == 1 and health["pid"] == client.process.pid
+    again = client.wait(client.submit("calibrate", data="demo", num_samples=8, seq_len=64, probe_tokens=32))
+    assert again["result"]["cached"] is True
+
+
+def test_a_failing_job_is_reported_and_the_backend_goes_on(backend):
+    client, cache = backend
+    bad = client.wait(client.submit("evaluate", plan={"method": "x", "ratio": 0.1, "mode": "nonsense"},
+                                    stats=None, runs=str(cache / "runs.sqlite")))
+    assert bad["state"] == "failed" and "nonsense" in bad["error"]
+    with pytest.raises(BackendError, match="Unknown job kind"):
+        client.submit("format_disk")
+    assert client.alive()
+
+
+def test_a_crashed_backend_is_reported_and_a_new_one_starts(tmp_path):
+    client = Backend.start("demo", device="cpu", cache_dir=str(tmp_path))
+    job = client.submit("calibrate", data="demo", num_samples=512, seq_len=128)
+    time.sleep(1)
+    os.kill(client.process.pid, signal.SIGKILL)
+    client.process.wait()
+    with pytest.raises(BackendError, match="exited with status"):
+        client.status(job)
+    assert not client.alive()
+    fresh = Backend.start("demo", device="cpu", cache_dir=str(tmp_path))
+    assert fresh.alive()
+    fresh.stop()
+
+
+def test_the_backend_exits_when_the_app_that_started_it_ends(tmp_path):
+    starter = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from moeviz.backend import Backend; "
+        f"b = Backend.start('demo', device='cpu', cache_dir={str(tmp_path)!r}); "
+        "print(b.process.pid, flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    pid = int(starter.stdout.readline())
+    os.kill(pid, 0)  # running
+    starter.kill()  # kill -9: no chance to clean up
+    starter.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    pytest.fail("the backend outlived the process that started it")
