@@ -25,11 +25,18 @@ from .stats import ExpertStats
 SPACES = ("weights", "weights_invariant", "outputs", "router", "coactivation")
 
 
-def router_norms(adapter: Adapter) -> np.ndarray:
-    """‖w_e‖₂ of every expert's router row: (L, E), from the weights alone."""
-    return np.stack([
-        layer.router_weight.detach().float().norm(dim=-1).cpu().numpy() for layer in adapter.layers
-    ])
+def router_norms(adapter: Adapter, checkpoint=None) -> np.ndarray:
+    """‖w_e‖₂ of every expert's router row: (L, E), from the weights alone: the model's, or
+    for a skeleton on the meta device, the `checkpoint`'s files (one router at a time)."""
+    rows = []
+    for layer in adapter.layers:
+        weight = layer.router_weight
+        if weight.is_meta:
+            if checkpoint is None:
+                raise ValueError("This model has no weights in memory: pass its checkpoint to read the routers.")
+            weight = checkpoint.router_weight(layer.layer_idx, layer.num_experts)
+        rows.append(weight.detach().float().norm(dim=-1).cpu().numpy())
+    return np.stack(rows)
 
 
 # ---- similarity -------------------------------------------------------------------------

@@ -86,6 +86,15 @@ class Checkpoint:
         """One tensor, read from its file (a new CPU tensor of its own size)."""
         return self._handle(name).get_tensor(name)
 
+    def router_weight(self, layer_idx: int, num_experts: int) -> torch.Tensor:
+        """The router's (E, H) weight of decoder layer `layer_idx`, found by name and shape."""
+        marker = f"layers.{layer_idx}."
+        for name in self.keys():
+            if marker in name and name.endswith(("gate.weight", "router.weight")) \
+                    and len(self.shape(name)) == 2 and self.shape(name)[0] == num_experts:
+                return self.tensor(name)
+        raise KeyError(f"No router weight of layer {layer_idx} ({num_experts} rows) in {self.path}")
+
     def rows(self, name: str, index: list[int]) -> torch.Tensor:
         """Rows `index` (along the first dimension) of one tensor, reading only those rows."""
         part = self._handle(name).get_slice(name)

@@ -155,7 +155,24 @@ def execution_device(module: torch.nn.Module) -> torch.device:
 
 
 def model_fingerprint(model: PreTrainedModel | str | os.PathLike) -> str:
-    """A short hash of a model's config and weights (see `moeviz.checkpoint.fingerprint`)."""
+    """A short hash of a model's config and weights (see `moeviz.checkpoint.fingerprint`), from
+    a loaded model or from a checkpoint's files (without loading it)."""
     if isinstance(model, PreTrainedModel):
         return fingerprint(model)
-    return fingerprint(resolve_source(model))
+    return fingerprint(local_dir(model))
+
+
+def local_dir(name_or_path: str | os.PathLike) -> str:
+    """The directory holding a checkpoint's files: the path itself, or the local copy of a hub
+    id (downloaded into the Hugging Face cache if it is not there yet)."""
+    source = resolve_source(name_or_path)
+    if Path(source).is_dir():
+        return source
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
+    try:
+        return snapshot_download(source, allow_patterns=patterns, local_files_only=True)
+    except LocalEntryNotFoundError:  # not downloaded yet
+        return snapshot_download(source, allow_patterns=patterns)

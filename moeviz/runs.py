@@ -93,6 +93,10 @@ class RunStore:
             if db.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount == 0:
                 raise KeyError(f"No run with id {run_id} in {self.path}")
 
+    def delta_table(self, run_ids: list[int], baseline_id: int | None = None) -> pd.DataFrame:
+        """`delta_table` of these runs against the baseline run."""
+        return delta_table([self.get(i) for i in run_ids], self.get(baseline_id) if baseline_id else None)
+
     def table(self, **where) -> pd.DataFrame:
         """One row per run: its settings, then every metric as a column."""
         rows = []
@@ -136,5 +140,36 @@ def store_evaluation(store: RunStore, model, tokenizer, config, name: str, finge
             return dict(run_id=run.id, baseline_id=baseline.id, cached=True)
     report = evaluate(model, config, tokenizer, progress=progress, plan=plan, stats=stats, fingerprint=fingerprint)
     report.update(plan_digest=digest, eval=setting)
-    run = Run(name, plan.method, plan.ratio, report, plan.mode, plan.scope, calibration, fingerprint)
+    mode = "sparsity" if plan.sparsity or plan.nm else plan.mode  # moe_pruner removes no expert
+    run = Run(name, plan.method, plan.ratio, report, mode, plan.scope, calibration, fingerprint)
     return dict(run_id=store.add(run), baseline_id=baseline.id, cached=False)
+
+
+def run_name(run: dict) -> str:
+    """What a run is, in words: `mone novice 25 %`, `moe_pruner sparsity 50 %`, `original`."""
+    if run.get("method") == "original":
+        return "original"
+    kind = run.get("mode") or ""
+    scope = " global" if run.get("scope") == "global" else ""
+    return f"{run['method']} {kind} {float(run['ratio']):.0%}{scope}".replace("  ", " ").replace("%", " %")
+
+
+SUMMARY = ("perplexity", "task_mean", "kl", "top1_agreement", "params_saved")
+
+
+def delta_table(runs: list[Run], baseline: Run | None) -> pd.DataFrame:
+    """One row per run: its name, each main metric with its standard error where known, and
+    the change against the original (`baseline`)."""
+    rows = []
+    for run in runs:
+        m, se = run.metrics, run.metrics.get("se") or {}
+        row = dict(id=run.id, run=run_name(vars(run)))
+        for key in SUMMARY:
+            if key not in m:
+                continue
+            err = m.get(f"{key}_se", se.get(key))
+            row[key] = f"{m[key]:.4g}" + (f" ± {err:.2g}" if err else "")
+            if baseline is not None and key in baseline.metrics and key in ("perplexity", "task_mean"):
+                row[f"Δ {key}"] = f"{m[key] - baseline.metrics[key]:+.3g}"
+        rows.append(row)
+    return pd.DataFrame(rows)

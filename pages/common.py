@@ -1,12 +1,16 @@
-"""Helpers shared by the pages: cached model loading and the current settings."""
+"""Helpers shared by the pages: the model's skeleton (no weights), its backend, cached stats,
+and settings that survive page switches (and live in the URL)."""
 
 import os
+import sys
 
 import streamlit as st
 
 import moeviz
+from moeviz.backend import Backend, BackendError
+from moeviz.checkpoint import Checkpoint
+from moeviz.loading import load_skeleton, local_dir, model_fingerprint
 from moeviz.stats import ExpertStats, StatsError, list_stats
-
 
 
 def cache_dir() -> str:
@@ -14,21 +18,81 @@ def cache_dir() -> str:
     return os.environ.get("MOEVIZ_CACHE_DIR", "cache")
 
 
-@st.cache_resource(max_entries=1, show_spinner="Loading the model…")
-def load(name: str):
-    """The model, its tokenizer, its adapter and its fingerprint, cached by name."""
-    model, tokenizer = moeviz.load_model(name)
-    return model, tokenizer, moeviz.get_adapter(model), moeviz.model_fingerprint(model)
+def default_model() -> str:
+    """The model named on the command line (`streamlit run app.py -- --model PATH`), else demo."""
+    args = sys.argv[1:]
+    if "--model" in args and args.index("--model") + 1 < len(args):
+        return args[args.index("--model") + 1]
+    return "demo"
+
+
+@st.cache_resource(max_entries=4, show_spinner="Reading the model's config…")
+def describe(name: str):
+    """The model's skeleton (meta device: no weights), adapter and fingerprint, by name."""
+    skeleton = load_skeleton(name)
+    return skeleton, moeviz.get_adapter(skeleton), model_fingerprint(name)
 
 
 def current_model():
-    """(name, model, tokenizer, adapter, fingerprint) of the model named in the sidebar."""
-    name = st.session_state.get("model_name", "demo") or "demo"
+    """(name, skeleton, adapter, fingerprint) of the model named in the sidebar.
+
+    The skeleton describes layers and shapes; the weights live in the model's backend.
+    """
+    name = st.session_state.get("model_name") or default_model()
     try:
-        return name, *load(name)
-    except (ValueError, OSError) as err:
+        return name, *describe(name)
+    except (ValueError, OSError, KeyError) as err:
         st.error(str(err))
         st.stop()
+
+
+@st.cache_resource(max_entries=2, show_spinner=False)
+def checkpoint(name: str) -> Checkpoint:
+    """The model's safetensors files, read tensor by tensor (memory-mapped)."""
+    return Checkpoint(local_dir(name))
+
+
+@st.cache_resource(max_entries=2, show_spinner="Starting the model's backend…",
+                   on_release=lambda backend: backend.stop())
+def _backend(name: str, directory: str) -> Backend:
+    return Backend.start(name, cache_dir=directory)
+
+
+def backend(name: str) -> Backend:
+    """The process that owns this model's weights, started on first need and again after a crash."""
+    client = _backend(name, cache_dir())
+    if client.alive():
+        return client
+    _backend.clear()  # gone (crashed or killed): the next call starts a new one
+    return _backend(name, cache_dir())
+
+
+def submit(name: str, kind: str, **args) -> str | None:
+    """Start a job in the model's backend; an error message instead of a traceback."""
+    try:
+        return backend(name).submit(kind, **args)
+    except BackendError as err:
+        st.error(f"The backend could not take the job: {err}")
+        return None
+
+
+def job_status(name: str, job_id: str) -> dict:
+    """A job's state; a crashed backend is a failed job (the next job starts a new backend)."""
+    try:
+        return _backend(name, cache_dir()).status(job_id)
+    except BackendError as err:
+        return dict(state="failed", error=str(err))
+
+
+def progress_ui(status: dict, label: str) -> None:
+    """A progress bar with the step, counts and time left."""
+    done, total = status.get("done") or 0, status.get("total") or 0
+    text = f"{label}: {status.get('step') or status['state']}"
+    if total:
+        text += f" {done:g}/{total:g}"
+    if status.get("seconds_left") is not None:
+        text += f", about {status['seconds_left']:.0f} s left"
+    st.progress(min(done / total, 1.0) if total else 0.0, text=text)
 
 
 @st.cache_resource(max_entries=8)
@@ -37,13 +101,16 @@ def load_stats(path: str) -> ExpertStats:
 
 
 def stats_ui(fingerprint: str) -> ExpertStats | None:
-    """A picker over this model's cached calibrations; returns the chosen stats."""
+    """A picker over this model's cached calibrations; the choice is shared by every page."""
     found = list_stats(cache_dir(), fingerprint)
     if not found:
         st.info("No calibration of this model yet: run one on the Calibrate page.")
         return None
     labels = {str(path): _label(meta) for path, meta in found}
-    path = st.selectbox("Calibration", list(labels), format_func=labels.get, key="stats_dir")
+    chosen = st.session_state.get("stats_choice")
+    index = list(labels).index(chosen) if chosen in labels else 0
+    path = st.selectbox("Calibration", list(labels), index=index, format_func=labels.get, key="stats_dir")
+    st.session_state["stats_choice"] = path
     try:
         return load_stats(path)
     except StatsError as err:

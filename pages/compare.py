@@ -6,7 +6,7 @@ from moeviz import plots
 from moeviz.runs import RunStore
 from pages.common import cache_dir, current_model
 
-name, model, tokenizer, adapter, fingerprint = current_model()
+name, skeleton, adapter, fingerprint = current_model()
 st.title("Compare")
 store = RunStore(Path(cache_dir()) / "runs.sqlite")
 table = store.table(fingerprint=fingerprint)

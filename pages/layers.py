@@ -6,11 +6,11 @@ import streamlit as st
 
 from moeviz import analysis, plots
 from moeviz.calibrate import CalibConfig
-from moeviz.jobs import start_stability
 from moeviz.methods import PlanConfig, get_method, method_names
-from pages.common import cache_dir, calibration_sources, current_model, load_stats, stats_ui
+from pages.common import (cache_dir, calibration_sources, current_model, job_status, load_stats, progress_ui,
+                          stats_ui, submit)
 
-name, model, tokenizer, adapter, fingerprint = current_model()
+name, skeleton, adapter, fingerprint = current_model()
 st.title("Layers")
 stats = stats_ui(fingerprint)
 if stats is None:
@@ -97,7 +97,9 @@ def stability_ui() -> None:
     out = Path(cache_dir()).resolve() / "stability" / f"{key}.json"
     if not out.exists() and methods and st.button(f"Measure on {config.data} ({config.num_samples} sequences)"):
         out.parent.mkdir(parents=True, exist_ok=True)
-        st.session_state["stability_job"] = start_stability(name, config, int(chunks), methods, ratio, out)
+        st.session_state["stability_job"] = submit(
+            name, "stability", config=dict(data=config.data, num_samples=config.num_samples, seq_len=config.seq_len,
+                                           seed=config.seed), chunks=int(chunks), methods=methods, ratio=ratio, out=str(out))
     stability_results(str(out))
 
 
@@ -106,12 +108,12 @@ def stability_results(out: str) -> None:
     job = st.session_state.get("stability_job")
     if not Path(out).exists():
         if job is not None:
-            status = job.status()
+            status = job_status(name, job)
             if status["state"] == "failed":
                 st.error(f"Stability failed: {status.get('error')}")
+                st.session_state.pop("stability_job")
             else:
-                st.progress(status.get("done", 0) / max(status.get("total", 0), 1),
-                            text=f"{status['state']}: {status.get('done', 0)}/{status.get('total', 0)} chunks")
+                progress_ui(status, "Stability")
         return
     for method, rows in json.loads(Path(out).read_text()).items():
         st.plotly_chart(plots.stability_curves(rows, f"{method}: agreement with the full calibration"),

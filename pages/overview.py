@@ -2,13 +2,19 @@ import pandas as pd
 import streamlit as st
 
 from moeviz import plots, router_norms
-from pages.common import current_model
+from pages.common import checkpoint, current_model
 
-name, model, tokenizer, adapter, fingerprint = current_model()
+name, skeleton, adapter, fingerprint = current_model()
 st.title("Overview")
 st.write(
-    f"**{name}** — `{model.config.model_type}`, {len(adapter.layers)} MoE layers of "
+    f"**{name}** — `{skeleton.config.model_type}`, {len(adapter.layers)} MoE layers of "
     f"{adapter.num_experts[0]} routed experts, top-{adapter.top_k}."
+)
+st.markdown(
+    "**Where to start:** 1. *Calibrate* — one pass over some text records what every expert does "
+    "(on the demo model, the defaults take a few seconds). 2. *Experts*, *Similarity*, *Layers* — "
+    "which experts matter, which are alike, how layers differ. 3. *Prune* — pick a method and a "
+    "ratio, click experts in or out, evaluate, and compare the runs on *Compare*."
 )
 st.dataframe(pd.DataFrame(adapter.summary()), hide_index=True)
 
@@ -18,5 +24,10 @@ st.caption(
     "It is read from the weights alone, before any calibration; a much shorter row often "
     "means an expert the router rarely picks."
 )
-fig = plots.layer_expert_heatmap(router_norms(adapter), adapter.layer_indices, "Router row norms", "‖w_e‖")
-st.plotly_chart(fig, key="router_norms")
+try:
+    norms = router_norms(adapter, checkpoint(name))
+except (KeyError, OSError) as err:
+    st.info(f"The router rows could not be read from the checkpoint's files: {err}")
+else:
+    fig = plots.layer_expert_heatmap(norms, adapter.layer_indices, "Router row norms", "‖w_e‖")
+    st.plotly_chart(fig, key="router_norms")

@@ -1,85 +1,184 @@
-import time
+import hashlib
+import json
 from pathlib import Path
 
 import streamlit as st
 
 from moeviz import plots
-from moeviz.jobs import start_evaluation, start_export
 from moeviz.methods import PlanConfig, get_method, make_plan, method_names
 from moeviz.plan import PlanError
-from moeviz.runs import RunStore
-from pages.common import cache_dir, current_model, stats_ui
+from moeviz.runs import RunStore, run_name
+from pages.common import cache_dir, current_model, job_status, progress_ui, stats_ui, submit
 
-name, model, tokenizer, adapter, fingerprint = current_model()
+name, skeleton, adapter, fingerprint = current_model()
 st.title("Prune")
 stats = stats_ui(fingerprint)
 if stats is None:
     st.stop()
+STATS_DIR = st.session_state["stats_choice"]
+RUNS = Path(cache_dir()).resolve() / "runs.sqlite"
+CURVE_RATIOS = [i / 16 for i in range(0, 15)]
 
 
 def settings_ui() -> PlanConfig:
     c1, c2, c3, c4 = st.columns(4)
-    method = c1.selectbox("Method", method_names(), index=method_names().index("mone"),
+    names = method_names()
+    method = c1.selectbox("Method", names, index=names.index("mone"), key="prune_method",
                           format_func=lambda m: f"{m}: {get_method(m).doc}")
-    ratio = c2.slider("Ratio", 0.0, 0.9, 0.25, 0.0625,
+    ratio = c2.slider("Ratio", 0.0, 0.9, 0.25, 0.0625, key="prune_ratio",
                       help="fraction of routed experts to prune (moe_pruner: of every expert row's weights)")
-    scope = c3.radio("Scope", ["layer", "global"], horizontal=True)
+    scope = c3.radio("Scope", ["layer", "global"], horizontal=True, key="prune_scope")
     modes = ["remove", "novice", "drop", "merge"]
-    mode = c4.selectbox("Mode", modes, index=modes.index(get_method(method).default_mode))
+    mode = c4.selectbox("Mode", modes, index=modes.index(get_method(method).default_mode), key=f"prune_mode_{method}")
     linkage, representative = "average", "frequency"
     if method == "cprune":
         c1, c2 = st.columns(2)
-        linkage = c1.radio("Linkage", ["average", "ward"], horizontal=True,
+        linkage = c1.radio("Linkage", ["average", "ward"], horizontal=True, key="prune_linkage",
                            help="how cluster distances update as experts merge; the C-Prune authors' code uses ward")
-        representative = c2.radio("Each cluster keeps", ["frequency", "medoid"], horizontal=True,
+        representative = c2.radio("Each cluster keeps", ["frequency", "medoid"], horizontal=True, key="prune_rep",
                                   help="its most used expert, or the one nearest the others (the paper)")
     return PlanConfig(method, ratio=ratio, scope=scope, mode=mode, linkage=linkage, representative=representative)
 
 
 config = settings_ui()
 if st.session_state.get("plan_settings") != config:  # new settings: forget the clicks
-    st.session_state["plan_settings"], st.session_state["toggles"] = config, set()
+    st.session_state.update(plan_settings=config, toggles=set(), history=[], last_selection=())
 
 
+# ---- the ratio curve ------------------------------------------------------------------
+def curve_ui() -> None:
+    """Quality against ratio for this method (and baselines on demand), computed once in the
+    backend per (calibration, method, mode, scope) and kept on disk."""
+    baselines = st.toggle("Also the baselines (frequency, random)", key="curve_baselines")
+    methods = [config.method] + [m for m in ("frequency", "random") if baselines and m != config.method]
+    curves, missing = {}, []
+    for method in methods:
+        out = _curve_file(method)
+        if out.exists():
+            curves.update(json.loads(out.read_text()))
+        else:
+            missing.append(method)
+    if missing:
+        job = st.session_state.get("curve_job")
+        if job is None:
+            if st.button("Estimate quality at every ratio", help="KL to the original and top-1 agreement on a small held-out batch, "
+                                     "each ratio's plan applied in place in the backend"):
+                method = missing[0]
+                st.session_state["curve_job"] = submit(
+                    name, "curve", stats=STATS_DIR, methods=[method], ratios=CURVE_RATIOS,
+                    mode=config.mode, scope=config.scope, out=str(_curve_file(method)))
+                st.rerun()
+        else:
+            curve_job_ui(job)
+    if curves:
+        points = [dict(method=r["method"], ratio=r["ratio"], kl=r.get("kl"), top1_agreement=r.get("top1_agreement"),
+                       label=run_name(r)) for r in _stored_runs() if r["method"] in curves]
+        st.plotly_chart(plots.ratio_curve(curves, config.ratio, points), key="ratio_curve")
+        st.caption("What am I looking at: how far the model under each ratio's plan drifts from the original "
+                   "(KL, lower is better; top-1 agreement, higher is better) on a small held-out batch. Look for "
+                   "the knee, where quality starts to fall; the dashed line is the slider. Diamonds are full "
+                   "evaluations already stored.")
+
+
+def _curve_file(method: str) -> Path:
+    key = json.dumps(dict(stats=STATS_DIR, method=method, mode=config.mode, scope=config.scope,
+                          ratios=CURVE_RATIOS), sort_keys=True)
+    return Path(cache_dir()).resolve() / "curves" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+@st.fragment(run_every=1)
+def curve_job_ui(job: str) -> None:
+    status = job_status(name, job)
+    if status["state"] in ("done", "failed"):
+        st.session_state.pop("curve_job", None)
+        if status["state"] == "failed":
+            st.session_state["curve_error"] = status.get("error")
+        st.rerun()
+    progress_ui(status, "Estimating")
+
+
+def _stored_runs() -> list[dict]:
+    table = RunStore(RUNS).table(fingerprint=fingerprint) if RUNS.exists() else None
+    return [] if table is None or table.empty else table.to_dict("records")
+
+
+# ---- the plan, clickable ---------------------------------------------------------------
 try:
-    plan = make_plan(stats, config, calibration=st.session_state.get("stats_dir"))
+    plan = make_plan(stats, config, calibration=STATS_DIR)
     for layer_idx, expert_idx in st.session_state["toggles"]:
-        experts = set(plan.pruned.get(layer_idx, []))
-        plan.pruned[layer_idx] = sorted(experts ^ {expert_idx})
-    plan.merge_into = {} if st.session_state["toggles"] else plan.merge_into
+        plan.pruned[layer_idx] = sorted(set(plan.pruned.get(layer_idx, [])) ^ {expert_idx})
+    if st.session_state["toggles"]:
+        plan.merge_into = {}
     plan.validate()
 except (PlanError, KeyError) as err:
     st.error(str(err))
+    plan = None
+
+left, right = st.columns([3, 2])
+with right:
+    if error := st.session_state.pop("curve_error", None):
+        st.error(f"The estimate failed: {error}")
+    curve_ui()
+with left:
+    if plan is not None:
+        sparsity = f" Weight sparsity {plan.sparsity or plan.nm} inside every kept expert." if plan.sparsity or plan.nm else ""
+        st.caption("What am I looking at: the plan, one cell per expert. Click a cell to keep or prune that "
+                   "expert by hand; drag a box or lasso (modebar) to flip several; ringed cells were changed "
+                   "by hand." + sparsity)
+        fig = plots.plan_heatmap(plan.pruned, stats.layer_indices, stats.num_experts,
+                                 f"{plan.method}: {plan.num_pruned} experts pruned ({plan.mode})",
+                                 toggled=st.session_state["toggles"])
+        event = st.plotly_chart(fig, key="plan_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
+        selection = tuple(plots.selected_cells(event))
+        if selection and selection != st.session_state["last_selection"]:  # a new click or box: flip those
+            st.session_state["history"].append(set(st.session_state["toggles"]))
+            st.session_state["toggles"] ^= set(selection)
+            st.session_state["last_selection"] = selection
+            st.rerun()
+        c1, c2, c3 = st.columns(3)
+        c1.metric("Experts pruned", plan.num_pruned)
+        if c2.button("Undo", disabled=not st.session_state["history"]):
+            st.session_state["toggles"] = st.session_state["history"].pop()
+            st.session_state["last_selection"] = ()
+            st.rerun()
+        if c3.button("Reset to the method's plan", disabled=not st.session_state["toggles"]):
+            st.session_state["history"].append(set(st.session_state["toggles"]))
+            st.session_state.update(toggles=set(), last_selection=())
+            st.rerun()
+
+if plan is None:
     st.stop()
 
-st.caption(
-    "What am I looking at: the plan, one cell per expert; bright cells are pruned. Click a cell "
-    "to keep or prune that expert by hand."
-    + (f" Weight sparsity {plan.sparsity or plan.nm} inside every kept expert." if plan.sparsity or plan.nm else "")
-)
-fig = plots.plan_heatmap(plan.pruned, stats.layer_indices, stats.num_experts,
-                         f"{plan.method}: {plan.num_pruned} experts pruned ({plan.mode})")
-event = st.plotly_chart(fig, key="plan_chart", on_select="rerun", selection_mode=("points",))
-clicked = tuple(tuple(p["customdata"]) for p in (event["selection"]["points"] if event else []))
-if clicked != st.session_state.get("last_click", ()):  # a new click: flip those experts
-    st.session_state["last_click"] = clicked
-    if clicked:
-        st.session_state["toggles"] ^= set(clicked)
-        st.rerun()
 
-plans_dir = Path(cache_dir()) / "plans"
+# ---- evaluate and export, in the backend -------------------------------------------------
+def eval_settings_ui() -> dict:
+    data = (stats.meta.get("calibration") or {}).get("data", "demo")  # held-out text of the same source
+    c1, c2, c3 = st.columns(3)
+    samples = c1.number_input("Held-out sequences", 4, 10_000, 32, key="eval_samples",
+                              help="more give a tighter perplexity (its standard error is shown)")
+    seq_len = c2.number_input("Tokens per sequence", 16, 32_768, int((stats.meta.get("calibration") or {}).get("seq_len", 128)),
+                              key="eval_seq_len")
+    demo = skeleton.config.model_type == "mixtral" and name == "demo"
+    tasks = c3.text_input("Tasks", "demo" if demo else "", key="eval_tasks",
+                          help="'demo' (the demo model's five tasks), lm-eval task names (comma-separated), or empty")
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    return dict(data=data, num_samples=int(samples), seq_len=int(seq_len), demo_tasks="demo" in names,
+                task_examples=100, lm_eval_tasks=[t for t in names if t != "demo"])
+
+
+eval_config = eval_settings_ui()
 c1, c2 = st.columns(2)
 if c1.button("Apply and evaluate", type="primary"):
-    plans_dir.mkdir(parents=True, exist_ok=True)
-    plan_file = plan.save(plans_dir / f"{plan.method}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    data = (stats.meta.get("calibration") or {}).get("data", "demo")  # held-out text of the same source
-    st.session_state["eval_job"] = start_evaluation(name, plan_file, plan.calibration,
-                                                    Path(cache_dir()) / "runs.sqlite", ["--data", data])
-out_dir = c2.text_input("Export to", value=str(Path(cache_dir()) / "exports" / f"{plan.method}-{plan.ratio:g}"))
+    job = submit(name, "evaluate", plan=json.loads(plan.to_json()), stats=STATS_DIR, runs=str(RUNS),
+                 **eval_config)
+    if job:
+        st.session_state["eval_job"] = job
+out_dir = c2.text_input("Export to", value=str(Path(cache_dir()) / "exports" / f"{plan.method}-{plan.ratio:g}"),
+                        key="export_dir")
 if c2.button("Export checkpoint"):
-    plans_dir.mkdir(parents=True, exist_ok=True)
-    plan_file = plan.save(plans_dir / f"{plan.method}-export.json")
-    st.session_state["export_job"] = start_export(name, plan_file, plan.calibration, out_dir)
+    job = submit(name, "export", plan=json.loads(plan.to_json()), stats=STATS_DIR, out=str(Path(out_dir).resolve()))
+    if job:
+        st.session_state["export_job"] = job
 
 
 @st.fragment(run_every=1)
@@ -88,18 +187,24 @@ def jobs_ui():
         job = st.session_state.get(key)
         if job is None:
             continue
-        status = job.status()
+        status = job_status(name, job)
         if status["state"] == "failed":
             st.error(f"{label} failed: {status.get('error')}")
-        elif status["state"] == "done" and key == "eval_job":
-            run = RunStore(Path(cache_dir()) / "runs.sqlite").get(status["run_id"])
-            shown = {k: v for k, v in run.metrics.items() if not isinstance(v, dict)}
-            st.success(f"Evaluated as run {run.id}: see the Compare page.")
-            st.dataframe([shown], hide_index=True)
+            st.session_state.pop(key)
         elif status["state"] == "done":
-            st.success(f"Exported to {status['path']} (reload with {status['reload']}).")
+            st.session_state.pop(key)
+            st.session_state[f"{key}_result"] = status["result"]
+            st.rerun()
         else:
-            st.progress(status.get("done", 0) / max(status.get("total", 1), 1), text=f"{label}: {status['state']}…")
+            progress_ui(status, label)
 
 
 jobs_ui()
+if result := st.session_state.get("eval_job_result"):
+    store = RunStore(RUNS)
+    run, baseline = store.get(result["run_id"]), store.get(result["baseline_id"])
+    st.success(f"Evaluated as run {run.id} ({run_name(run.__dict__)})" + (" — already stored" if result["cached"] else "")
+               + ": see the Compare page for every run.")
+    st.dataframe(store.delta_table([run.id], baseline.id), hide_index=True)
+if result := st.session_state.pop("export_job_result", None):
+    st.success(f"Exported to {result['path']} (reload with {result['reload']}).")

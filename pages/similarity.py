@@ -1,32 +1,64 @@
+from pathlib import Path
+
 import numpy as np
 import streamlit as st
 
 from moeviz import analysis, plots
-from pages.common import calibration_sources, current_model, load_stats, stats_ui
+from pages.common import (cache_dir, calibration_sources, current_model, job_status, load_stats, progress_ui,
+                          stats_ui, submit)
 
-name, model, tokenizer, adapter, fingerprint = current_model()
+name, skeleton, adapter, fingerprint = current_model()
 st.title("Similarity")
 stats = stats_ui(fingerprint)
 if stats is None:
     st.stop()
 
 c1, c2, c3 = st.columns(3)
-space = c1.selectbox("Feature space", analysis.SPACES, index=2 if stats.has_probes else 0,
+space = c1.selectbox("Feature space", analysis.SPACES, key="sim_space",
+                     index=analysis.SPACES.index("outputs" if stats.has_probes else "coactivation"),
                      help="outputs: probe outputs; weights_invariant: unchanged by neuron permutations")
 layer_idx = c2.selectbox("Layer", stats.layer_indices)
 n_clusters = c3.slider("Clusters", 2, stats.num_experts, max(2, stats.num_experts // 4))
 
 
+WEIGHT_SPACES = ("weights", "weights_invariant", "router")  # read the weights: computed in the backend
+
+
 @st.cache_data(max_entries=16)
 def similarity(stats_dir: str, fingerprint: str, space: str) -> np.ndarray:
-    return analysis.similarity(stats, space, adapter)
+    return analysis.similarity(stats, space)
 
 
-try:
-    sim = similarity(st.session_state.get("stats_dir", ""), fingerprint, space)
-except ValueError as err:
-    st.error(str(err))
-    st.stop()
+@st.fragment(run_every=1)
+def weight_job_ui(job: str) -> None:
+    status = job_status(name, job)
+    if status["state"] in ("done", "failed"):
+        st.session_state.pop("similarity_job", None)
+        if status["state"] == "failed":
+            st.session_state["similarity_error"] = status.get("error")
+        st.rerun()
+    progress_ui(status, "Reading the weights")
+
+
+if space in WEIGHT_SPACES:
+    out = Path(cache_dir()).resolve() / "similarity" / f"{fingerprint}-{space}.npy"
+    if not out.exists():
+        if error := st.session_state.pop("similarity_error", None):
+            st.error(f"The {space} similarity failed: {error}")
+        job = st.session_state.get("similarity_job")
+        if job:
+            weight_job_ui(job)
+        elif st.button(f"Compute the {space} similarity (reads every expert's weights in the backend)"):
+            st.session_state["similarity_job"] = submit(name, "similarity", space=space, out=str(out))
+            st.rerun()
+        st.stop()
+    sim = np.load(out)
+else:
+    try:
+        sim = similarity(st.session_state.get("stats_dir", ""), fingerprint, space)
+    except ValueError as err:
+        st.error(str(err))
+        st.stop()
 row = stats.layer_indices.index(layer_idx)
 labels, link = analysis.cluster_layer(sim[row], n_clusters=n_clusters)
 st.caption(
