@@ -155,10 +155,10 @@ def _offloaded(model: PreTrainedModel, state: dict) -> dict:
         weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
         if weights is None:
             continue
-        for name in weights:
-            full = f"{prefix}.{name}" if prefix else name
-            if full in state and state[full].is_meta:
-                found[full] = weights[name]
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for name, tensor in own:
+            if tensor.is_meta and name in weights:
+                found[f"{prefix}.{name}" if prefix else name] = weights[name]
     return found
 
 

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args) or 0
-    except (ValueError, OSError, KeyError, NotImplementedError, ImportError) as err:
+    except (ValueError, OSError, KeyError, NotImplementedError, ImportError, MemoryError) as err:
         print(f"moeviz: error: {err}", file=sys.stderr)
         return 2
 
@@ -69,12 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", required=True, help="where to write plan.json")
     plan.set_defaults(func=_plan)
 
-    prune = sub.add_parser("prune", help="apply a plan and export the pruned checkpoint")
+    prune = sub.add_parser("prune", help="apply a plan and export the pruned checkpoint, shard by shard "
+                                         "(the model is never loaded; --device is not used)")
     _model_args(prune)
     prune.add_argument("--plan", required=True)
     prune.add_argument("--stats", help="the stats directory (needed for novices, merges, weight sparsity)")
     prune.add_argument("--out", required=True, help="a new directory for the pruned checkpoint")
-    prune.add_argument("--progress-file", help="also write progress as JSON here (for the app)")
     prune.set_defaults(func=_prune)
 
     ev = sub.add_parser("evaluate", help="perplexity, demo tasks, fidelity to a reference, size and speed")
@@ -279,25 +279,22 @@ def _weight_features(model_name, stats):
 
 
 def _prune(args) -> int:
-    from .apply import apply_plan, export_model
-    from .loading import load_model
+    from tqdm import tqdm
+
+    from .export import export_plan
     from .plan import PruningPlan
     from .stats import ExpertStats
 
-    from .jobs import ProgressFile
-
-    report = ProgressFile(args.progress_file)
     plan = PruningPlan.load(args.plan)
     stats = ExpertStats.load(args.stats) if args.stats else None
-    report.write("loading", 0, 3)
-    model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
-    report.write("pruning", 1, 3)
-    pruned = apply_plan(model, plan, stats)
-    report.write("saving", 2, 3)
-    kind = export_model(pruned, plan, args.out, tokenizer)
+    with tqdm(unit="tensor", desc="exporting", file=sys.stderr) as bar:
+        def progress(done: int, total: int) -> None:  # source tensors, shard by shard
+            bar.total = total
+            bar.update(done - bar.n)
+
+        kind = export_plan(args.model, plan, stats, args.out, progress)
     how = "AutoModelForCausalLM.from_pretrained" if kind == "transformers" else "moeviz.load_model"
     print(f"{plan.num_pruned} experts pruned ({plan.mode}); reload with {how}", file=sys.stderr)
-    report.write("done", 3, 3, path=str(args.out), reload=how)
     print(args.out)
     return 0
 

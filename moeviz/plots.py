@@ -1,4 +1,13 @@
-"""Plotly figures of moeviz's arrays. No Streamlit here: every figure is tested on its own."""
+"""Plotly figures of moeviz's arrays. No Streamlit here: every figure is tested on its own.
+
+Selectable layer × expert grids: plotly never selects heatmap cells, so an invisible
+`go.Scatter(mode="markers")` on the cell centres carries (layer_idx, expert_idx) in `customdata`
+and the hover text. It keeps `hoverinfo="none"` (with "skip" a click sends nothing), the
+heatmap itself skips hover, and `hoverdistance=-1` makes the nearest centre, that is the cell
+under the cursor, answer anywhere in it (checked in Chromium through Streamlit 1.67). The
+default drag stays "zoom": under "select" a plain click clears the selection instead of making
+one; box and lasso stay in the modebar. `selected_cells` reads the cells back from an event.
+"""
 
 from __future__ import annotations
 
@@ -7,76 +16,300 @@ import plotly.graph_objects as go
 
 SEQUENTIAL = "Viridis"  # perceptually uniform and readable with colour-vision deficiencies
 QUALITATIVE = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]  # Okabe–Ito
+LINES = [c for c in QUALITATIVE if c != "#F0E442"]  # Okabe–Ito's yellow is unreadable as a thin line on white
+KEPT, PRUNED = "#0072B2", "#E69F00"  # Okabe–Ito blue and orange: apart in hue and lightness
+ABOVE_CUT = "#999999"  # dendrogram links that join clusters
+LEAF_STEP = 10  # SciPy's leaf spacing: leaf i sits at x = 5 + 10 i
 
 
+# ---- layer × expert grids ---------------------------------------------------------------------
 def layer_expert_heatmap(
     values: np.ndarray,
     layer_indices: list[int],
     title: str,
     colorbar: str,
     hover_format: str = ".4g",
+    *,
+    clip: tuple[float, float] | None = (2.0, 98.0),
+    log: bool = False,
 ) -> go.Figure:
-    """A layer × expert heatmap of `values` (L, E).
+    """A layer × expert heatmap of `values` (L, E), its cells selectable (see the module doc).
 
-    An invisible marker layer on the cell centres carries (layer, expert) in `customdata`,
-    so that a Streamlit app can select cells (plotly cannot select heatmap cells).
+    The colour range stops at the `clip` percentiles (None: min to max) so that one outlier
+    does not flatten every other cell; `log` colours by log10 (non-positive values take the
+    smallest positive one's colour). The colour bar says both; the hover shows the raw value.
     """
-    values = np.asarray(values, dtype=float)
-    num_layers, num_experts = values.shape
-    experts = np.arange(num_experts)
-    labels = [str(i) for i in layer_indices]
-    fig = go.Figure()
-    fig.add_trace(go.Heatmap(
-        z=values, x=experts, y=labels, colorscale=SEQUENTIAL, colorbar=dict(title=colorbar),
-        hovertemplate=f"layer %{{y}}, expert %{{x}}<br>{colorbar}: %{{z:{hover_format}}}<extra></extra>",
+    values = np.asarray(values, dtype=float)  # (L, E)
+    z = _log10(values) if log else values
+    zmin, zmax, low, high = _colour_range(z, clip)
+    fig = go.Figure(go.Heatmap(
+        z=z, x=np.arange(values.shape[1]), y=[str(i) for i in layer_indices], colorscale=SEQUENTIAL,
+        zmin=zmin, zmax=zmax, hoverinfo="skip",
+        colorbar=_colorbar(colorbar, zmin, zmax, low, high, log, clip),
     ))
-    ex, ly = np.meshgrid(experts, np.arange(num_layers))
-    fig.add_trace(go.Scatter(
-        x=ex.ravel(), y=[labels[i] for i in ly.ravel()], mode="markers",
-        marker=dict(size=12, opacity=0), hoverinfo="skip", showlegend=False,
-        customdata=np.stack([np.asarray(layer_indices)[ly.ravel()], ex.ravel()], axis=1),
+    text = [f"{colorbar}: {v:{hover_format}}" for v in values.ravel()]
+    fig.add_trace(_cell_overlay(layer_indices, values.shape[1], text))
+    return _grid_layout(fig, title, values.shape[1])
+
+
+def plan_heatmap(pruned: dict[int, list[int]], layer_indices: list[int], num_experts: int,
+                 title: str = "Pruning plan", *, toggled=()) -> go.Figure:
+    """The plan as a layer × expert grid in two colours, kept and pruned, with a legend.
+
+    `toggled`: (layer_idx, expert_idx) pairs flipped by hand, marked with a ring. Cells are
+    selectable like `layer_expert_heatmap`'s.
+    """
+    grid = np.zeros((len(layer_indices), num_experts))  # (L, E): 1 = pruned
+    for row, layer_idx in enumerate(layer_indices):
+        grid[row, list(pruned.get(layer_idx, []))] = 1.0
+    toggled = {(int(layer), int(expert)) for layer, expert in toggled}
+    fig = go.Figure(go.Heatmap(
+        z=grid, x=np.arange(num_experts), y=[str(i) for i in layer_indices], zmin=0, zmax=1, showscale=False,
+        colorscale=[[0, KEPT], [0.5, KEPT], [0.5, PRUNED], [1, PRUNED]], hoverinfo="skip",
     ))
+    for name, colour in (("kept", KEPT), ("pruned", PRUNED)):  # legend entries only: no data
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, hoverinfo="skip", showlegend=True,
+                                 marker=dict(symbol="square", size=12, color=colour)))
+    hand = sorted(pair for pair in toggled if pair[0] in layer_indices and 0 <= pair[1] < num_experts)
+    if hand:
+        fig.add_trace(go.Scatter(  # a white ring: readable on both colours; skip: clicks reach the overlay
+            x=[e for _, e in hand], y=[str(layer) for layer, _ in hand], mode="markers", name="changed by hand",
+            showlegend=True, hoverinfo="skip",
+            marker=dict(symbol="circle", size=9, color="#FFFFFF", line=dict(color="#000000", width=2)),
+            selected=dict(marker=dict(opacity=1)), unselected=dict(marker=dict(opacity=1)),  # not dimmed by a click
+        ))
+    state = np.where(grid > 0, "pruned", "kept")
+    text = [f"{s} (by hand)" if (layer, e) in toggled else s
+            for (layer, e), s in zip(_cells(layer_indices, num_experts).tolist(), state.ravel().tolist())]
+    fig.add_trace(_cell_overlay(layer_indices, num_experts, text))
+    fig = _grid_layout(fig, title, num_experts)
+    fig.update_layout(showlegend=True, legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
+    return fig
+
+
+def selected_cells(event) -> list[tuple[int, int]]:
+    """(layer_idx, expert_idx) of every point selected in a Streamlit event on a grid above.
+
+    A browser sends `customdata` as {"0": layer, "1": expert}; AppTest injects lists.
+    """
+    if not event:
+        return []
+    cells = []
+    for point in event["selection"]["points"]:
+        data = point.get("customdata")
+        if data is None:
+            continue
+        pair = (data["0"], data["1"]) if isinstance(data, dict) else tuple(data)[:2]
+        cells.append((int(pair[0]), int(pair[1])))
+    return cells
+
+
+def _cells(layer_indices, num_experts) -> np.ndarray:
+    """(L·E, 2) of (layer_idx, expert_idx), row-major like `values.ravel()`."""
+    layers = np.repeat(np.asarray(layer_indices, dtype=int), num_experts)
+    return np.stack([layers, np.tile(np.arange(num_experts), len(layer_indices))], axis=1)
+
+
+def _cell_overlay(layer_indices, num_experts, text: list[str]) -> go.Scatter:
+    cells = _cells(layer_indices, num_experts)
+    return go.Scatter(
+        x=cells[:, 1], y=[str(i) for i in cells[:, 0]], mode="markers", customdata=cells, text=text,
+        marker=dict(size=12, opacity=0), showlegend=False, hoverinfo="none",
+        hovertemplate="layer %{customdata[0]}, expert %{customdata[1]}<br>%{text}<extra></extra>",
+    )
+
+
+def _grid_layout(fig: go.Figure, title: str, num_experts: int) -> go.Figure:
     fig.update_layout(
-        title=title, xaxis_title="expert", yaxis_title="decoder layer",
-        yaxis=dict(type="category", autorange="reversed"), margin=dict(l=60, r=20, t=50, b=50),
+        title=title, xaxis_title="expert", yaxis_title="decoder layer", hoverdistance=-1,
+        yaxis=dict(type="category", autorange="reversed"), margin=dict(l=60, r=20, t=60, b=50),
         xaxis=dict(range=[-0.5, num_experts - 0.5], dtick=1 if num_experts <= 32 else None),
     )
     return fig
 
 
+def _log10(values: np.ndarray) -> np.ndarray:
+    positive = values[values > 0]
+    floor = positive.min() if positive.size else 1.0
+    return np.log10(np.maximum(values, floor))
+
+
+def _colour_range(z: np.ndarray, clip) -> tuple[float, float, bool, bool]:
+    """(zmin, zmax, clipped below, clipped above) of the colour scale."""
+    lo, hi = float(np.nanmin(z)), float(np.nanmax(z))
+    if clip is None:
+        return lo, hi, False, False
+    zmin, zmax = (float(p) for p in np.nanpercentile(z, clip))
+    if zmax <= zmin:  # most cells equal: the percentiles say nothing
+        return lo, hi, False, False
+    return zmin, zmax, zmin > lo, zmax < hi
+
+
+def _colorbar(title, zmin, zmax, low, high, log, clip) -> dict:
+    ticks = np.linspace(zmin, zmax, 5)
+    text = [f"{10 ** t if log else t:.3g}" for t in ticks]
+    text[0], text[-1] = ("≤ " if low else "") + text[0], ("≥ " if high else "") + text[-1]
+    notes = (["log scale"] if log else []) + ([f"clipped to {clip[0]:g}–{clip[1]:g}th pct"] if low or high else [])
+    return dict(title=dict(text="<br>".join([title, *notes])), tickvals=ticks, ticktext=text)
+
+
+# ---- similarity and clusters ------------------------------------------------------------------
 def similarity_heatmap(sim: np.ndarray, labels: np.ndarray | None = None, title: str = "",
-                       space: str = "similarity", axis: str = "expert", names=None) -> go.Figure:
-    """A similarity matrix (N, N) of experts (or layers: `axis`, `names`), ordered by cluster
-    when `labels` are given."""
-    order = np.argsort(labels, kind="stable") if labels is not None else np.arange(len(sim))
-    names = [str(names[i] if names is not None else i) for i in order]
+                       space: str = "similarity", axis: str = "expert", names=None, *,
+                       link: np.ndarray | None = None, order=None, n_clusters: int | None = None) -> go.Figure:
+    """A similarity matrix (N, N) of experts (or layers, sources: `axis`, `names`).
+
+    Rows and columns follow `order`, else the leaves of `link`'s dendrogram (alike experts
+    form blocks on the diagonal), else the cluster `labels`. Clusters (`labels` (N,), or the
+    cut of `link` into `n_clusters`) are outlined on the diagonal, their ticks coloured as in
+    `dendrogram(link, n_clusters=…)`.
+    """
+    sim = np.asarray(sim, dtype=float)  # (N, N)
+    if labels is None and link is not None and n_clusters is not None:
+        labels = cluster_labels(link, n_clusters)
+    if order is None:
+        order = leaf_order(link) if link is not None else (
+            np.argsort(labels, kind="stable") if labels is not None else np.arange(len(sim)))
+    order = np.asarray(order, dtype=int)
+    ticks = [str(names[i] if names is not None else i) for i in order]
     fig = go.Figure(go.Heatmap(
-        z=sim[np.ix_(order, order)], x=names, y=names, colorscale=SEQUENTIAL, zmin=-1 if sim.min() < 0 else 0,
+        z=sim[np.ix_(order, order)], x=ticks, y=ticks, colorscale=SEQUENTIAL, zmin=-1 if sim.min() < 0 else 0,
         zmax=1, colorbar=dict(title=space),
         hovertemplate=axis + "s %{y} and %{x}<br>" + space + ": %{z:.3f}<extra></extra>",
     ))
-    fig.update_layout(title=title, xaxis=dict(title=axis, type="category"),
-                      yaxis=dict(title=axis, type="category", autorange="reversed"))
+    shapes, ticktext = [], ticks
+    if labels is not None:
+        shown = np.asarray(labels)[order]
+        colour = _cluster_colours(shown)
+        for start, stop in _runs(shown):  # contiguous members of one cluster: a block on the diagonal
+            if stop - start > 1:
+                shapes.append(dict(type="rect", x0=start - 0.5, x1=stop - 0.5, y0=start - 0.5, y1=stop - 0.5,
+                                   line=dict(color=colour[shown[start]], width=2.5)))
+        ticktext = [f'<span style="color:{colour[c]}">{t}</span>' for t, c in zip(ticks, shown)]
+    tickaxis = dict(type="category", tickfont=dict(size=_tick_size(len(ticks))))
+    if len(ticks) <= 64:  # every tick, coloured by cluster; beyond that plotly thins them out
+        tickaxis.update(tickmode="array", tickvals=ticks, ticktext=ticktext)
+    fig.update_layout(title=title, shapes=shapes, margin=dict(l=60, r=20, t=60, b=60),
+                      xaxis=dict(title=axis, **tickaxis), yaxis=dict(title=axis, autorange="reversed", **tickaxis))
     return fig
 
 
-def dendrogram(link: np.ndarray, title: str = "") -> go.Figure:
-    """A SciPy linkage drawn as one line trace (None gaps), fast even for hundreds of leaves."""
-    from scipy.cluster.hierarchy import dendrogram as scipy_dendrogram
+def dendrogram(link: np.ndarray, title: str = "", n_clusters: int | None = None, *, names=None,
+               axis: str = "expert") -> go.Figure:
+    """A SciPy linkage (N-1, 4) as a dendrogram: links grouped in one line trace per colour.
 
-    tree = scipy_dendrogram(link, no_plot=True)
-    xs, ys = [], []
-    for x, y in zip(tree["icoord"], tree["dcoord"]):
-        xs += [*x, None]
-        ys += [*y, None]
-    fig = go.Figure(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="#3b528b", width=1.5),
-                               hoverinfo="skip", showlegend=False))
-    ticks = 5 + 10 * np.arange(len(tree["ivl"]))
-    fig.update_layout(title=title, yaxis_title="distance (1 − similarity)",
-                      xaxis=dict(title="expert", tickvals=ticks, ticktext=tree["ivl"]))
+    Every leaf is shown and labelled (`names`, default the index). With `n_clusters`, a
+    horizontal line marks the height that cuts the tree into that many clusters and links
+    and leaves take their cluster's colour (links above the cut grey).
+    """
+    link = np.asarray(link, dtype=float)
+    N = len(link) + 1
+    leaves, x, height, first_leaf = _tree(link)
+    clustered = n_clusters is not None
+    labels = cluster_labels(link, n_clusters) if clustered else np.ones(N, dtype=int)
+    colour = _cluster_colours(labels[leaves]) if clustered else {1: KEPT}
+    cut = cut_height(link, n_clusters) if clustered else np.inf
+    node_colour = [colour[labels[first_leaf[N + i]]] if h <= cut else ABOVE_CUT for i, h in enumerate(link[:, 2])]
+    fig = go.Figure(_link_traces(link, x, height, node_colour))
+    fig.add_trace(go.Scatter(  # the merges: hover says where and how many
+        x=x[N:], y=link[:, 2], mode="markers", marker=dict(size=8, opacity=0), showlegend=False,
+        customdata=link[:, 3].astype(int),
+        hovertemplate=f"merge at distance %{{y:.3f}}<br>%{{customdata}} {axis}s<extra></extra>",
+    ))
+    ticks = [str(names[i] if names is not None else i) for i in leaves]
+    sizes = np.bincount(labels)[labels[leaves]]
+    fig.add_trace(go.Scatter(
+        x=x[leaves], y=np.zeros(N), mode="markers", cliponaxis=False, showlegend=False, customdata=leaves,
+        marker=dict(size=7, color=[colour[c] for c in labels[leaves]], line=dict(color="#FFFFFF", width=0.5)),
+        text=[f"{axis} {t}" + (f"<br>cluster of {s}" if clustered else "") for t, s in zip(ticks, sizes)],
+        hovertemplate="%{text}<extra></extra>",
+    ))
+    top = max(float(link[:, 2].max()), cut if clustered else 0.0)
+    if clustered:
+        fig.update_layout(
+            shapes=[dict(type="line", x0=0, x1=LEAF_STEP * N, y0=cut, y1=cut,
+                         line=dict(color="#000000", width=1.5, dash="dash"))],
+            annotations=[dict(x=LEAF_STEP * N, y=cut, xanchor="right", yanchor="bottom", showarrow=False,
+                              text=f"cut: {len(set(labels))} cluster{'s' if len(set(labels)) > 1 else ''}")],
+        )
+        ticks = [f'<span style="color:{colour[c]}">{t}</span>' for t, c in zip(ticks, labels[leaves])]
+    fig.update_layout(
+        title=title, margin=dict(l=60, r=20, t=60, b=60),
+        yaxis=dict(title="distance (1 − similarity)", range=[-0.04 * top, 1.08 * top]),
+        xaxis=dict(title=axis, range=[0, LEAF_STEP * N],  # every leaf, half a step from either edge
+                   tickmode="array", tickvals=x[leaves], ticktext=ticks, tickangle=-90 if N > 16 else 0,
+                   tickfont=dict(size=_tick_size(N)), showgrid=False, zeroline=False),
+    )
     return fig
 
 
+def _tree(link: np.ndarray):
+    """Leaf order (N,) and, per node (leaves 0..N-1, then merges N..2N-2), its x, its height and
+    one leaf below it: SciPy's drawing, leaf i of the order at x = 5 + 10 i."""
+    N = len(link) + 1
+    leaves = leaf_order(link)
+    x, height, first_leaf = np.zeros(2 * N - 1), np.zeros(2 * N - 1), np.arange(2 * N - 1)
+    x[leaves] = 5 + LEAF_STEP * np.arange(N)
+    for i, (a, b, h, _) in enumerate(link):
+        a, b = int(a), int(b)
+        x[N + i], height[N + i], first_leaf[N + i] = (x[a] + x[b]) / 2, h, first_leaf[a]
+    return leaves, x, height, first_leaf
+
+
+def _link_traces(link, x, height, node_colour) -> list[go.Scatter]:
+    """Each merge as a ⊓ from its children up to its height; one trace per colour, None between links."""
+    paths: dict[str, tuple[list, list]] = {}
+    for (a, b, h, _), colour in zip(link, node_colour):
+        a, b = int(a), int(b)
+        xs, ys = paths.setdefault(colour, ([], []))
+        xs += [x[a], x[a], x[b], x[b], None]
+        ys += [height[a], h, h, height[b], None]
+    return [go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=c, width=1.5), hoverinfo="skip", showlegend=False)
+            for c, (xs, ys) in paths.items()]
+
+
+def leaf_order(link: np.ndarray) -> np.ndarray:
+    """The leaves of a linkage left to right, as the dendrogram draws them: (N,)."""
+    from scipy.cluster.hierarchy import leaves_list
+
+    return leaves_list(np.asarray(link, dtype=float))
+
+
+def cut_height(link: np.ndarray, n_clusters: int) -> float:
+    """A distance that cuts the tree into `n_clusters` (halfway between the merges around the cut)."""
+    h = np.sort(np.asarray(link, dtype=float)[:, 2])  # (N-1,)
+    N = len(h) + 1
+    n = int(np.clip(n_clusters, 1, N))
+    below = h[N - n - 1] if n < N else 0.0
+    above = h[N - n] if n > 1 else 1.1 * h[-1]
+    return float((below + above) / 2)
+
+
+def cluster_labels(link: np.ndarray, n_clusters: int) -> np.ndarray:
+    """(N,) labels from 1 of the cut into `n_clusters`: `analysis.cluster_layer`'s labels."""
+    from scipy.cluster.hierarchy import fcluster
+
+    return fcluster(np.asarray(link, dtype=float), t=n_clusters, criterion="maxclust")
+
+
+def _cluster_colours(shown: np.ndarray) -> dict:
+    """Cluster → colour, by first appearance along the display order: neighbours differ."""
+    firsts = dict.fromkeys(np.asarray(shown).tolist())
+    return {c: LINES[k % len(LINES)] for k, c in enumerate(firsts)}
+
+
+def _runs(shown: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) of each run of equal labels."""
+    edges = np.flatnonzero(np.diff(shown)) + 1
+    bounds = [0, *edges.tolist(), len(shown)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _tick_size(n: int) -> int:
+    return 11 if n <= 32 else 9 if n <= 64 else 7
+
+
+# ---- maps and curves --------------------------------------------------------------------------
 def embedding_scatter(xy: np.ndarray, layer_indices: list[int], color: np.ndarray | None = None,
                       color_name: str = "layer", title: str = "", categories: list[str] | None = None) -> go.Figure:
     """Every expert of every layer as one point of a 2-D map: xy (L, E, 2); colour (L, E) or by layer.
@@ -129,18 +362,6 @@ def stability_curves(rows: list[dict], title: str = "") -> go.Figure:
     return fig
 
 
-def plan_heatmap(pruned: dict[int, list[int]], layer_indices: list[int], num_experts: int,
-                 title: str = "Pruning plan") -> go.Figure:
-    """The plan as a layer × expert grid: 1 = pruned, 0 = kept; cells selectable like any heatmap."""
-    grid = np.zeros((len(layer_indices), num_experts))
-    for row, layer_idx in enumerate(layer_indices):
-        grid[row, pruned.get(layer_idx, [])] = 1.0
-    fig = layer_expert_heatmap(grid, layer_indices, title, "pruned", hover_format=".0f")
-    fig.data[0].update(colorscale=[[0, "#440154"], [1, "#fde725"]], zmin=0, zmax=1,
-                       colorbar=dict(title="pruned", tickvals=[0, 1], ticktext=["kept", "pruned"]))
-    return fig
-
-
 def ratio_curves(frame, metric: str, title: str = "") -> go.Figure:
     """`metric` against pruning ratio, one line per method (and mode), the original as a dashed line."""
     fig = go.Figure()
@@ -154,4 +375,55 @@ def ratio_curves(frame, metric: str, title: str = "") -> go.Figure:
     top = float(frame["ratio"].max()) if len(frame) else 1.0
     fig.update_layout(title=title, xaxis_title="pruning ratio", yaxis_title=metric, showlegend=True,
                       xaxis=dict(range=[-0.02, max(top, 0.25) * 1.1], tickformat=".0%"))
+    return fig
+
+
+RATIO_PANELS = (("kl", "KL", "KL to the original<br>(lower is better)", ".4g"),
+                ("top1_agreement", "top-1 agreement", "top-1 agreement<br>(higher is better)", ".1%"))
+
+
+def ratio_curve(curves: dict[str, list[dict]], current_ratio: float | None = None, points: list[dict] | None = None,
+                title: str = "Estimated quality against pruning ratio") -> go.Figure:
+    """The Prune page's estimate: KL (top panel) and top-1 agreement (bottom) against ratio.
+
+    `curves`: {method: [dict(ratio, kl, top1_agreement), …]}, ratios as fractions (0.25 =
+    25 %), one line per method. `current_ratio`: the slider, a vertical line. `points`:
+    stored full evaluations, dict(method, ratio, kl, top1_agreement[, label]), as diamonds.
+    """
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12)
+    colour = {m: LINES[k % len(LINES)] for k, m in enumerate(curves)}
+    for row, (key, short, name, fmt) in enumerate(RATIO_PANELS, start=1):
+        for method, rows in curves.items():
+            rows = sorted(rows, key=lambda r: r["ratio"])
+            fig.add_trace(go.Scatter(
+                x=[r["ratio"] for r in rows], y=[r.get(key) for r in rows], mode="lines+markers", name=method,
+                legendgroup=method, showlegend=row == 1, line=dict(color=colour[method]),
+                hovertemplate=f"{method}<br>ratio %{{x:.1%}}<br>{short}: %{{y:{fmt}}}<extra>estimate</extra>",
+            ), row=row, col=1)
+        if points:
+            fig.add_trace(go.Scatter(
+                x=[p["ratio"] for p in points], y=[p.get(key) for p in points], mode="markers",
+                name="full evaluation", legendgroup="full evaluation", showlegend=row == 1,
+                text=[p.get("label") or p.get("method", "") for p in points],
+                marker=dict(symbol="diamond", size=11, color=[colour.get(p.get("method"), "#000000") for p in points],
+                            line=dict(color="#000000", width=1)),
+                hovertemplate=f"%{{text}}<br>ratio %{{x:.1%}}<br>{short}: %{{y:{fmt}}}<extra>full evaluation</extra>",
+            ), row=row, col=1)
+        fig.update_yaxes(title_text=name, row=row, col=1, **(  # each panel reaches its perfect value
+            dict(tickformat=".0%", autorangeoptions=dict(include=[1.0])) if key == "top1_agreement"
+            else dict(rangemode="tozero")))
+    ratios = [r["ratio"] for rows in curves.values() for r in rows] + [p["ratio"] for p in points or []]
+    top = max([*ratios, current_ratio or 0.0, 0.25])
+    fig.update_xaxes(tickformat=".0%", range=[-0.02, top * 1.05 + 0.01])
+    fig.update_xaxes(title_text="pruning ratio", row=2, col=1)
+    if current_ratio is not None:
+        fig.update_layout(
+            shapes=[dict(type="line", xref="x", yref="paper", x0=current_ratio, x1=current_ratio, y0=0, y1=1,
+                         line=dict(color="#000000", width=1.5, dash="dash"))],
+            annotations=[dict(x=current_ratio, xref="x", y=1, yref="paper", yanchor="bottom", showarrow=False,
+                              text=f"current: {current_ratio:.1%}")],
+        )
+    fig.update_layout(title=title, hovermode="closest", legend=dict(title_text="method"), margin=dict(t=70))
     return fig

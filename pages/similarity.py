@@ -17,8 +17,8 @@ c1, c2, c3 = st.columns(3)
 space = c1.selectbox("Feature space", analysis.SPACES, key="sim_space",
                      index=analysis.SPACES.index("outputs" if stats.has_probes else "coactivation"),
                      help="outputs: probe outputs; weights_invariant: unchanged by neuron permutations")
-layer_idx = c2.selectbox("Layer", stats.layer_indices)
-n_clusters = c3.slider("Clusters", 2, stats.num_experts, max(2, stats.num_experts // 4))
+layer_idx = c2.selectbox("Layer", stats.layer_indices, key="sim_layer")
+n_clusters = c3.slider("Clusters", 2, stats.num_experts, max(2, stats.num_experts // 4), key="sim_clusters")
 
 
 WEIGHT_SPACES = ("weights", "weights_invariant", "router")  # read the weights: computed in the backend
@@ -63,12 +63,15 @@ row = stats.layer_indices.index(layer_idx)
 labels, link = analysis.cluster_layer(sim[row], n_clusters=n_clusters)
 st.caption(
     "What am I looking at: how alike every pair of this layer's experts is in the chosen space "
-    "(1 = the same), ordered so that clusters of alike experts form bright blocks on the diagonal. "
-    "C-Prune keeps one expert per cluster."
+    "(1 = the same), in the dendrogram's leaf order, so that clusters of alike experts form bright "
+    "blocks on the diagonal (outlined). The dendrogram is cut (dashed line) into the chosen number "
+    "of clusters, coloured alike in both. C-Prune keeps one expert per cluster."
 )
-left, right = st.columns(2)
-left.plotly_chart(plots.similarity_heatmap(sim[row], labels, f"Layer {layer_idx}", space), key="sim")
-right.plotly_chart(plots.dendrogram(link, f"Layer {layer_idx}: hierarchical clustering"), key="dendro")
+wide = stats.num_experts > 32  # many leaves: one figure per row
+left, right = (st.container(), st.container()) if wide else st.columns(2)
+left.plotly_chart(plots.similarity_heatmap(sim[row], labels, f"Layer {layer_idx}", space, link=link), key="sim")
+right.plotly_chart(plots.dendrogram(link, f"Layer {layer_idx}: hierarchical clustering", n_clusters=n_clusters),
+                   key="dendro")
 scores = analysis.silhouette_by_count(sim[row], range(2, min(stats.num_experts, 17)))
 if scores:
     best = max(scores, key=scores.get)

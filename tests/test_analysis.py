@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from moeviz import analysis, plots
+from moeviz import analysis
 from moeviz.adapters import get_adapter
 from moeviz.calibrate import CalibConfig, calibrate, calibrate_chunks
 from moeviz.methods import PlanConfig
@@ -127,34 +127,3 @@ def test_umap_embedding(twins):
     xy = analysis.embed_experts(stats.probe_mean.numpy(), method="umap")
     assert xy.shape == (2, 8, 2) and np.isfinite(xy).all()
 
-
-def test_plots_have_their_traces_and_labels(twins):
-    model, stats = twins
-    sim = analysis.similarity(stats, "outputs")[0]
-    labels, link = analysis.cluster_layer(sim, n_clusters=3)
-    fig = plots.similarity_heatmap(sim, labels, "layer 0", "outputs")
-    assert fig.data[0].type == "heatmap" and fig.layout.xaxis.title.text == "expert"
-    fig = plots.dendrogram(link)
-    assert len(fig.data) == 1 and fig.layout.yaxis.title.text.startswith("distance")
-    assert len(fig.layout.xaxis.ticktext) == 8
-    fig = plots.embedding_scatter(analysis.embed_experts(stats.probe_mean.numpy(), "pca"), stats.layer_indices)
-    assert len(fig.data[0].x) == 16 and list(fig.data[0].customdata[9]) == [1, 1]
-    codes = np.array([[0] * 8, [1] * 4 + [0] * 4])
-    fig = plots.embedding_scatter(np.zeros((2, 8, 2)), stats.layer_indices, codes, "main source", categories=["a", "b"])
-    assert [t.name for t in fig.data] == ["a", "b"] and [len(t.x) for t in fig.data] == [12, 4]
-    import pandas as pd
-    runs = pd.DataFrame(dict(method=["original", "mone", "mone", "random"], mode=[None, "novice", "novice", "remove"],
-                             ratio=[0.0, 0.5, 0.25, 0.25], task_mean=[0.99, 0.2, 0.47, 0.25]))
-    fig = plots.ratio_curves(runs, "task_mean")
-    assert [t.name for t in fig.data] == ["mone (novice)", "random (remove)"] and fig.layout.showlegend
-    assert list(fig.data[0].x) == [0.25, 0.5] and list(fig.data[0].y) == [0.47, 0.2]  # sorted by ratio
-    assert fig.layout.shapes[0].y0 == 0.99 and fig.layout.xaxis.range[0] < 0 < 0.5 < fig.layout.xaxis.range[1]
-    fig = plots.depth_curves(stats.layer_indices, {"mean similarity": [0.1, 0.2]})
-    assert fig.layout.xaxis.title.text == "decoder layer" and list(fig.layout.xaxis.tickvals) == stats.layer_indices
-    fig = plots.stability_curves([dict(tokens=10, overlap=0.5, rank_correlation=0.7)])
-    assert [t.name for t in fig.data] == ["pruned-set overlap", "rank correlation"]
-    fig = plots.plan_heatmap({0: [1, 2]}, [0, 1], 8)
-    assert fig.data[0].z[0][1] == 1 and fig.data[0].z[1].sum() == 0
-    fig = plots.layer_expert_heatmap(stats.view("frequency"), stats.layer_indices, "f", "frequency")
-    assert [t.type for t in fig.data] == ["heatmap", "scatter"] and fig.layout.yaxis.title.text == "decoder layer"
-    assert len(fig.data[1].customdata) == 16

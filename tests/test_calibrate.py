@@ -64,12 +64,17 @@ def test_statistics_equal_brute_force(model_type):
             close = dict(rtol=1e-5, atol=1e-6)  # each batch is reduced in float32, the model's precision
             torch.testing.assert_close(stats["gate_sum"][L, e], g.sum(), **close)
             if len(tok):
-                torch.testing.assert_close(stats["out_mean"][L, e], out.mean(0), **close)
-                torch.testing.assert_close(stats["out_var"][L, e], out.var(0, unbiased=False), **close)
+                # The observer's outputs come from the grouped kernel, these from one matmul per expert:
+                # float32 results that differ by ~1e-7 of the outputs' size. A mean or variance near
+                # zero is off by that much in absolute terms, so the tolerance scales with the outputs.
+                size = out.abs().max().item()
+                torch.testing.assert_close(stats["out_mean"][L, e], out.mean(0), rtol=1e-5, atol=1e-6 * size)
+                torch.testing.assert_close(stats["out_var"][L, e], out.var(0, unbiased=False), rtol=1e-5,
+                                           atol=1e-6 * size ** 2)
                 torch.testing.assert_close(stats["in_sqnorm"][L, e], ((g[:, None] * xe) ** 2).sum(0), **close)
                 torch.testing.assert_close(stats["mid_sqnorm"][L, e], ((g[:, None] * mid) ** 2).sum(0), **close)
                 torch.testing.assert_close(stats["reap_sum"][L, e], (g * out.norm(dim=1)).sum(), **close)
-        torch.testing.assert_close(stats["prob_sum"][L], routing.probs.double().sum(0))
+        torch.testing.assert_close(stats["prob_sum"][L], routing.probs.double().sum(0), rtol=1e-5, atol=1e-6)  # float32 sums
 
 
 @pytest.mark.parametrize("model_type", MODELS)
