@@ -130,7 +130,9 @@ with left:
                                  toggled=st.session_state["toggles"])
         event = st.plotly_chart(fig, key="plan_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
         selection = tuple(plots.selected_cells(event))
-        if selection and selection != st.session_state["last_selection"]:  # a new click or box: flip those
+        if not selection:  # the figure changed, which clears the chart's selection: the same cell may come again
+            st.session_state["last_selection"] = ()
+        elif selection != st.session_state["last_selection"]:  # a new click or box: flip those
             st.session_state["history"].append(set(st.session_state["toggles"]))
             st.session_state["toggles"] ^= set(selection)
             st.session_state["last_selection"] = selection
