@@ -4,7 +4,7 @@ import streamlit as st
 from moeviz.calibrate import CalibConfig
 from moeviz.demo.corpus import DOMAINS
 from moeviz.stats import list_stats
-from pages.common import cache_dir, current_model, job_status, progress_ui, submit
+from pages.common import cache_dir, current_model, job_status, persistent, progress_ui, submit
 
 name, skeleton, adapter, fingerprint = current_model()
 st.title("Calibrate")
@@ -17,14 +17,15 @@ st.caption(
 
 def settings_ui() -> CalibConfig:
     sources = ["demo", *[f"demo:{d}" for d in DOMAINS], "random", "a file or dataset…"]
-    data = st.selectbox("Text", sources, help="demo domains, random token ids, or your own text", key="cal_data")
+    data = persistent(st.selectbox, "Text", options=sources, key="cal_data", default="demo",
+                      help="demo domains, random token ids, or your own text")
     if data == "a file or dataset…":
-        data = st.text_input("Path to a .txt/.jsonl file, or a dataset name (c4, wikitext2, …)", value="c4",
-                             key="cal_custom")
+        data = persistent(st.text_input, "Path to a .txt/.jsonl file, or a dataset name (c4, wikitext2, …)",
+                          key="cal_custom", default="c4")
     c1, c2, c3 = st.columns(3)
-    samples = c1.number_input("Sequences", 1, 100_000, 64, key="cal_samples")
-    seq_len = c2.number_input("Tokens per sequence", 8, 32_768, 128, key="cal_seq_len")
-    probes = c3.number_input("Probe tokens per layer", 0, 4096, 256, key="cal_probes",
+    samples = persistent(c1.number_input, "Sequences", 1, 100_000, key="cal_samples", default=64)
+    seq_len = persistent(c2.number_input, "Tokens per sequence", 8, 32_768, key="cal_seq_len", default=128)
+    probes = persistent(c3.number_input, "Probe tokens per layer", 0, 4096, key="cal_probes", default=256,
                              help="every expert runs on this many sampled tokens (for similarities)")
     return CalibConfig(data=data, num_samples=int(samples), seq_len=int(seq_len), probe_tokens=int(probes),
                        cache_dir=cache_dir())

@@ -3,6 +3,7 @@ and settings that survive page switches (and live in the URL)."""
 
 import os
 import sys
+from pathlib import Path
 
 import streamlit as st
 
@@ -107,10 +108,12 @@ def stats_ui(fingerprint: str) -> ExpertStats | None:
         st.info("No calibration of this model yet: run one on the Calibrate page.")
         return None
     labels = {str(path): _label(meta) for path, meta in found}
-    chosen = st.session_state.get("stats_choice")
+    by_name = {Path(path).name: path for path in labels}  # the URL keeps the directory's name
+    chosen = st.session_state.get("stats_choice") or by_name.get(st.query_params.get("calibration", ""))
     index = list(labels).index(chosen) if chosen in labels else 0
     path = st.selectbox("Calibration", list(labels), index=index, format_func=labels.get, key="stats_dir")
     st.session_state["stats_choice"] = path
+    st.query_params["calibration"] = Path(path).name
     try:
         return load_stats(path)
     except StatsError as err:
@@ -130,3 +133,35 @@ def _label(meta: dict) -> str:
     cal = meta.get("calibration") or {}
     return (f"{cal.get('data', '?')}: {cal.get('num_samples', '?')} × {cal.get('seq_len', '?')} tokens, "
             f"seed {cal.get('seed', '?')}")
+
+
+# ---- settings that survive page switches and live in the URL ------------------------------
+def remembered(key: str, default):
+    """A setting's last value in this session, else from the URL, else `default`."""
+    store = st.session_state.setdefault("settings", {})
+    if key not in store and key in st.query_params:
+        text = st.query_params[key]
+        try:
+            store[key] = text == "True" if isinstance(default, bool) else type(default)(text)
+        except (TypeError, ValueError):
+            pass  # a hand-edited URL: keep the default
+    return store.get(key, default)
+
+
+def remember(key: str, value) -> None:
+    st.session_state.setdefault("settings", {})[key] = value
+    st.query_params[key] = str(value)
+
+
+def persistent(widget, label: str, *args, key: str, default, options=None, **kwargs):
+    """`widget` (st.selectbox, st.slider, …) whose value survives page switches and is kept in
+    the URL, so a view can be bookmarked and shared. `options` for the choosing widgets."""
+    value = remembered(key, default)
+    if options is not None:
+        options = list(options)
+        index = options.index(value) if value in options else options.index(default)
+        value = widget(label, options, *args, index=index, key=key, **kwargs)
+    else:
+        value = widget(label, *args, value=value, key=key, **kwargs)
+    remember(key, value)
+    return value

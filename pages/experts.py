@@ -2,7 +2,7 @@ import streamlit as st
 
 from moeviz import plots
 from moeviz.stats import VIEWS
-from pages.common import current_model, stats_ui
+from pages.common import current_model, persistent, stats_ui
 
 name, skeleton, adapter, fingerprint = current_model()
 st.title("Experts")
@@ -10,7 +10,8 @@ stats = stats_ui(fingerprint)
 if stats is None:
     st.stop()
 
-stat = st.selectbox("Statistic", list(VIEWS), format_func=lambda k: f"{k}: {VIEWS[k][0]}", key="expert_stat")
+stat = persistent(st.selectbox, "Statistic", options=VIEWS, key="expert_stat", default="frequency",
+                  format_func=lambda k: f"{k}: {VIEWS[k][0]}")
 st.caption(
     "What am I looking at: one cell per expert (columns) of each MoE layer (rows), coloured by "
     f"the chosen statistic over {stats.meta['tokens']:,} calibration tokens. Bright cells are "

@@ -8,7 +8,7 @@ from moeviz import plots
 from moeviz.methods import PlanConfig, get_method, make_plan, method_names
 from moeviz.plan import PlanError
 from moeviz.runs import RunStore, run_name
-from pages.common import cache_dir, current_model, job_status, progress_ui, stats_ui, submit
+from pages.common import cache_dir, current_model, job_status, persistent, progress_ui, stats_ui, submit
 
 name, skeleton, adapter, fingerprint = current_model()
 st.title("Prune")
@@ -23,19 +23,23 @@ CURVE_RATIOS = [i / 16 for i in range(0, 15)]
 def settings_ui() -> PlanConfig:
     c1, c2, c3, c4 = st.columns(4)
     names = method_names()
-    method = c1.selectbox("Method", names, index=names.index("mone"), key="prune_method",
-                          format_func=lambda m: f"{m}: {get_method(m).doc}")
-    ratio = c2.slider("Ratio", 0.0, 0.9, 0.25, 0.0625, key="prune_ratio",
-                      help="fraction of routed experts to prune (moe_pruner: of every expert row's weights)")
-    scope = c3.radio("Scope", ["layer", "global"], horizontal=True, key="prune_scope")
+    method = persistent(c1.selectbox, "Method", options=names, key="prune_method", default="mone",
+                        format_func=lambda m: f"{m}: {get_method(m).doc}")
+    ratio = persistent(c2.slider, "Ratio", 0.0, 0.9, step=0.0625, key="prune_ratio", default=0.25,
+                       help="fraction of routed experts to prune (moe_pruner: of every expert row's weights)")
+    scope = persistent(c3.radio, "Scope", options=["layer", "global"], key="prune_scope", default="layer",
+                       horizontal=True)
     modes = ["remove", "novice", "drop", "merge"]
-    mode = c4.selectbox("Mode", modes, index=modes.index(get_method(method).default_mode), key=f"prune_mode_{method}")
+    mode = persistent(c4.selectbox, "Mode", options=modes, key=f"prune_mode_{method}",
+                      default=get_method(method).default_mode)
     linkage, representative = "average", "frequency"
     if method == "cprune":
         c1, c2 = st.columns(2)
-        linkage = c1.radio("Linkage", ["average", "ward"], horizontal=True, key="prune_linkage",
+        linkage = persistent(c1.radio, "Linkage", options=["average", "ward"], horizontal=True, key="prune_linkage",
+                             default="average",
                            help="how cluster distances update as experts merge; the C-Prune authors' code uses ward")
-        representative = c2.radio("Each cluster keeps", ["frequency", "medoid"], horizontal=True, key="prune_rep",
+        representative = persistent(c2.radio, "Each cluster keeps", options=["frequency", "medoid"], horizontal=True,
+                                    key="prune_rep", default="frequency",
                                   help="its most used expert, or the one nearest the others (the paper)")
     return PlanConfig(method, ratio=ratio, scope=scope, mode=mode, linkage=linkage, representative=representative)
 
@@ -49,7 +53,7 @@ if st.session_state.get("plan_settings") != config:  # new settings: forget the 
 def curve_ui() -> None:
     """Quality against ratio for this method (and baselines on demand), computed once in the
     backend per (calibration, method, mode, scope) and kept on disk."""
-    baselines = st.toggle("Also the baselines (frequency, random)", key="curve_baselines")
+    baselines = persistent(st.toggle, "Also the baselines (frequency, random)", key="curve_baselines", default=False)
     methods = [config.method] + [m for m in ("frequency", "random") if baselines and m != config.method]
     curves, missing = {}, []
     for method in methods:
@@ -156,12 +160,12 @@ if plan is None:
 def eval_settings_ui() -> dict:
     data = (stats.meta.get("calibration") or {}).get("data", "demo")  # held-out text of the same source
     c1, c2, c3 = st.columns(3)
-    samples = c1.number_input("Held-out sequences", 4, 10_000, 32, key="eval_samples",
+    samples = persistent(c1.number_input, "Held-out sequences", 4, 10_000, key="eval_samples", default=32,
                               help="more give a tighter perplexity (its standard error is shown)")
-    seq_len = c2.number_input("Tokens per sequence", 16, 32_768, int((stats.meta.get("calibration") or {}).get("seq_len", 128)),
-                              key="eval_seq_len")
+    seq_len = persistent(c2.number_input, "Tokens per sequence", 16, 32_768, key="eval_seq_len",
+                         default=int((stats.meta.get("calibration") or {}).get("seq_len", 128)))
     demo = skeleton.config.model_type == "mixtral" and name == "demo"
-    tasks = c3.text_input("Tasks", "demo" if demo else "", key="eval_tasks",
+    tasks = persistent(c3.text_input, "Tasks", key="eval_tasks", default="demo" if demo else "",
                           help="'demo' (the demo model's five tasks), lm-eval task names (comma-separated), or empty")
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     return dict(data=data, num_samples=int(samples), seq_len=int(seq_len), demo_tasks="demo" in names,

@@ -4,8 +4,8 @@ import numpy as np
 import streamlit as st
 
 from moeviz import analysis, plots
-from pages.common import (cache_dir, calibration_sources, current_model, job_status, load_stats, progress_ui,
-                          stats_ui, submit)
+from pages.common import (cache_dir, calibration_sources, current_model, job_status, load_stats, persistent,
+                          progress_ui, stats_ui, submit)
 
 name, skeleton, adapter, fingerprint = current_model()
 st.title("Similarity")
@@ -14,11 +14,12 @@ if stats is None:
     st.stop()
 
 c1, c2, c3 = st.columns(3)
-space = c1.selectbox("Feature space", analysis.SPACES, key="sim_space",
-                     index=analysis.SPACES.index("outputs" if stats.has_probes else "coactivation"),
+space = persistent(c1.selectbox, "Feature space", options=analysis.SPACES, key="sim_space",
+                   default="outputs" if stats.has_probes else "coactivation",
                      help="outputs: probe outputs; weights_invariant: unchanged by neuron permutations")
-layer_idx = c2.selectbox("Layer", stats.layer_indices, key="sim_layer")
-n_clusters = c3.slider("Clusters", 2, stats.num_experts, max(2, stats.num_experts // 4), key="sim_clusters")
+layer_idx = persistent(c2.selectbox, "Layer", options=stats.layer_indices, key="sim_layer", default=stats.layer_indices[0])
+n_clusters = persistent(c3.slider, "Clusters", 2, stats.num_experts, key="sim_clusters",
+                        default=max(2, stats.num_experts // 4))
 
 
 WEIGHT_SPACES = ("weights", "weights_invariant", "router")  # read the weights: computed in the backend

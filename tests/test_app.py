@@ -187,3 +187,22 @@ def test_layers_page_measures_calibration_stability_in_a_worker(tiny_dir, tmp_pa
     assert not at.exception, at.exception
     assert len(at.get("plotly_chart")) == charts + 3  # mone, reap, frequency
     assert not at.button  # measured once, kept on disk
+
+
+def test_settings_survive_page_switches_and_live_in_the_url(tiny_dir, tmp_path):
+    model = tiny_model("mixtral")
+    model.name_or_path = str(tiny_dir)
+    calibrate(model, CalibConfig(data="random", num_samples=4, seq_len=16, probe_tokens=0, cache_dir=tmp_path / "cache"))
+    at = _app(tiny_dir, "pages/prune.py")
+    at.slider(key="prune_ratio").set_value(0.125).run()
+    at.selectbox(key="prune_method").select("reap").run()
+    at.switch_page("pages/experts.py").run()
+    at.switch_page("pages/prune.py").run()
+    assert not at.exception, at.exception
+    assert at.slider(key="prune_ratio").value == 0.125 and at.selectbox(key="prune_method").value == "reap"
+    assert at.query_params["prune_ratio"] == "0.125" and at.query_params["prune_method"] == "reap"
+    shared = AppTest.from_file(str(APP), default_timeout=60)  # a bookmarked view opens as it was
+    shared.query_params.update(model=str(tiny_dir), prune_ratio="0.125", prune_method="reap")
+    shared.run()
+    shared.switch_page("pages/prune.py").run()
+    assert shared.slider(key="prune_ratio").value == 0.125 and shared.selectbox(key="prune_method").value == "reap"
