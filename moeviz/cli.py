@@ -127,7 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--runs", default="cache/runs.sqlite")
     runs.add_argument("--model", help="only this model's runs")
     runs.add_argument("--method", help="only this method's runs")
-    runs.add_argument("--delete", type=int, metavar="ID", help="delete run ID")
+    runs.add_argument("--delete", type=int, metavar="ID", help="delete run ID (asks first)")
+    runs.add_argument("--yes", action="store_true", help="delete without asking")
+    out = runs.add_mutually_exclusive_group()
+    out.add_argument("--csv", action="store_true", help="the table as CSV")
+    out.add_argument("--json", action="store_true", help="every run's full record as JSON")
     runs.set_defaults(func=_runs)
     return parser
 
@@ -350,8 +354,7 @@ def _sweep(args) -> int:
     from .sweep import paper_table, sweep
 
     stats = ExpertStats.load(args.stats)
-    methods = [m for m in args.methods.split(",") if m]
-    ratios = [float(r) for r in args.ratios.split(",") if r]
+    methods, ratios = _sweep_grid(args.methods, args.ratios)  # every argument checked before any work
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
                                   trust_remote_code=args.trust_remote_code)
     with tqdm(total=1 + len(methods) * len(ratios), unit="run", file=sys.stderr) as bar:
@@ -365,6 +368,27 @@ def _sweep(args) -> int:
         table.to_csv(args.out, index=False)
     print(table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else table.to_string(index=False))
     return 0
+
+
+def _sweep_grid(methods: str, ratios: str) -> tuple[list[str], list[float]]:
+    from .methods import get_method
+    from .plan import MODES
+    from .sweep import parse_method
+
+    specs = [m.strip() for m in methods.split(",") if m.strip()]
+    for spec in specs:
+        name, mode = parse_method(spec)
+        get_method(name)  # an unknown method lists the known ones
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"Unknown mode {mode!r} in {spec!r}; modes: {', '.join(MODES)}")
+    try:
+        values = [float(r) for r in ratios.split(",") if r.strip()]
+    except ValueError as err:
+        raise ValueError(f"--ratios must be numbers separated by commas, got {ratios!r}") from err
+    bad = [r for r in values if not 0 <= r < 1]
+    if bad or not values or not specs:
+        raise ValueError(f"--ratios must be in [0, 1) and --methods not empty (got ratios {values}).")
+    return specs, values
 
 
 def _has_tabulate() -> bool:
@@ -419,15 +443,40 @@ def _stability(args) -> int:
 
 
 def _runs(args) -> int:
-    from .runs import RunStore
+    import json
+
+    from .runs import RunStore, delta_table
 
     store = RunStore(args.runs)
     if args.delete is not None:
+        run = store.get(args.delete)
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise ValueError("Deleting needs a yes: run it in a terminal, or add --yes.")
+            if input(f"Delete run {run.id} ({run.model}, {run.method} {run.ratio:g})? [y/N] ").strip().lower() != "y":
+                print("kept", file=sys.stderr)
+                return 0
         store.delete(args.delete)
-        print(f"deleted run {args.delete}")
+        print(f"deleted run {args.delete}", file=sys.stderr)
         return 0
     where = {k: v for k, v in (("model", args.model), ("method", args.method)) if v}
-    print(store.table(**where).to_string(index=False))
+    runs = store.list(**where)
+    if args.json:
+        print(json.dumps([vars(r) for r in runs], indent=1, default=float))
+        return 0
+    tables = []
+    for fingerprint in dict.fromkeys(r.fingerprint for r in runs):  # each model against its original
+        mine = [r for r in runs if r.fingerprint == fingerprint]
+        baseline = next((r for r in store.list(fingerprint=fingerprint, method="original")), None) \
+            if fingerprint else None
+        table = delta_table(mine, baseline)
+        table.insert(1, "model", [r.model for r in mine])
+        tables.append(table)
+    import pandas as pd
+
+    table = pd.concat(tables) if tables else pd.DataFrame()
+    print(table.to_csv(index=False) if args.csv else (table.to_string(index=False) if len(table) else "no runs"),
+          end="" if args.csv else "\n")
     return 0
 
 

@@ -81,4 +81,8 @@ def paper_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows method × ratio; columns the tasks, their mean, perplexity, KL and parameters."""
     tasks = sorted(c for c in frame.columns if c.startswith("task_") and c not in TABLE_COLUMNS)
     columns = [c for c in ("method", "mode", "ratio", "runs", *tasks, *TABLE_COLUMNS[4:]) if c in frame.columns]
-    return frame[columns]
+    table = frame[columns].copy()
+    for count in ("runs", "params", "routed_nonzero"):  # counts are whole numbers, also as means
+        if count in table:
+            table[count] = table[count].round().astype("int64")
+    return table

@@ -103,3 +103,40 @@ def test_evaluate_a_plan_stores_the_original_once_as_the_baseline(tiny_dir, tmp_
     assert main(["evaluate", "--model", str(tiny_dir), "--plan", str(plan), "--stats", stats_dir, "--data", "random",
                  "--samples", "4", "--seq-len", "16", "--runs", str(runs)]) == 0
     assert "already stored" in capsys.readouterr().err and len(RunStore(runs).list()) == 3  # not twice
+
+
+def test_runs_prints_a_compact_table_csv_and_json(tmp_path, capsys):
+    import json
+
+    from moeviz.runs import Run, RunStore
+
+    store = RunStore(tmp_path / "runs.sqlite")
+    store.add(Run("demo", "original", 0.0, {"perplexity": 14.0, "perplexity_se": 0.5, "kl": 0.0}, fingerprint="fp"))
+    store.add(Run("demo", "mone", 0.25, {"perplexity": 17.5, "perplexity_se": 0.6, "kl": 0.8}, "novice", "layer",
+                  fingerprint="fp"))
+    assert main(["runs", "--runs", str(tmp_path / "runs.sqlite")]) == 0
+    out = capsys.readouterr().out
+    assert "mone novice 25 %" in out and "17.5 ± 0.6" in out and "+3.5" in out
+    assert main(["runs", "--runs", str(tmp_path / "runs.sqlite"), "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("id,model,run,perplexity")
+    assert main(["runs", "--runs", str(tmp_path / "runs.sqlite"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[1]["metrics"]["kl"] == 0.8
+    assert main(["runs", "--runs", str(tmp_path / "runs.sqlite"), "--delete", "2"]) == 2  # no terminal, no --yes
+    assert "needs a yes" in capsys.readouterr().err and len(store.list()) == 2
+    assert main(["runs", "--runs", str(tmp_path / "runs.sqlite"), "--delete", "2", "--yes"]) == 0
+    assert len(store.list()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "mone,magic"], "Unknown method 'magic'"),
+    (["--methods", "mone:sideways"], "Unknown mode 'sideways'"),
+    (["--ratios", "0.25,half"], "--ratios must be numbers"),
+    (["--ratios", "1.5"], "--ratios must be in [0, 1)"),
+])
+def test_sweep_checks_every_argument_before_any_work(args, message, tmp_path, capsys):
+    from moeviz.calibrate import CalibConfig, calibrate
+
+    _, path = calibrate(tiny_model("olmoe"), CalibConfig(data="random", num_samples=2, seq_len=8, probe_tokens=0,
+                                                          cache_dir=tmp_path))
+    assert main(["sweep", "--model", "./not/loaded", "--stats", str(path), *args]) == 2
+    assert message in capsys.readouterr().err
