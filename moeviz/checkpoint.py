@@ -12,12 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .adapters import ExpertWeights
 
 _SAMPLE_ROWS, _SAMPLE_COLS = 8, 8  # per tensor, for the fingerprint
 _VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
@@ -86,6 +90,10 @@ class Checkpoint:
         """One tensor, read from its file (a new CPU tensor of its own size)."""
         return self._handle(name).get_tensor(name)
 
+    def close(self) -> None:
+        """Unmap the files read so far (their pages leave this process's memory)."""
+        self._open.clear()
+
     def router_weight(self, layer_idx: int, num_experts: int) -> torch.Tensor:
         """The router's (E, H) weight of decoder layer `layer_idx`, found by name and shape."""
         marker = f"layers.{layer_idx}."
@@ -99,6 +107,63 @@ class Checkpoint:
         """Rows `index` (along the first dimension) of one tensor, reading only those rows."""
         part = self._handle(name).get_slice(name)
         return torch.stack([part[i:i + 1][0] for i in index]) if self.shape(name) else part[()]
+
+
+# ---- expert tensors in the files ------------------------------------------------------------
+_KEY = re.compile(r"^(?P<head>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?experts\.)"
+                  r"(?:(?P<expert>\d+)\.(?P<name>.+)|(?P<fused>[^.]+))$")
+ROLES = {"gate_proj.weight": "gate", "w1.weight": "gate", "up_proj.weight": "up", "w3.weight": "up",
+          "down_proj.weight": "down", "w2.weight": "down", "gate_proj.bias": "gate_bias",
+          "up_proj.bias": "up_bias", "down_proj.bias": "down_bias"}  # per-expert file names → ExpertWeights
+
+class ExpertKey(NamedTuple):
+    """A file key holding expert weights: one expert's projection, or a fused (E, …) tensor."""
+
+    layer_idx: int
+    expert_idx: int | None  # None for a fused tensor
+    name: str  # "w1.weight", "down_proj.weight", … or the fused tensor's name ("gate_up_proj")
+    head: str  # the key up to the expert index
+
+    def renumbered(self, expert_idx: int) -> str:
+        return f"{self.head}{expert_idx}.{self.name}"
+
+
+def parse_expert_key(key: str, moe_layers) -> ExpertKey | None:
+    """The expert a file key belongs to, or None when it is not a routed expert's tensor."""
+    m = _KEY.match(key)
+    if m is None or int(m["layer"]) not in moe_layers:
+        return None
+    if m["expert"] is None:
+        return ExpertKey(int(m["layer"]), None, m["fused"], m["head"])
+    return ExpertKey(int(m["layer"]), int(m["expert"]), m["name"], m["head"])
+
+
+
+class FileLayer:
+    """One MoE layer's experts read from the checkpoint's files, one expert at a time: what the
+    weight-space analyses need of a `MoELayer` (`expert_weights`, sizes, the router), without
+    the model in memory. Files with one key per expert and projection (as transformers saves)."""
+
+    fused = False  # read expert by expert
+
+    def __init__(self, ckpt: Checkpoint, layer):
+        self.ckpt, self.layer_idx, self.num_experts = ckpt, layer.layer_idx, layer.num_experts
+        self.hidden_size, self.intermediate_size = layer.hidden_size, layer.intermediate_size
+        self.keys: dict[int, dict[str, str]] = {}
+        for key in ckpt.keys():
+            ek = parse_expert_key(key, (self.layer_idx,))
+            if ek is not None and ek.expert_idx is not None and ek.name in ROLES:
+                self.keys.setdefault(ek.expert_idx, {})[ROLES[ek.name]] = key
+        if sorted(self.keys) != list(range(self.num_experts)):
+            raise NotImplementedError(f"Layer {self.layer_idx}'s experts are not stored one key per expert in "
+                                      f"{ckpt.path}; compute weight spaces from the loaded model instead.")
+
+    def expert_weights(self, expert_idx: int) -> ExpertWeights:
+        return ExpertWeights(**{"gate": None, **{role: self.ckpt.tensor(key) for role, key in self.keys[expert_idx].items()}})
+
+    @property
+    def router_weight(self) -> torch.Tensor:
+        return self.ckpt.router_weight(self.layer_idx, self.num_experts)
 
 
 def _header(file: Path) -> dict:
@@ -138,6 +203,8 @@ def _model_fingerprint(model: PreTrainedModel) -> str:
 
     h = _config_hash(model.config)
     state = dict(model.state_dict())
+    for tied in getattr(model, "all_tied_weights_keys", None) or {}:  # not in a saved checkpoint either
+        state.pop(tied, None)
     state.update(_offloaded(model, state))
     state = revert_weight_conversion(model, state)  # the names a checkpoint would hold
     for name in sorted(state):

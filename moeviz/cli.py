@@ -272,14 +272,16 @@ def _plan(args) -> int:
 
 
 def _weight_features(model_name, stats):
+    """C-Prune's invariant weight features, read from the checkpoint's files one layer at a time."""
     from .adapters import get_adapter
-    from .loading import load_model
+    from .checkpoint import Checkpoint, FileLayer
+    from .loading import load_skeleton, local_dir
     from .methods.cprune import weight_features
 
     if not model_name:
         raise ValueError("cprune --features weights needs --model.")
-    model, _ = load_model(model_name, device="cpu")
-    return [weight_features(layer) for layer in get_adapter(model).layers]
+    ckpt = Checkpoint(local_dir(model_name))
+    return [weight_features(FileLayer(ckpt, layer)) for layer in get_adapter(load_skeleton(model_name)).layers]
 
 
 def _prune(args) -> int:

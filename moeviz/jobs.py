@@ -72,18 +72,33 @@ def stability(server, progress, config: dict, chunks: int, methods: list[str], r
 
 
 def similarity(server, progress, space: str, out: str) -> dict:
-    """A weight-space similarity (E × E per layer) of the loaded model, saved to `out` (.npy)."""
+    """A weight-space similarity (E × E per layer), saved to `out` (.npy). Read from the
+    checkpoint's files one layer's experts at a time (the model need not be loaded), or from
+    the loaded model when the files hold experts fused."""
+    from types import SimpleNamespace
+
     import numpy as np
 
     from .adapters import get_adapter
     from .analysis import similarity as compute
+    from .checkpoint import Checkpoint, FileLayer
+    from .loading import load_skeleton, local_dir
 
-    model, _, _ = server.loaded()
-    progress(space, 0, 1)
-    sim = compute(None, space, get_adapter(model))
+    if server.model is None:
+        try:
+            ckpt = Checkpoint(local_dir(server.model_name))
+            layers = [FileLayer(ckpt, layer) for layer in get_adapter(load_skeleton(server.model_name)).layers]
+        except NotImplementedError:
+            layers = get_adapter(server.loaded()[0]).layers
+    else:
+        layers = get_adapter(server.model).layers
+    sims = []
+    for i, layer in enumerate(layers):
+        progress(f"{space}, layer {layer.layer_idx}", i, len(layers))
+        sims.append(compute(None, space, SimpleNamespace(layers=[layer]))[0])
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(out).with_suffix(".tmp.npy")
-    np.save(tmp, sim)
+    np.save(tmp, np.stack(sims))
     tmp.replace(out)
     return dict(out=str(out))
 

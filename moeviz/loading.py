@@ -89,7 +89,8 @@ def load_model(
     if (Path(source) / PLAN_FILE).is_file():  # a pruned export moeviz wrote
         from .export import load_exported
 
-        model = load_exported(source, config, dtype=None if dtype == "auto" else dtype)
+        model = load_exported(source, config, dtype=None if dtype == "auto" else dtype,
+                              device="cpu" if offload or device_map else dev)
     else:
         kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
         if device_map is not None:

@@ -3,27 +3,40 @@ from pathlib import Path
 import streamlit as st
 
 from moeviz import plots
-from moeviz.runs import RunStore
+from moeviz.runs import RunStore, delta_table, run_name
 from pages.common import cache_dir, current_model
 
 name, skeleton, adapter, fingerprint = current_model()
 st.title("Compare")
 store = RunStore(Path(cache_dir()) / "runs.sqlite")
-table = store.table(fingerprint=fingerprint)
-if table.empty:
+runs = store.list(fingerprint=fingerprint)
+if not runs:
     st.info("No runs of this model yet: evaluate a plan on the Prune page, or run `moeviz sweep`.")
     st.stop()
 
-st.caption("What am I looking at: every evaluated run of this model; the original is the baseline.")
+baseline = next((r for r in runs if r.method == "original"), None)
+st.caption(
+    "What am I looking at: every evaluated run of this model, named after what it is, against the original: "
+    "each metric with its standard error (± over the evaluation's sequences for perplexity, binomial for task "
+    "accuracy), and the change from the original. A difference smaller than about twice the standard error "
+    "may be noise."
+)
+table = delta_table(runs, baseline)
 st.dataframe(table, hide_index=True)
-metrics = [c for c in table.columns if c not in ("id", "model", "method", "mode", "ratio", "scope", "calibration")
-           and table[c].dtype.kind in "fi"]
+full = store.table(fingerprint=fingerprint)
+full.insert(1, "run", [run_name(vars(r)) for r in runs])
+st.download_button("Download every metric (CSV)", full.to_csv(index=False), file_name="moeviz-runs.csv",
+                   mime="text/csv")
+
+metrics = [c for c in full.columns if c not in ("id", "model", "method", "mode", "ratio", "scope", "calibration")
+           and full[c].dtype.kind in "fi" and not c.endswith("_se")]
 default = "task_mean" if "task_mean" in metrics else "perplexity"
-metric = st.selectbox("Metric", metrics, index=metrics.index(default))
-st.plotly_chart(plots.ratio_curves(table, metric, f"{metric} against pruning ratio"), key="curves")
+metric = st.selectbox("Metric", metrics, index=metrics.index(default), key="compare_metric")
+st.plotly_chart(plots.ratio_curves(full, metric, f"{metric} against pruning ratio"), key="curves")
 
 with st.expander("Delete a run"):
-    run_id = st.selectbox("Run", table["id"].tolist())
-    if st.checkbox(f"Yes, delete run {run_id}") and st.button("Delete"):
+    labels = {r.id: f"{r.id}: {run_name(vars(r))}" for r in runs}
+    run_id = st.selectbox("Run", list(labels), format_func=labels.get)
+    if st.checkbox(f"Yes, delete run {labels[run_id]}") and st.button("Delete"):
         store.delete(int(run_id))
         st.rerun()

@@ -127,3 +127,21 @@ def test_umap_embedding(twins):
     xy = analysis.embed_experts(stats.probe_mean.numpy(), method="umap")
     assert xy.shape == (2, 8, 2) and np.isfinite(xy).all()
 
+
+
+def test_weight_spaces_from_the_files_equal_those_of_the_loaded_model(tmp_path):
+    from moeviz.adapters import get_adapter
+    from moeviz.analysis import similarity
+    from moeviz.checkpoint import Checkpoint, FileLayer
+    from moeviz.loading import load_skeleton
+    from moeviz.tiny import tiny_model
+
+    for family in ("mixtral", "qwen2_moe"):
+        model = tiny_model(family)
+        model.save_pretrained(tmp_path / family)
+        ckpt = Checkpoint(tmp_path / family)
+        files = type("Files", (), {"layers": [FileLayer(ckpt, layer)
+                                              for layer in get_adapter(load_skeleton(tmp_path / family)).layers]})
+        for space in ("weights", "weights_invariant", "router"):
+            np.testing.assert_allclose(similarity(None, space, files), similarity(None, space, get_adapter(model)),
+                                       atol=1e-6)
