@@ -40,10 +40,8 @@ if st.button("Calibrate", type="primary"):
 
 
 @st.fragment(run_every=1)
-def job_ui():
-    job = st.session_state.get("calibration_job")
-    if job is None:
-        return
+def job_ui(job: str):
+    """Polls the backend while the job runs (only then: an idle page does no work)."""
     status = job_status(name, job)
     if status["state"] == "failed":
         st.error(f"Calibration failed: {status.get('error')}")
@@ -56,7 +54,8 @@ def job_ui():
         progress_ui(status, "Calibration")
 
 
-job_ui()
+if st.session_state.get("calibration_job"):
+    job_ui(st.session_state["calibration_job"])
 finished = st.session_state.pop("calibration_done", None)  # shown once, then gone
 if finished:
     st.success(f"{'Found in the cache' if finished['cached'] else 'Calibrated'}: {finished['tokens']:,} tokens "

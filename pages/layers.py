@@ -100,24 +100,27 @@ def stability_ui() -> None:
         st.session_state["stability_job"] = submit(
             name, "stability", config=dict(data=config.data, num_samples=config.num_samples, seq_len=config.seq_len,
                                            seed=config.seed), chunks=int(chunks), methods=methods, ratio=ratio, out=str(out))
-    stability_results(str(out))
+    if st.session_state.get("stability_job"):
+        stability_job_ui(st.session_state["stability_job"])
+    if error := st.session_state.pop("stability_error", None):
+        st.error(f"Stability failed: {error}")
+    if not out.exists():
+        return
+    for method, rows in json.loads(out.read_text()).items():
+        st.plotly_chart(plots.stability_curves(rows, f"{method}: agreement with the full calibration"),
+                        key=f"stability_{method}")
 
 
 @st.fragment(run_every=1)
-def stability_results(out: str) -> None:
-    job = st.session_state.get("stability_job")
-    if not Path(out).exists():
-        if job is not None:
-            status = job_status(name, job)
-            if status["state"] == "failed":
-                st.error(f"Stability failed: {status.get('error')}")
-                st.session_state.pop("stability_job")
-            else:
-                progress_ui(status, "Stability")
-        return
-    for method, rows in json.loads(Path(out).read_text()).items():
-        st.plotly_chart(plots.stability_curves(rows, f"{method}: agreement with the full calibration"),
-                        key=f"stability_{method}")
+def stability_job_ui(job: str) -> None:
+    """Polls the backend while the job runs (only then: an idle page does no work)."""
+    status = job_status(name, job)
+    if status["state"] in ("done", "failed"):
+        st.session_state.pop("stability_job")
+        if status["state"] == "failed":
+            st.session_state["stability_error"] = status.get("error")
+        st.rerun()
+    progress_ui(status, "Stability")
 
 
 stability_ui()

@@ -189,6 +189,7 @@ if c2.button("Export checkpoint"):
 
 @st.fragment(run_every=1)
 def jobs_ui():
+    """Polls the backend while a job runs (only then: an idle page does no work)."""
     for key, label in (("eval_job", "Evaluation"), ("export_job", "Export")):
         job = st.session_state.get(key)
         if job is None:
@@ -205,7 +206,8 @@ def jobs_ui():
             progress_ui(status, label)
 
 
-jobs_ui()
+if st.session_state.get("eval_job") or st.session_state.get("export_job"):
+    jobs_ui()
 if result := st.session_state.get("eval_job_result"):
     store = RunStore(RUNS)
     run, baseline = store.get(result["run_id"]), store.get(result["baseline_id"])
