@@ -8,11 +8,18 @@ from pages.common import default_model
 st.set_page_config(page_title="moeviz", layout="wide")
 
 st.sidebar.title("moeviz")
-model = st.sidebar.text_input(  # first from the URL, else the command line, else demo
-    "Model", value=st.query_params.get("model", default_model()), key="model_input",
+if "model_name" not in st.session_state:  # first from the URL, else the command line, else demo
+    st.session_state["model_name"] = st.query_params.get("model", default_model())
+
+
+def _model_changed() -> None:
+    st.session_state["model_name"] = st.session_state["model_input"].strip() or "demo"
+
+
+st.sidebar.text_input(  # a callback, not the return value: st.navigation reruns would reset it
+    "Model", value=st.session_state["model_name"], key="model_input", on_change=_model_changed,
     help="'demo' (the shipped model, offline), a local checkpoint path or a Hugging Face id",
 )
-st.session_state["model_name"] = model.strip() or "demo"
 st.query_params["model"] = st.session_state["model_name"]
 
 page = st.navigation([

@@ -38,20 +38,22 @@ class EvalConfig:
 
 @torch.inference_mode()
 def _logits(model: PreTrainedModel, tokens: torch.Tensor, batch_size: int):
-    """Yield (batch tokens, float32 logits) on the model's device."""
+    """Yield (batch tokens, logits in the model's dtype) on the model's device."""
     device = execution_device(model)
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start:start + batch_size].to(device)
-        yield batch, model(input_ids=batch, use_cache=False).logits.float()
+        yield batch, model(input_ids=batch, use_cache=False).logits
+
+
+def _rows_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of each sequence (B,), in float32, one sequence at a time: a
+    (B, L, V) float32 copy of a large vocabulary's logits is not made."""
+    return torch.stack([F.cross_entropy(row[:-1].float(), ids[1:]) for row, ids in zip(logits, batch)]).cpu()
 
 
 def sequence_nll(model: PreTrainedModel, tokens: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Mean next-token negative log-likelihood of each sequence of (N, L): (N,) nats."""
-    out = []
-    for batch, logits in _logits(model, tokens, batch_size):
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")  # (B, L-1)
-        out.append(nll.mean(1).cpu())
-    return torch.cat(out)
+    return torch.cat([_rows_nll(logits, batch) for batch, logits in _logits(model, tokens, batch_size)])
 
 
 def perplexity(model: PreTrainedModel, tokens: torch.Tensor, batch_size: int = 8) -> float:
@@ -67,8 +69,11 @@ def _perplexity_report(nll: torch.Tensor) -> dict:
 
 
 def _kl_agreement(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, int]:
-    logp, ref_logp = F.log_softmax(logits, -1), F.log_softmax(ref, -1)
-    kl = F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
+    """Σ KL(ref ‖ logits) over tokens and the count of equal top-1s, (B, L, V) one sequence at a time."""
+    kl = 0.0
+    for row, ref_row in zip(logits, ref):
+        logp, ref_logp = F.log_softmax(row.float(), -1), F.log_softmax(ref_row.float(), -1)
+        kl += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
     return kl, int((logits.argmax(-1) == ref.argmax(-1)).sum())
 
 
@@ -91,10 +96,10 @@ def plan_fidelity(handle, tokens: torch.Tensor, batch_size: int = 8) -> dict:
     nll, kl, agree = [], 0.0, 0
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start:start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
+        logits = model(input_ids=batch, use_cache=False).logits
         with handle.original():
-            ref = model(input_ids=batch, use_cache=False).logits.float()
-        nll.append(F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none").mean(1).cpu())
+            ref = model(input_ids=batch, use_cache=False).logits
+        nll.append(_rows_nll(logits, batch))
         k, a = _kl_agreement(logits, ref)
         kl, agree = kl + k, agree + a
     return dict(_perplexity_report(torch.cat(nll)), kl=max(kl / tokens.numel(), 0.0),

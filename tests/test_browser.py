@@ -170,3 +170,15 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     _open(page, "Compare")
     page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)  # the ratio curves
     _no_error(page)
+
+    from moeviz.tiny import tiny_model  # another model, typed into the sidebar, stays chosen
+
+    tiny_model("olmoe").save_pretrained(tmp_path / "olmoe")
+    box = page.get_by_role("textbox", name="Model", exact=True)
+    box.fill(str(tmp_path / "olmoe"))
+    box.press("Enter")
+    _idle(page)
+    _open(page, "Overview")
+    page.locator("code", has_text="olmoe").first.wait_for(timeout=60_000)  # "… — `olmoe`, 2 MoE layers …"
+    assert box.input_value() == str(tmp_path / "olmoe")
+    _no_error(page)
