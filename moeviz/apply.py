@@ -68,7 +68,7 @@ def apply_plan(model: PreTrainedModel, plan: PruningPlan, stats: ExpertStats | N
     adapter = get_adapter(model)
     for row, layer in enumerate(adapter.layers):
         if plan.sparsity or plan.nm:
-            for weight, mask in _sparsity_masks(layer, stats, row, plan):
+            for weight, mask, _, _ in _sparsity_masks(layer, stats, row, plan):
                 weight.masked_fill_(mask, 0)
         experts = plan.pruned.get(layer.layer_idx, [])
         if not experts:
@@ -113,10 +113,10 @@ class AppliedPlan:
         check_plan(model, plan, stats, self.adapter, fingerprint)
         self.active = False
         self.edits: list = []
+        files = _source_files(model) if plan.sparsity or plan.nm else None
         for row, layer in enumerate(self.adapter.layers):
             if plan.sparsity or plan.nm:
-                self.edits += [_ValueSwap(w, mask, torch.zeros((), dtype=w.dtype, device=w.device))
-                               for w, mask in _sparsity_masks(layer, stats, row, plan)]
+                self.edits += _sparsity_edits(layer, stats, row, plan, files)
             experts = plan.pruned.get(layer.layer_idx, [])
             if not experts:
                 continue
@@ -174,6 +174,47 @@ class _ValueSwap:
             current = self.tensor[mask]
             self.tensor[mask] = self.values
         self.values = current
+
+
+class _ZeroFromFiles:
+    """Weight sparsity where the model's weights are its checkpoint's: zero the masked weights,
+    and put them back from the (memory-mapped) files, so only the bitmask is kept."""
+
+    def __init__(self, tensor: torch.Tensor, mask: torch.Tensor, read):
+        self.tensor, self.shape, self.bits, self.read = tensor, tuple(tensor.shape), _pack(mask), read
+        self.zeroed = False
+
+    def swap(self) -> None:
+        mask = _unpack(self.bits, self.shape)
+        if self.zeroed:
+            self.tensor[mask] = self.read().to(self.tensor.device, self.tensor.dtype)[mask]
+        else:
+            self.tensor.masked_fill_(mask, 0)
+        self.zeroed = not self.zeroed
+
+
+def _source_files(model) -> dict | None:
+    """(layer_idx → FileLayer) when the model's weights are those of its checkpoint's files,
+    stored one key per expert; else None (zeroed values are then kept in memory)."""
+    from .checkpoint import Checkpoint, FileLayer
+
+    source = getattr(model, "_moeviz_source", None)
+    if source is None:
+        return None
+    try:
+        ckpt = Checkpoint(source)
+        return {layer.layer_idx: FileLayer(ckpt, layer) for layer in get_adapter(model).layers}
+    except (NotImplementedError, FileNotFoundError):
+        return None
+
+
+def _sparsity_edits(layer: MoELayer, stats, row: int, plan: PruningPlan, files: dict | None) -> list:
+    if files is None:
+        return [_ValueSwap(w, mask, torch.zeros((), dtype=w.dtype, device=w.device))
+                for w, mask, _, _ in _sparsity_masks(layer, stats, row, plan)]
+    file_layer = files[layer.layer_idx]
+    return [_ZeroFromFiles(w, mask, lambda e=e, role=role: file_layer.ckpt.tensor(file_layer.keys[e][role]))
+            for w, mask, e, role in _sparsity_masks(layer, stats, row, plan)]
 
 
 class _ModuleSwap:
@@ -383,14 +424,14 @@ def align_neurons(reference, expert) -> None:
 
 # ---- weight sparsity (MoE-Pruner) ---------------------------------------------------------
 def _sparsity_masks(layer: MoELayer, stats: ExpertStats, row: int, plan: PruningPlan):
-    """(weight view, mask) for the gate, up and down of every kept expert: the lowest |W|·‖gX‖
-    of each row (one expert at a time, so only one expert's scores exist at once)."""
+    """(weight view, mask, expert, role) for the gate, up and down of every kept expert: the
+    lowest |W|·‖gX‖ of each row (one expert at a time, so only one expert's scores exist at once)."""
     gone = set(plan.pruned.get(layer.layer_idx, ()))
     for e in range(layer.num_experts):
         if e in gone:
             continue
         w = layer.expert_weights(e)  # views into the model's tensors
         in_norm, mid_norm = stats["in_sqnorm"][row, e], stats["mid_sqnorm"][row, e]
-        for weight, norm in ((w.gate, in_norm), (w.up, in_norm), (w.down, mid_norm)):
+        for role, weight, norm in (("gate", w.gate, in_norm), ("up", w.up, in_norm), ("down", w.down, mid_norm)):
             if weight is not None:
-                yield weight, pruning_mask(weight, norm.to(weight.device), plan.sparsity, plan.nm)
+                yield weight, pruning_mask(weight, norm.to(weight.device), plan.sparsity, plan.nm), e, role

@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars only
+    return_freed_memory()
     if not hasattr(args, "func"):
         parser.print_help()
         return 0
@@ -25,6 +26,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, KeyError, NotImplementedError, ImportError, MemoryError) as err:
         print(f"moeviz: error: {err}", file=sys.stderr)
         return 2
+
+
+def return_freed_memory() -> None:
+    """On glibc (Linux), hand large freed blocks back to the system at once and keep one heap
+    per thread pair: a forward pass's transient tensors then leave no lasting footprint, and
+    the process's memory stays close to the weights it holds."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks of 1 MiB and more come from (and go back to) mmap
+    libc.mallopt(-8, 2)  # M_ARENA_MAX
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--stats", help="the plan's stats directory (novices, merges, weight sparsity)")
     ev.add_argument("--runs", help="also store the report as a run in this SQLite file")
     ev.add_argument("--out", help="write the report as JSON here")
+    ev.add_argument("--json", action="store_true", help="print the full report as JSON (default: a summary)")
     ev.set_defaults(func=_evaluate)
 
     sw = sub.add_parser("sweep", help="plan, apply, evaluate and store every method × ratio")
@@ -343,8 +360,22 @@ def _evaluate(args) -> int:
     text = json.dumps(report, indent=2, default=float)
     if args.out:
         Path(args.out).write_text(text)
-    print(text)
+    print(text if args.json else _summary(report))
     return 0
+
+
+def _summary(report: dict) -> str:
+    """A few lines a person reads: each main metric with its standard error where known."""
+    se = report.get("se") or {}
+    lines = []
+    for key in ("perplexity", "task_mean", "kl", "top1_agreement", "params_saved", "tokens_per_s"):
+        if key in report:
+            err = report.get(f"{key}_se", se.get(key))
+            lines.append(f"{key:>15}: {report[key]:.4g}" + (f" ± {err:.2g}" if err else ""))
+    tasks = [f"{k.removeprefix('task_')} {v:.2f}" for k, v in report.items() if k.startswith("task_") and k != "task_mean"]
+    if tasks:
+        lines.append(f"{'tasks':>15}: " + ", ".join(tasks))
+    return "\n".join(lines)
 
 
 def _sweep(args) -> int:

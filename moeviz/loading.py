@@ -95,6 +95,8 @@ def load_model(
         kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
         if device_map is not None:
             kwargs["device_map"] = device_map
+        elif dev.type == "cuda" and not offload:
+            kwargs["device_map"] = str(dev)  # straight to the GPU, not through a copy in CPU memory
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if offload:
         try:
