@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", required=True, help="where to write plan.json")
     plan.set_defaults(func=_plan)
 
-    prune = sub.add_parser("prune", help="apply a plan and export the pruned checkpoint, shard by shard "
-                                         "(the model is never loaded; --device is not used)")
-    _model_args(prune)
+    prune = sub.add_parser("prune", help="export the pruned checkpoint, streamed shard by shard from the original's")
+    prune.add_argument("--model", default="demo", help="'demo', a local checkpoint path or a hub id (its files are read, "
+                       "the model is never loaded)")
     prune.add_argument("--plan", required=True)
     prune.add_argument("--stats", help="the stats directory (needed for novices, merges, weight sparsity)")
     prune.add_argument("--out", required=True, help="a new directory for the pruned checkpoint")

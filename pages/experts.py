@@ -18,7 +18,9 @@ st.caption(
     "experts the statistic calls important; dark cells are pruning candidates. Click a cell for "
     "that expert's numbers."
 )
-fig = plots.layer_expert_heatmap(stats.view(stat), stats.layer_indices, VIEWS[stat][0], stat)
+log = persistent(st.toggle, "Log colour scale", key="expert_log", default=False,
+                 help="for heavy-tailed statistics; the colours are clipped to the 2nd–98th percentile either way")
+fig = plots.layer_expert_heatmap(stats.view(stat), stats.layer_indices, VIEWS[stat][0], stat, log=log)
 event = st.plotly_chart(fig, key="expert_heatmap", on_select="rerun", selection_mode=("points",))
 picked = plots.selected_cells(event)
 if picked:

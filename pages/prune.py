@@ -63,17 +63,17 @@ def curve_ui() -> None:
         else:
             missing.append(method)
     if missing:
-        job = st.session_state.get("curve_job")
-        if job is None:
-            if st.button("Estimate quality at every ratio", help="KL to the original and top-1 agreement on a small held-out batch, "
-                                     "each ratio's plan applied in place in the backend"):
-                method = missing[0]
-                st.session_state["curve_job"] = submit(
-                    name, "curve", stats=STATS_DIR, methods=[method], ratios=CURVE_RATIOS,
-                    mode=config.mode, scope=config.scope, out=str(_curve_file(method)))
+        jobs = st.session_state.get("curve_jobs")
+        if not jobs:
+            if st.button("Estimate quality at every ratio", help="KL to the original and top-1 agreement on a small "
+                                                                "held-out batch, each ratio's plan applied in place "
+                                                                "in the backend"):
+                st.session_state["curve_jobs"] = [submit(
+                    name, "curve", stats=STATS_DIR, methods=[method], ratios=CURVE_RATIOS, mode=config.mode,
+                    scope=config.scope, out=str(_curve_file(method))) for method in missing]
                 st.rerun()
         else:
-            curve_job_ui(job)
+            curve_job_ui(jobs)
     if curves:
         points = [dict(method=r["method"], ratio=r["ratio"], kl=r.get("kl"), top1_agreement=r.get("top1_agreement"),
                        label=run_name(r)) for r in _stored_runs() if r["method"] in curves]
@@ -91,14 +91,17 @@ def _curve_file(method: str) -> Path:
 
 
 @st.fragment(run_every=1)
-def curve_job_ui(job: str) -> None:
-    status = job_status(name, job)
-    if status["state"] in ("done", "failed"):
-        st.session_state.pop("curve_job", None)
-        if status["state"] == "failed":
-            st.session_state["curve_error"] = status.get("error")
+def curve_job_ui(jobs: list[str]) -> None:
+    """Polls the backend while the estimates run (one job per method, run in order)."""
+    statuses = [job_status(name, job) for job in jobs]
+    if all(s["state"] in ("done", "failed") for s in statuses):
+        st.session_state.pop("curve_jobs", None)
+        errors = [s.get("error") for s in statuses if s["state"] == "failed"]
+        if errors:
+            st.session_state["curve_error"] = errors[0]
         st.rerun()
-    progress_ui(status, "Estimating")
+    running = next((s for s in statuses if s["state"] == "running"), statuses[0])
+    progress_ui(running, f"Estimating ({sum(s['state'] == 'done' for s in statuses)}/{len(jobs)} methods done)")
 
 
 def _stored_runs() -> list[dict]:
