@@ -4,7 +4,7 @@ Similarity spaces (each an E × E matrix per layer, symmetric, ones on the diago
 - `weights`: cosine of the experts' flattened gate/up/down weights. Sensitive to the order of
   intermediate neurons, which is arbitrary: two equal experts with permuted neurons look unlike.
 - `weights_invariant`: cosine of the products down·gate + down·up through a fixed random projection
-  (`moeviz.methods.cprune.weight_features`), unchanged by any permutation of intermediate
+  (`weight_features`), unchanged by any permutation of intermediate
   neurons. The default weight space for clustering; why: see the line above.
 - `outputs`: the probes' mean cosine of two experts' outputs on the same tokens.
 - `router`: cosine of the experts' router rows.
@@ -43,13 +43,30 @@ def router_norms(adapter: Adapter, checkpoint=None) -> np.ndarray:
 @torch.no_grad()
 def expert_features(adapter: Adapter, space: str) -> list[np.ndarray]:
     """Per layer, one feature row per expert (E, D), for the router and invariant weight spaces."""
-    from .methods.cprune import weight_features
-
     if space == "router":
         return [layer.router_weight.detach().float().cpu().numpy() for layer in adapter.layers]
     if space == "weights_invariant":
         return [weight_features(layer).numpy() for layer in adapter.layers]
     raise ValueError(f"{space!r} has no feature rows; spaces: {', '.join(SPACES)}")
+
+
+@torch.no_grad()
+def weight_features(layer, rank: int = 64, seed: int = 0) -> torch.Tensor:
+    """Permutation-invariant features of a layer's experts: down·(up ⊙ …)·R, (E, H·rank).
+
+    Intermediate neurons can be permuted freely without changing an expert, so flattened
+    weights of two equal experts may look unrelated; down @ diag(1) @ up (H × H) does not
+    change under such permutations. A fixed random projection R (H, rank) keeps it small.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    R = torch.randn(layer.hidden_size, rank, generator=gen) / rank ** 0.5
+    feats = []
+    for e in range(layer.num_experts):
+        w = layer.expert_weights(e)
+        up = w.up.float().cpu() if w.gate is None else torch.cat([w.gate, w.up], 0).float().cpu()
+        down = w.down.float().cpu() if w.gate is None else torch.cat([w.down, w.down], 1).float().cpu()
+        feats.append((down @ (up @ R)).reshape(-1))
+    return torch.stack(feats)
 
 
 @torch.no_grad()

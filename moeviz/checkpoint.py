@@ -31,6 +31,48 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+# ---- where a checkpoint's files are ----------------------------------------------------------
+DEMO = "demo"
+
+
+def demo_path() -> Path:
+    from .demo import CHECKPOINT_DIR
+
+    return CHECKPOINT_DIR
+
+
+def resolve_source(name_or_path: str | os.PathLike) -> str:
+    """`demo` → the shipped checkpoint; a path must exist; anything else is a hub id."""
+    name = str(name_or_path)
+    if name == DEMO:
+        return str(demo_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a transformers checkpoint.")
+        return str(path)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+    if looks_local:
+        raise FileNotFoundError(f"No such model directory: {path}")
+    return name
+
+
+def local_dir(name_or_path: str | os.PathLike) -> str:
+    """The directory holding a checkpoint's files: the path itself, or the local copy of a hub
+    id (downloaded into the Hugging Face cache if it is not there yet)."""
+    source = resolve_source(name_or_path)
+    if Path(source).is_dir():
+        return source
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
+    try:
+        return snapshot_download(source, allow_patterns=patterns, local_files_only=True)
+    except LocalEntryNotFoundError:  # not downloaded yet
+        return snapshot_download(source, allow_patterns=patterns)
+
+
 class Checkpoint:
     """The safetensors files of a local checkpoint directory: names, shapes, dtypes, and one
     tensor at a time, memory-mapped (reading a tensor does not read its neighbours)."""

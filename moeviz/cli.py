@@ -293,7 +293,7 @@ def _weight_features(model_name, stats):
     from .adapters import get_adapter
     from .checkpoint import Checkpoint, FileLayer
     from .loading import load_skeleton, local_dir
-    from .methods.cprune import weight_features
+    from .analysis import weight_features
 
     if not model_name:
         raise ValueError("cprune --features weights needs --model.")

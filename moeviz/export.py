@@ -33,10 +33,9 @@ from transformers import AutoConfig, PreTrainedModel
 
 from .adapters import Adapter, ExpertWeights, get_adapter
 from .apply import align_neurons, check_plan, install_novices, remove_experts
-from .checkpoint import ROLES, Checkpoint, ExpertKey, fingerprint, parse_expert_key, skeleton
-from .loading import PLAN_FILE, local_dir
+from .checkpoint import ROLES, Checkpoint, ExpertKey, fingerprint, local_dir, parse_expert_key, skeleton
 from .methods.moe_pruner import pruning_mask
-from .plan import PruningPlan
+from .plan import PLAN_FILE, PruningPlan
 from .stats import ExpertStats
 
 NOVICES_FILE = "moeviz_novices.safetensors"  # "layers.<decoder layer>": novices (P, H)

@@ -9,17 +9,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .adapters import family_of
-from .checkpoint import check_fits, fingerprint, model_bytes, skeleton
+from .checkpoint import DEMO, check_fits, fingerprint, local_dir, model_bytes, resolve_source, skeleton
+from .plan import PLAN_FILE
 
-PLAN_FILE = "moeviz_plan.json"  # beside a pruned export that reloads through moeviz
-
-DEMO = "demo"
-
-
-def demo_path() -> Path:
-    from .demo import CHECKPOINT_DIR
-
-    return CHECKPOINT_DIR
+__all__ = ["DEMO", "load_model", "load_skeleton", "load_config", "load_tokenizer", "local_dir", "model_fingerprint",
+           "resolve_device", "resolve_source", "execution_device"]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -30,22 +24,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("CUDA was asked for but torch sees no GPU (is this a CPU build of torch?).")
     return dev
-
-
-def resolve_source(name_or_path: str | os.PathLike) -> str:
-    """`demo` → the shipped checkpoint; a path must exist; anything else is a hub id."""
-    name = str(name_or_path)
-    if name == DEMO:
-        return str(demo_path())
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json: not a transformers checkpoint.")
-        return str(path)
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
-    if looks_local:
-        raise FileNotFoundError(f"No such model directory: {path}")
-    return name
 
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):
@@ -163,19 +141,3 @@ def model_fingerprint(model: PreTrainedModel | str | os.PathLike) -> str:
     if isinstance(model, PreTrainedModel):
         return fingerprint(model)
     return fingerprint(local_dir(model))
-
-
-def local_dir(name_or_path: str | os.PathLike) -> str:
-    """The directory holding a checkpoint's files: the path itself, or the local copy of a hub
-    id (downloaded into the Hugging Face cache if it is not there yet)."""
-    source = resolve_source(name_or_path)
-    if Path(source).is_dir():
-        return source
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
-    try:
-        return snapshot_download(source, allow_patterns=patterns, local_files_only=True)
-    except LocalEntryNotFoundError:  # not downloaded yet
-        return snapshot_download(source, allow_patterns=patterns)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 MODES = ("remove", "novice", "drop", "merge")
+PLAN_FILE = "moeviz_plan.json"  # beside a pruned export that reloads through moeviz
 SCOPES = ("layer", "global")
 
 

@@ -255,7 +255,7 @@ DEMO_TOKENS = torch.randint(4, 54, (2, 24), generator=torch.Generator().manual_s
 
 @pytest.mark.parametrize("name", method_names())
 def test_every_method_at_25_percent_on_the_demo_model_gives_a_valid_plan(demo, name):
-    from moeviz.methods.cprune import weight_features
+    from moeviz.analysis import weight_features
 
     model, _, stats = demo
     adapter = get_adapter(model)

@@ -20,7 +20,7 @@ similarity of expert outputs on the same tokens, as the authors' code) or `weigh
 import numpy as np
 import torch
 
-from ..analysis import cosine_matrix
+from ..analysis import cosine_matrix, weight_features  # noqa: F401 (weight_features: C-Prune's weight space)
 from ..plan import PlanError, PruningPlan
 from . import register
 
@@ -70,25 +70,6 @@ def expert_distances(stats, features: str, weights=None) -> np.ndarray:
     dist = np.clip(1.0 - sim, 0.0, 2.0)
     dist[:, np.arange(dist.shape[1]), np.arange(dist.shape[1])] = 0.0
     return dist
-
-
-@torch.no_grad()
-def weight_features(layer, rank: int = 64, seed: int = 0) -> torch.Tensor:
-    """Permutation-invariant features of a layer's experts: down·(up ⊙ …)·R, (E, H·rank).
-
-    Intermediate neurons can be permuted freely without changing an expert, so flattened
-    weights of two equal experts may look unrelated; down @ diag(1) @ up (H × H) does not
-    change under such permutations. A fixed random projection R (H, rank) keeps it small.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    R = torch.randn(layer.hidden_size, rank, generator=gen) / rank ** 0.5
-    feats = []
-    for e in range(layer.num_experts):
-        w = layer.expert_weights(e)
-        up = w.up.float().cpu() if w.gate is None else torch.cat([w.gate, w.up], 0).float().cpu()
-        down = w.down.float().cpu() if w.gate is None else torch.cat([w.down, w.down], 1).float().cpu()
-        feats.append((down @ (up @ R)).reshape(-1))
-    return torch.stack(feats)
 
 
 LINKAGES = ("average", "ward")
