@@ -29,6 +29,7 @@ page = st.navigation([
     st.Page("pages/similarity.py", title="Similarity"),
     st.Page("pages/layers.py", title="Layers"),
     st.Page("pages/prune.py", title="Prune"),
+    st.Page("pages/trace.py", title="Trace"),
     st.Page("pages/compare.py", title="Compare"),
 ])
 page.run()

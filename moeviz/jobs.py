@@ -122,3 +122,18 @@ def curve(server, progress, stats: str, methods: list[str], ratios: list[float],
     tmp.write_text(json.dumps(result))
     tmp.replace(out)
     return dict(out=str(out))
+
+
+def trace(server, progress, text: str, plan: dict | None = None, stats: str | None = None) -> dict:
+    """`moeviz.trace.trace` of one text on the loaded model (and under `plan`, applied in place)."""
+    from .plan import PruningPlan
+    from .stats import ExpertStats
+    from .trace import TraceError
+    from .trace import trace as route
+
+    model, tokenizer, fingerprint = server.loaded()
+    if tokenizer is None:
+        raise TraceError("This model has no tokenizer: moeviz cannot turn a text into its tokens.")
+    progress("tracing", 0, 1)
+    return route(model, tokenizer, text, PruningPlan(**plan) if plan else None,
+                 ExpertStats.load(stats) if stats else None, fingerprint)

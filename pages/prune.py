@@ -157,6 +157,7 @@ with left:
 
 if plan is None:
     st.stop()
+st.session_state.update(current_plan=json.loads(plan.to_json()), current_plan_stats=STATS_DIR)  # for the Trace page
 
 
 # ---- evaluate and export, in the backend -------------------------------------------------

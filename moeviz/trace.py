@@ -1,0 +1,148 @@
+"""One text through the experts: which experts each token visits in each MoE layer, and what a
+plan changes for that text (tokens sent elsewhere, tokens whose prediction gets worse).
+
+The routing is read with the same adapter code calibration uses (a hook on each router,
+`MoELayer.routing_from_output`), so the trace is what the model does, not a re-implementation.
+With a plan, the model runs once more under the plan applied in place (`moeviz.apply.applied`);
+expert numbers stay the original ones.
+"""
+
+from __future__ import annotations
+
+import html
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import get_adapter
+from .loading import execution_device
+
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000",
+           "#7F3C8D", "#11A579", "#3969AC", "#F2B701", "#E73F74", "#80BA5A", "#E68310", "#008695")
+
+
+class TraceError(ValueError):
+    """A text that cannot be traced (empty, or longer than the model's context)."""
+
+
+def encode(tokenizer, text: str, max_tokens: int | None) -> torch.Tensor:
+    """The text's token ids (1, T), as the model is fed them (with its special tokens)."""
+    if not text or not text.strip():
+        raise TraceError("The text is empty: give a few words to trace.")
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    if max_tokens and ids.shape[1] > max_tokens:
+        raise TraceError(f"The text is {ids.shape[1]} tokens long; this model reads at most {max_tokens}.")
+    return ids
+
+
+@torch.inference_mode()
+def trace(model, tokenizer, text: str, plan=None, stats=None, fingerprint: str | None = None) -> dict:
+    """Route `text` through the model: {"tokens" (T), "layers" (L), "experts" (L × T × k),
+    "weights" (L × T × k), "nll" (T − 1, nats)}; with `plan`, also "pruned" (the same three
+    under the plan) and "rerouted" (per layer, the fraction of tokens whose set of experts changed)."""
+    ids = encode(tokenizer, text, getattr(model.config, "max_position_embeddings", None))
+    adapter = get_adapter(model)
+    result = dict(tokens=[tokenizer.decode([i]) for i in ids[0].tolist()], layers=adapter.layer_indices,
+                  **_routed_pass(model, adapter, ids))
+    if plan is not None:
+        from .apply import applied
+
+        with applied(model, plan, stats, fingerprint):
+            result["pruned"] = _routed_pass(model, adapter, ids)
+        result["rerouted"] = [_changed(a, b) for a, b in zip(result["experts"], result["pruned"]["experts"])]
+    return result
+
+
+def _routed_pass(model, adapter, ids: torch.Tensor) -> dict:
+    """One forward pass with a hook on every router: top-k experts and weights, and the NLL."""
+    routes = {}
+    with _hooked(adapter, routes):
+        logits = model(input_ids=ids.to(execution_device(model)), use_cache=False).logits[0].float()
+    nll = F.cross_entropy(logits[:-1], ids[0, 1:].to(logits.device), reduction="none")
+    order = adapter.layer_indices
+    return dict(experts=[routes[i][0] for i in order], weights=[routes[i][1] for i in order],
+                nll=nll.cpu().tolist())
+
+
+@contextmanager
+def _hooked(adapter, routes: dict):
+    """Hooks registered after any plan's own router hooks, so they see the routing the plan makes."""
+    handles = []
+
+    def record(layer):
+        def hook(module, args, output):
+            routing = layer.routing_from_output(output)  # in the router's own order (its first choice first)
+            routes[layer.layer_idx] = (routing.top_k_index.cpu().tolist(), routing.top_k_weights.float().cpu().tolist())
+        return hook
+
+    try:
+        for layer in adapter.layers:
+            handles.append(layer.router.register_forward_hook(record(layer)))
+        yield routes
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _changed(before: list[list[int]], after: list[list[int]]) -> float:
+    return sum(set(a) != set(b) for a, b in zip(before, after)) / max(len(before), 1)
+
+
+def loss_changes(result: dict, top: int = 10) -> list[dict]:
+    """The tokens whose loss rose most under the plan: the predicted token, and its probability
+    before and after."""
+    if "pruned" not in result:
+        return []
+    rows = []
+    for t, (before, after) in enumerate(zip(result["nll"], result["pruned"]["nll"])):
+        rows.append(dict(position=t + 1, token=result["tokens"][t + 1], context=result["tokens"][t],
+                         p_before=float(torch.tensor(-before).exp()), p_after=float(torch.tensor(-after).exp()),
+                         nll_rise=after - before))
+    return sorted(rows, key=lambda r: -r["nll_rise"])[:top]
+
+
+# ---- drawing ------------------------------------------------------------------------------
+def expert_colour(expert: int) -> str:
+    return PALETTE[expert % len(PALETTE)]
+
+
+def tokens_html(result: dict, layer_idx: int, highlight: int | None = None, pruned: bool = False) -> str:
+    """One layer's tokens, each on its top-1 expert's colour, the top-k and weights on hover.
+    With a plan, tokens sent to other experts are underlined in red; `highlight`: an expert
+    whose tokens are framed."""
+    row = result["layers"].index(layer_idx)
+    source = result["pruned"] if pruned else result
+    spans = []
+    for t, token in enumerate(result["tokens"]):
+        experts, weights = source["experts"][row][t], source["weights"][row][t]
+        hover = ", ".join(f"expert {e}: {w:.2f}" for e, w in zip(experts, weights))
+        style = f"background:{expert_colour(experts[0])}33;border-bottom:3px solid {expert_colour(experts[0])};"
+        if "pruned" in result and set(result["experts"][row][t]) != set(result["pruned"]["experts"][row][t]):
+            style += "text-decoration:underline wavy #D55E00;"
+            hover += " · rerouted by the plan"
+        if highlight is not None and highlight in experts:
+            style += "outline:2px solid #000;"
+        shown = html.escape(token).replace("\n", "↵") or "·"
+        spans.append(f'<span class="tok" title="{html.escape(hover)}" style="{style}">{shown}</span>')
+    return f'<div class="trace" style="line-height:2;font-family:monospace;white-space:pre-wrap">{"".join(spans)}</div>'
+
+
+def page_html(result: dict, title: str = "moeviz trace") -> str:
+    """A self-contained page (no network) of every layer's tokens, and the loss changes."""
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             "<p>Each token on the colour of its first expert in that layer; hover for the top-k experts "
+             "and their weights." + (" Wavy red underline: the plan sends the token to other experts."
+                                     if "pruned" in result else "") + "</p>"]
+    for i, layer_idx in enumerate(result["layers"]):
+        note = f" — {result['rerouted'][i]:.0%} of tokens rerouted" if "rerouted" in result else ""
+        parts.append(f"<h3>Decoder layer {layer_idx}{note}</h3>"
+                     + tokens_html(result, layer_idx, pruned="pruned" in result))
+    if rows := loss_changes(result):
+        cells = "".join(f"<tr><td>{r['position']}</td><td>{html.escape(repr(r['token']))}</td>"
+                        f"<td>{r['p_before']:.3f}</td><td>{r['p_after']:.3f}</td></tr>" for r in rows)
+        parts.append("<h3>Where the prediction got worse</h3><table><tr><th>position</th><th>next token</th>"
+                     f"<th>p before</th><th>p after</th></tr>{cells}</table>")
+    body = "\n".join(parts)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+            f"<body style='font-family:sans-serif;max-width:60em;margin:2em auto'>{body}</body></html>")
