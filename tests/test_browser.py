@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-PAGES = ["Overview", "Calibrate", "Experts", "Similarity", "Layers", "Prune", "Compare"]
+PAGES = ["Overview", "Calibrate", "Experts", "Similarity", "Layers", "Prune", "Trace", "Compare"]
 
 pytestmark = [
     pytest.mark.browser,
@@ -150,7 +150,7 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     _idle(page)
     page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')].some(gd => "
                            "gd.data && gd.data.some(t => t.name === 'changed by hand' && t.x.length === 6))")
-    assert _pruned(page) == expected
+    page.wait_for_function(f"() => document.querySelector('[data-testid=stMetricValue]').innerText == '{expected}'")
     page.get_by_role("button", name="Undo").click()
     _idle(page)
     page.wait_for_function(f"() => document.querySelector('[data-testid=stMetricValue]').innerText == '{before}'")
@@ -166,6 +166,22 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     page.get_by_text("Evaluated as run").wait_for(timeout=300_000)
     _no_error(page)
     page.screenshot(path=str(tmp_path / "prune.png"), full_page=True)
+
+    _open(page, "Trace")  # a typed text, its tokens coloured; then under the Prune page's plan
+    page.get_by_role("textbox", name="Text").fill("12+30=42\nrev abc:cba\n")
+    page.get_by_role("button", name="Trace", exact=True).click()
+    page.locator("span.tok").first.wait_for(timeout=120_000)
+    tokens = page.locator("span.tok")
+    assert tokens.count() == 22 and "background" in tokens.nth(1).get_attribute("style")
+    page.get_by_text("Under the Prune page's plan").click()
+    _idle(page)
+    page.get_by_role("button", name="Trace", exact=True).click()
+    page.get_by_text("of this layer's tokens to other experts").wait_for(timeout=120_000)
+    page.get_by_role("combobox", name="Layer").click()
+    page.get_by_role("option", name="3", exact=True).click()
+    _idle(page)
+    assert page.locator("span.tok[style*='wavy']").count() > 0  # rerouted tokens are marked
+    _no_error(page)
 
     _open(page, "Compare")
     page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)  # the ratio curves
