@@ -30,6 +30,8 @@ class CalibConfig:
     batch_size: int = 8  # sequences per forward pass; halved on a CUDA out-of-memory error
     seed: int = 0  # sampling of texts and of probe tokens
     probe_tokens: int = 256  # per layer, tokens on which every expert runs; 0 turns probes off
+    layer_by_layer: bool = False  # read one decoder layer at a time from the files (a skeleton model); same stats
+    device: str = "auto"  # where layer-by-layer calibration computes
     cache_dir: Path = DEFAULT_CACHE_DIR
 
     def key_fields(self) -> dict:
@@ -95,7 +97,10 @@ def calibrate(
     tokens = sample_sequences(config.data, config.num_samples, config.seq_len, tokenizer,
                               config.seed, vocab_size=model.config.vocab_size)
     shard = tokens[world.get_rank()::world.get_world_size()] if world is not None else tokens
-    sums = observe(model, adapter, shard, config, progress)
+    if config.layer_by_layer:
+        sums = observe_layers(model, shard, config, progress)
+    else:
+        sums = observe(model, adapter, shard, config, progress)
     calibration = dict(config.key_fields(), tokens=int(tokens.numel()))
     stats = ExpertStats.from_sums(sums, dict(meta, calibration=calibration))
     if path is not None and (world is None or world.get_rank() == 0):
@@ -146,6 +151,22 @@ def observe(model, adapter: Adapter, tokens: torch.Tensor, config: CalibConfig,
                 raise
             batch_size //= 2
             torch.cuda.empty_cache()
+
+
+def observe_layers(model, tokens: torch.Tensor, config: CalibConfig, progress: Progress | None = None,
+                   prune=None) -> dict[str, torch.Tensor]:
+    """`observe`, one decoder layer at a time from the checkpoint's files (`moeviz.layerwise`):
+    `model` is a skeleton from `load_skeleton(…, with_files=True)`. Progress counts layers."""
+    from .checkpoint import Checkpoint
+    from .layerwise import observe_layerwise
+    from .loading import resolve_device
+
+    source = getattr(model, "_moeviz_source", None)
+    if source is None:
+        raise ValueError("Layer-by-layer calibration reads the checkpoint's files: load the model with "
+                         "load_skeleton(name, with_files=True).")
+    return observe_layerwise(model, Checkpoint(source), tokens, config.probe_tokens, config.seed,
+                             config.batch_size, resolve_device(config.device), progress, prune)
 
 
 def _observe_pass(model, adapter, tokens, config, batch_size, progress):

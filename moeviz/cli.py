@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--probe-tokens", type=int, default=256, help="tokens per layer on which every expert runs")
     cal.add_argument("--no-probes", action="store_true", help="skip the probes (same as --probe-tokens 0)")
     cal.add_argument("--cache-dir", default="cache")
+    cal.add_argument("--layer-by-layer", action="store_true",
+                     help="read one decoder layer at a time from the checkpoint's files (a model larger than "
+                          "memory); the same statistics, the same cache entry")
     _offload_arg(cal)
     cal.set_defaults(func=_calibrate)
 
@@ -268,27 +271,31 @@ def _serve(args) -> int:
 def _calibrate(args) -> int:
     from tqdm import tqdm
 
-    from .calibrate import CalibConfig, calibrate
+    from .calibrate import CalibConfig, cache_path, calibrate
     from .data import parse_source
-    from .calibrate import cache_path
-    from .loading import load_model
+    from .loading import load_model, load_skeleton, load_tokenizer
 
     parse_source(args.data)  # a bad source fails before the model loads
+    rank, device = _start_data_parallel(args.device)  # under torchrun: one shard per process
     config = CalibConfig(
         data=args.data, num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
         seed=args.seed, probe_tokens=0 if args.no_probes else args.probe_tokens, cache_dir=args.cache_dir,
+        layer_by_layer=args.layer_by_layer, device=device,
     )
-    rank, device = _start_data_parallel(args.device)  # under torchrun: one shard per process
-    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                                  offload=args.offload)
+    if args.layer_by_layer:  # a skeleton; each decoder layer is read when its turn comes
+        model = load_skeleton(args.model, args.trust_remote_code, with_files=True)
+        tokenizer = load_tokenizer(model._moeviz_source, args.trust_remote_code)
+    else:
+        model, tokenizer = load_model(args.model, device=device, dtype=args.dtype,
+                                      trust_remote_code=args.trust_remote_code, offload=args.offload)
 
-    def progress(done: int, total: int) -> None:  # this process's sequences
+    def progress(done: int, total: int) -> None:  # this process's sequences, or decoder layers
         bar.total = total
         bar.update(done - bar.n)
 
     cached = cache_path(model, config).exists()
-    with tqdm(total=config.num_samples, unit="seq", desc="calibrating", file=sys.stderr,
-              disable=rank != 0 or cached) as bar:
+    with tqdm(total=config.num_samples, unit="layer" if args.layer_by_layer else "seq", desc="calibrating",
+              file=sys.stderr, disable=rank != 0 or cached) as bar:
         stats, path = calibrate(model, config, tokenizer, progress=progress)
     if rank == 0:
         print(f"{'cached: ' if cached else ''}{stats.meta['tokens']} tokens, {stats.num_layers} MoE layers × "

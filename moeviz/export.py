@@ -45,7 +45,7 @@ _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json"
 Progress = Callable[[int, int], None]  # (done, total) in source tensors
 
 
-def _file_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+def file_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     """The model's tensors other than routed experts, under the names its files give them
     (as `save_pretrained` writes them; the same tensor objects, renamed)."""
     from transformers.core_model_loading import revert_weight_conversion
@@ -153,7 +153,7 @@ class _Rewriter:
 
     def _router_keys(self, adapter: Adapter) -> dict[str, tuple[int, bool]]:
         """File key of every expert-indexed router tensor → (decoder layer, is it the weight)."""
-        key_of = {id(t): k for k, t in _file_tensors(adapter).items()}
+        key_of = {id(t): k for k, t in file_tensors(adapter).items()}
         keys = {}
         for layer in adapter.layers:
             router = layer.router
@@ -331,13 +331,13 @@ def _restructure(adapter: Adapter, plan: PruningPlan | None) -> dict[str, nn.Mod
 def _fill(model: PreTrainedModel, adapter: Adapter, ckpt: Checkpoint) -> Counter:
     """Copy every file tensor into its place. Returns {id of a parameter or buffer: elements written}."""
     layers = {layer.layer_idx: layer for layer in adapter.layers}
-    named = _file_tensors(adapter)
+    named = file_tensors(adapter)
     written = Counter()
     for key in sorted(ckpt.keys(), key=lambda k: ckpt.file_of[k]):  # file by file
         if key in named:
             target = named[key]
         elif (ek := parse_expert_key(key, layers)) is not None:
-            target = _expert_target(layers[ek.layer_idx], ek)
+            target = expert_target(layers[ek.layer_idx], ek)
         else:
             raise ValueError(f"{ckpt.path}: {key} has no place in this {model.config.model_type} model.")
         _copy_into(target, ckpt.tensor(key), written)
@@ -349,7 +349,7 @@ def _copy_into(target: torch.Tensor, value: torch.Tensor, written: Counter) -> N
     written[id(target if target._base is None else target._base)] += target.numel()
 
 
-def _expert_target(layer, ek: ExpertKey) -> torch.Tensor:
+def expert_target(layer, ek: ExpertKey) -> torch.Tensor:
     if ek.expert_idx is None:  # a fused tensor in the file is the parameter itself (GPT-OSS)
         return getattr(layer.experts, ek.name)
     if ek.name not in ROLES:

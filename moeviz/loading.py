@@ -103,11 +103,24 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
-def load_skeleton(name_or_path: str | os.PathLike = DEMO, trust_remote_code: bool = False) -> PreTrainedModel:
-    """The model's modules on the meta device: layers, experts and shapes, no weights read."""
+def load_skeleton(name_or_path: str | os.PathLike = DEMO, trust_remote_code: bool = False,
+                  with_files: bool = False) -> PreTrainedModel:
+    """The model's modules on the meta device: layers, experts and shapes, no weights read.
+
+    `with_files`: also find the checkpoint's files (downloading a hub model's) and take their
+    dtype, for work that reads the weights part by part (layer-by-layer calibration).
+    """
     config = load_config(name_or_path, trust_remote_code)
     family_of(config)
-    return skeleton(config, str(name_or_path))
+    if not with_files:
+        return skeleton(config, str(name_or_path))
+    from .checkpoint import Checkpoint
+
+    files = local_dir(name_or_path)
+    config.dtype = Checkpoint(files).main_dtype
+    model = skeleton(config, str(name_or_path))
+    model._moeviz_source = files
+    return model
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

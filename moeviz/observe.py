@@ -40,15 +40,17 @@ PROBE_SHAPES = {
 class LayerObserver:
     """The running sums of one MoE layer, and the reservoir of its probe tokens."""
 
-    def __init__(self, layer: MoELayer, probe_tokens: int, generator: torch.Generator):
+    def __init__(self, layer: MoELayer, probe_tokens: int, generator: torch.Generator,
+                 device: torch.device | None = None):
         self.layer = layer
-        dev = execution_device(layer.router)
+        dev = device or execution_device(layer.router)
         E, H, I = layer.num_experts, layer.hidden_size, layer.intermediate_size
         self.sums = {k: torch.zeros(f(E, H, I), dtype=torch.float64, device=dev) for k, f in SUM_SHAPES.items()}
         self.probe_tokens = probe_tokens
         self.generator = generator
         self.probe_x = torch.empty(0, H, device=dev)  # (≤ probe_tokens, H) a uniform sample
         self.probe_keys = torch.empty(0, device=dev)
+        self.finished = False  # probe sums taken already (layer by layer: while the weights are there)
 
     def record_routing(self, routing: Routing) -> None:
         s = self.sums
@@ -154,12 +156,14 @@ class LayerObserver:
 class Observer:
     """Observes every MoE layer of a model. Use `with observer.attached(): model(...)`."""
 
-    def __init__(self, adapter: Adapter, probe_tokens: int = 256, seed: int = 0):
+    def __init__(self, adapter: Adapter, probe_tokens: int = 256, seed: int = 0, device: torch.device | None = None):
         self.adapter = adapter
         world = distributed()
         rank = world.get_rank() if world else 0
-        generator = torch.Generator().manual_seed(seed + 7919 * rank)  # other probe keys on every rank
-        self.layers = [LayerObserver(layer, probe_tokens, generator) for layer in adapter.layers]
+        # A generator per layer (other keys on every rank): the probe sample does not depend on
+        # the order in which layers and batches are seen (one pass, or layer by layer).
+        self.layers = [LayerObserver(layer, probe_tokens, torch.Generator().manual_seed(seed + 7919 * rank + 104729 * i),
+                                     device) for i, layer in enumerate(adapter.layers)]
 
     @contextmanager
     def attached(self):
@@ -189,14 +193,25 @@ class Observer:
                     world.all_reduce(tensor)
         if all(obs.probe_tokens > 0 for obs in self.layers):
             for sums, obs in zip(per_layer, self.layers):
-                if world is not None:
-                    obs.pool_probe_tokens(world)
-                part = obs.probe_sums(*(world.get_rank(), world.get_world_size()) if world else (0, 1))
-                if world is not None:
-                    for tensor in part.values():
-                        world.all_reduce(tensor)
-                sums.update(part)
+                sums.update(obs.probe_part if obs.finished else self._probe_part(obs))
         return {k: torch.stack([s[k] for s in per_layer]).cpu() for k in per_layer[0]}
+
+    def finish_layer(self, index: int) -> None:
+        """Take layer `index`'s probe sums now, while its weights are in memory (layer by layer)."""
+        obs = self.layers[index]
+        if obs.probe_tokens > 0 and not obs.finished:
+            obs.probe_part, obs.finished = self._probe_part(obs), True
+
+    @staticmethod
+    def _probe_part(obs: LayerObserver) -> dict[str, torch.Tensor]:
+        world = distributed()
+        if world is not None:
+            obs.pool_probe_tokens(world)
+        part = obs.probe_sums(*(world.get_rank(), world.get_world_size()) if world else (0, 1))
+        if world is not None:
+            for tensor in part.values():
+                world.all_reduce(tensor)
+        return part
 
 
 def distributed():
