@@ -95,7 +95,8 @@ class MoELayer:
         self.family = family
         self.config = config
         self.router = _child(block, family.router_attrs)
-        self.experts = block.experts
+        self.novices = getattr(block.experts, "novices", None)  # a moeviz export with novices: (P, H)
+        self.experts = getattr(block.experts, "inner", block.experts)  # the kept experts inside such a wrapper
         self.shared = [m for a in family.shared_attrs if (m := getattr(block, a, None)) is not None]
         self.fused = isinstance(self.experts, nn.Module) and not isinstance(self.experts, nn.ModuleList)
 
@@ -247,7 +248,8 @@ class MoELayer:
 
     def __repr__(self) -> str:
         kind = "fused" if self.fused else "list"
-        return (f"MoELayer(layer_idx={self.layer_idx}, num_experts={self.num_experts}, "
+        novices = f", novices={len(self.novices)}" if self.novices is not None else ""
+        return (f"MoELayer(layer_idx={self.layer_idx}, num_experts={self.num_experts}{novices}, "
                 f"top_k={self.top_k}, {kind}, shared={len(self.shared)})")
 
 
@@ -339,6 +341,7 @@ def _child(module: nn.Module, names: tuple[str, ...], required: bool = True) -> 
 
 def _is_moe_block(block: nn.Module) -> bool:
     experts = getattr(block, "experts", None)
+    experts = getattr(experts, "inner", experts)  # kept experts wrapped with novices (a moeviz export)
     if isinstance(experts, nn.ModuleList):
         return len(experts) > 0
     return experts is not None and getattr(experts, "down_proj", None) is not None \

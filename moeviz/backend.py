@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def serve(model: str, port: int = 0, device: str = "auto", dtype: str | None = N
     httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(server))
     httpd.daemon_threads = True
     if parent_pid:
-        threading.Thread(target=_watch_parent, args=(parent_pid, httpd), daemon=True).start()
+        threading.Thread(target=_watch_parent, args=(parent_pid, ready_file), daemon=True).start()
     print(f"moeviz backend for {model} on http://127.0.0.1:{httpd.server_port}", file=sys.stderr, flush=True)
     if ready_file:  # tell the starter which port (atomically)
         tmp = Path(ready_file).with_suffix(".tmp")
@@ -124,11 +125,13 @@ def serve(model: str, port: int = 0, device: str = "auto", dtype: str | None = N
         httpd.server_close()
 
 
-def _watch_parent(pid: int, httpd) -> None:
+def _watch_parent(pid: int, ready_file: str | None) -> None:
     """Exit within a second of the app's end, however it ends (Ctrl-C, a closed terminal, kill -9):
     an orphan is handed to another parent."""
     while os.getppid() == pid:
         time.sleep(1)
+    if ready_file and Path(ready_file).parent.name.startswith("moeviz-backend-"):
+        shutil.rmtree(Path(ready_file).parent, ignore_errors=True)  # its log and port file
     os._exit(0)  # the app is gone: so are its backend and the jobs running in it
 
 
@@ -247,6 +250,8 @@ class Backend:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+        if self.log is not None:
+            shutil.rmtree(self.log.parent, ignore_errors=True)  # its log and port file
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()

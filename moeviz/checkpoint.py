@@ -208,6 +208,16 @@ class FileLayer:
         return self.ckpt.router_weight(self.layer_idx, self.num_experts)
 
 
+def readable(directory: str | os.PathLike) -> None:
+    """Give a directory written through a private temporary one (and safetensors' 0600 files)
+    the usual permissions: what the user's umask allows, like any file they write."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for file in Path(directory).rglob("*"):
+        os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~umask)
+
+
 def _header(file: Path) -> dict:
     with open(file, "rb") as f:
         size = int.from_bytes(f.read(8), "little")

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except (ValueError, OSError, KeyError, NotImplementedError, ImportError, MemoryError) as err:
-        print(f"moeviz: error: {err}", file=sys.stderr)
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # a KeyError's str() is quoted
+        print(f"moeviz: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -183,7 +184,8 @@ def _eval_config(args):
     from .evaluate import EvalConfig
 
     names = [] if args.tasks in ("none", "auto") else [t for t in args.tasks.split(",") if t]
-    demo = args.tasks == "demo" or "demo" in names or (args.tasks == "auto" and args.model == "demo")
+    is_demo = args.model == "demo" or getattr(args, "reference", None) == "demo"  # or an export of it
+    demo = args.tasks == "demo" or "demo" in names or (args.tasks == "auto" and is_demo)
     return EvalConfig(data=args.data, num_samples=args.samples, seq_len=args.seq_len,
                       batch_size=args.batch_size, demo_tasks=demo, task_examples=args.task_examples,
                       lm_eval_tasks=tuple(n for n in names if n != "demo"), throughput=args.throughput)
@@ -534,6 +536,8 @@ def _runs(args) -> int:
 
     from .runs import RunStore, delta_table
 
+    if not Path(args.runs).exists():
+        raise FileNotFoundError(f"No runs stored in {args.runs} yet.")
     store = RunStore(args.runs)
     if args.delete is not None:
         run = store.get(args.delete)
@@ -551,19 +555,12 @@ def _runs(args) -> int:
     if args.json:
         print(json.dumps([vars(r) for r in runs], indent=1, default=float))
         return 0
-    tables = []
-    for fingerprint in dict.fromkeys(r.fingerprint for r in runs):  # each model against its original
-        mine = [r for r in runs if r.fingerprint == fingerprint]
-        baseline = next((r for r in store.list(fingerprint=fingerprint, method="original")), None) \
-            if fingerprint else None
-        table = delta_table(mine, baseline)
-        table.insert(1, "model", [r.model for r in mine])
-        tables.append(table)
-    import pandas as pd
-
-    table = pd.concat(tables) if tables else pd.DataFrame()
-    print(table.to_csv(index=False) if args.csv else (table.to_string(index=False) if len(table) else "no runs"),
-          end="" if args.csv else "\n")
+    if args.csv:  # numbers, each standard error in a column of its own
+        print(store.table(**where).to_csv(index=False), end="")
+        return 0
+    table = delta_table(runs, store.list(method="original"))
+    table.insert(1, "model", [r.model for r in runs])
+    print(table.to_string(index=False) if len(table) else "no runs")
     return 0
 
 

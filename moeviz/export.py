@@ -33,7 +33,7 @@ from transformers import AutoConfig, PreTrainedModel
 
 from .adapters import Adapter, ExpertWeights, get_adapter
 from .apply import align_neurons, check_plan, install_novices, remove_experts
-from .checkpoint import ROLES, Checkpoint, ExpertKey, fingerprint, local_dir, parse_expert_key, skeleton
+from .checkpoint import ROLES, Checkpoint, ExpertKey, fingerprint, local_dir, parse_expert_key, readable, skeleton
 from .methods.moe_pruner import pruning_mask
 from .plan import PLAN_FILE, PruningPlan
 from .stats import ExpertStats
@@ -88,7 +88,7 @@ def export_plan(source, plan: PruningPlan, stats: ExpertStats | None, out_dir,
             plan.save(tmp / PLAN_FILE)
             if plan.mode in ("novice", "drop"):
                 save_file(novice_vectors(adapter, plan, stats, ckpt.main_dtype), tmp / NOVICES_FILE)
-        os.chmod(tmp, 0o755)  # mkdtemp made it private
+        readable(tmp)  # mkdtemp made it private, safetensors its files
         tmp.rename(out)  # replaces an empty out_dir
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -157,6 +157,9 @@ class Observer:
     """Observes every MoE layer of a model. Use `with observer.attached(): model(...)`."""
 
     def __init__(self, adapter: Adapter, probe_tokens: int = 256, seed: int = 0, device: torch.device | None = None):
+        if any(layer.novices is not None for layer in adapter.layers):
+            raise NotImplementedError("This model answers for pruned experts with novices (a moeviz export): "
+                                      "calibrate the original model, whose experts are all there.")
         self.adapter = adapter
         world = distributed()
         rank = world.get_rank() if world else 0

@@ -95,15 +95,17 @@ class RunStore:
 
     def delta_table(self, run_ids: list[int], baseline_id: int | None = None) -> pd.DataFrame:
         """`delta_table` of these runs against the baseline run."""
-        return delta_table([self.get(i) for i in run_ids], self.get(baseline_id) if baseline_id else None)
+        return delta_table([self.get(i) for i in run_ids], [self.get(baseline_id)] if baseline_id else [])
 
     def table(self, **where) -> pd.DataFrame:
-        """One row per run: its settings, then every metric as a column."""
+        """One row per run: its settings, then every metric (and standard error) as a number."""
         rows = []
         for run in self.list(**where):
             flat = {k: v for k, v in run.metrics.items() if not isinstance(v, dict)}
-            rows.append(dict(id=run.id, model=run.model, method=run.method, mode=run.mode, ratio=run.ratio,
-                             scope=run.scope, calibration=run.calibration, **flat))
+            flat.update({f"{k}_se": v for k, v in (run.metrics.get("se") or {}).items()})
+            rows.append(dict(id=run.id, model=run.model, run=run_name(vars(run)), evaluated_on=setting(run),
+                             method=run.method, mode=run.mode, ratio=run.ratio, scope=run.scope,
+                             calibration=run.calibration, **flat))
         return pd.DataFrame(rows)
 
 
@@ -157,13 +159,28 @@ def run_name(run: dict) -> str:
 SUMMARY = ("perplexity", "task_mean", "kl", "top1_agreement", "params_saved")
 
 
-def delta_table(runs: list[Run], baseline: Run | None) -> pd.DataFrame:
-    """One row per run: its name, each main metric with its standard error where known, and
-    the change against the original (`baseline`)."""
+def setting(run: Run) -> str:
+    """What a run was evaluated on, in a few words: `demo, 32 × 128, tasks`."""
+    e = run.metrics.get("eval") or {}
+    tasks = ", tasks" if e.get("demo_tasks") or e.get("lm_eval_tasks") else ""
+    return f"{e.get('data', '?')}, {e.get('num_samples', '?')} × {e.get('seq_len', '?')}{tasks}"
+
+
+def baseline_of(run: Run, originals: list[Run]) -> Run | None:
+    """The original evaluated exactly as `run` was (same model, same evaluation setting)."""
+    return next((o for o in originals if o.fingerprint == run.fingerprint
+                 and o.metrics.get("eval") == run.metrics.get("eval")), None)
+
+
+def delta_table(runs: list[Run], originals: list[Run] | None = None) -> pd.DataFrame:
+    """One row per run: its name, what it was evaluated on, each main metric with its standard
+    error where known, and the change against the original evaluated the same way."""
+    originals = [r for r in runs if r.method == "original"] if originals is None else originals
     rows = []
     for run in runs:
         m, se = run.metrics, run.metrics.get("se") or {}
-        row = dict(id=run.id, run=run_name(vars(run)))
+        baseline = baseline_of(run, originals)
+        row = dict(id=run.id, run=run_name(vars(run)), evaluated_on=setting(run))
         for key in SUMMARY:
             if key not in m:
                 continue

@@ -25,6 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import readable
+
 STATS_VERSION = 1
 ADDITIVE = ("count", "gate_sum", "prob_sum", "in_sqnorm", "mid_sqnorm", "ean_sum", "reap_sum",
             "coactivation", "tokens", "probe_out_sum", "probe_sim_sum", "probe_tokens")
@@ -156,6 +158,7 @@ class ExpertStats:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
             if path.exists():
                 raise FileExistsError(f"{path} exists already; not overwritten.")
+            readable(tmp)  # mkdtemp made it private, safetensors its file
             os.replace(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 from .evaluate import EvalConfig, evaluate
 from .loading import model_fingerprint
 from .methods import PlanConfig, make_plan
-from .runs import Run, RunStore
+from .runs import RunStore, store_evaluation
 from .stats import ExpertStats
 
 TABLE_COLUMNS = ("method", "mode", "ratio", "runs", "task_mean", "task_mean_std", "perplexity",
@@ -37,21 +37,22 @@ def sweep(model: PreTrainedModel, tokenizer, stats: ExpertStats, methods: list[s
     runs_per_cell = {spec: random_seeds if parse_method(spec)[0] == "random" else 1 for spec in methods}
     total, done, rows = 1 + sum(runs_per_cell.values()) * len(ratios), 0, []
 
-    def run(label, method, mode, ratio, plan=None) -> dict:
+    def run(label, plan=None) -> dict:
         nonlocal done
-        if plan is None:
+        if store is not None:  # stored once: an identical evaluation already stored is reused
+            ids = store_evaluation(store, model, tokenizer, eval_config, name, fingerprint, plan, stats, calibration)
+            report = store.get(ids["run_id"]).metrics
+        elif plan is None:
             report = evaluate(model, eval_config, tokenizer, reference=model)
         else:  # the plan in place, against the same weights without it
             report = evaluate(model, eval_config, tokenizer, plan=plan, stats=stats, fingerprint=fingerprint)
-        if store is not None:
-            store.add(Run(name, method, ratio, report, mode, scope, calibration, fingerprint))
         done += 1
         if progress is not None:
             progress(done, total, label)
         return report
 
     rows.append(dict(method="original", mode="", ratio=0.0, runs=1,
-                     **run("original", "original", None, 0.0)))
+                     **run("original")))
     for spec in methods:
         method, mode = parse_method(spec)
         for ratio in ratios:
@@ -59,7 +60,7 @@ def sweep(model: PreTrainedModel, tokenizer, stats: ExpertStats, methods: list[s
             for seed in range(runs_per_cell[spec]):
                 plan = make_plan(stats, PlanConfig(method, ratio=ratio, scope=scope, mode=mode, seed=seed),
                                  calibration=calibration)
-                reports.append(dict(run(f"{spec} {ratio:g}", method, plan.mode, ratio, plan),
+                reports.append(dict(run(f"{spec} {ratio:g}", plan),
                                     **({"seed": seed} if method == "random" else {})))
             kind = "sparsity" if plan.sparsity or plan.nm else plan.mode
             rows.append(dict(method=method, mode=kind, ratio=ratio, runs=len(reports), **_mean(reports)))

@@ -14,25 +14,28 @@ if not runs:
     st.info("No runs of this model yet: evaluate a plan on the Prune page, or run `moeviz sweep`.")
     st.stop()
 
-baseline = next((r for r in runs if r.method == "original"), None)
 st.caption(
     "What am I looking at: every evaluated run of this model, named after what it is, against the original: "
     "each metric with its standard error (± over the evaluation's sequences for perplexity, binomial for task "
     "accuracy), and the change from the original. A difference smaller than about twice the standard error "
     "may be noise."
 )
-table = delta_table(runs, baseline)
+table = delta_table(runs)
 st.dataframe(table, hide_index=True)
 full = store.table(fingerprint=fingerprint)
-full.insert(1, "run", [run_name(vars(r)) for r in runs])
 st.download_button("Download every metric (CSV)", full.to_csv(index=False), file_name="moeviz-runs.csv",
                    mime="text/csv")
 
 metrics = [c for c in full.columns if c not in ("id", "model", "method", "mode", "ratio", "scope", "calibration")
            and full[c].dtype.kind in "fi" and not c.endswith("_se")]
 default = "task_mean" if "task_mean" in metrics else "perplexity"
-metric = st.selectbox("Metric", metrics, index=metrics.index(default), key="compare_metric")
-st.plotly_chart(plots.ratio_curves(full, metric, f"{metric} against pruning ratio"), key="curves")
+c1, c2 = st.columns(2)
+metric = c1.selectbox("Metric", metrics, index=metrics.index(default), key="compare_metric")
+settings = list(dict.fromkeys(full["evaluated_on"]))
+chosen = c2.selectbox("Evaluated on", settings, key="compare_setting",
+                      help="runs evaluated on other text or sizes are not comparable: one setting at a time")
+st.plotly_chart(plots.ratio_curves(full[full["evaluated_on"] == chosen], metric, f"{metric} against pruning ratio"),
+                key="curves")
 
 with st.expander("Delete a run"):
     labels = {r.id: f"{r.id}: {run_name(vars(r))}" for r in runs}

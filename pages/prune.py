@@ -76,7 +76,8 @@ def curve_ui() -> None:
             curve_job_ui(jobs)
     if curves:
         points = [dict(method=r["method"], ratio=r["ratio"], kl=r.get("kl"), top1_agreement=r.get("top1_agreement"),
-                       label=run_name(r)) for r in _stored_runs() if r["method"] in curves]
+                       label=run_name(r)) for r in _stored_runs()
+                  if r["method"] in curves and r.get("calibration") == STATS_DIR]  # the same calibration only
         st.plotly_chart(plots.ratio_curve(curves, config.ratio, points), key="ratio_curve")
         st.caption("What am I looking at: how far the model under each ratio's plan drifts from the original "
                    "(KL, lower is better; top-1 agreement, higher is better) on a small held-out batch. Look for "
@@ -116,6 +117,7 @@ try:
         plan.pruned[layer_idx] = sorted(set(plan.pruned.get(layer_idx, [])) ^ {expert_idx})
     if st.session_state["toggles"]:
         plan.merge_into = {}
+        plan.method = f"{config.method} (edited)"  # stored and named apart from the method's own plan
     plan.validate()
 except (PlanError, KeyError) as err:
     st.error(str(err))
@@ -172,6 +174,8 @@ def eval_settings_ui() -> dict:
     tasks = persistent(c3.text_input, "Tasks", key="eval_tasks", default="demo" if demo else "",
                           help="'demo' (the demo model's five tasks), lm-eval task names (comma-separated), or empty")
     names = [t.strip() for t in tasks.split(",") if t.strip()]
+    st.caption(f"Evaluated on held-out text of the calibration's own source ({data}), against the original "
+               "model evaluated the same way (stored once).")
     return dict(data=data, num_samples=int(samples), seq_len=int(seq_len), demo_tasks="demo" in names,
                 task_examples=100, lm_eval_tasks=[t for t in names if t != "demo"])
 

@@ -105,6 +105,19 @@ def test_evaluate_a_plan_stores_the_original_once_as_the_baseline(tiny_dir, tmp_
     assert "already stored" in capsys.readouterr().err and len(RunStore(runs).list()) == 3  # not twice
 
 
+def test_each_run_is_compared_with_the_original_evaluated_the_same_way(tmp_path, capsys):
+    from moeviz.runs import Run, RunStore
+
+    store = RunStore(tmp_path / "runs.sqlite")
+    small, large = dict(data="demo", num_samples=8, seq_len=64), dict(data="demo", num_samples=64, seq_len=128)
+    store.add(Run("demo", "original", 0.0, {"perplexity": 20.0, "eval": small}, fingerprint="fp"))
+    store.add(Run("demo", "original", 0.0, {"perplexity": 14.0, "eval": large}, fingerprint="fp"))
+    store.add(Run("demo", "mone", 0.25, {"perplexity": 17.0, "eval": large}, "novice", "layer", fingerprint="fp"))
+    assert main(["runs", "--runs", str(tmp_path / "runs.sqlite")]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if "mone" in line][0]
+    assert "+3" in row and "demo, 64 × 128" in row  # against 14, not 20
+
+
 def test_runs_prints_a_compact_table_csv_and_json(tmp_path, capsys):
     import json
 
@@ -118,7 +131,9 @@ def test_runs_prints_a_compact_table_csv_and_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "mone novice 25 %" in out and "17.5 ± 0.6" in out and "+3.5" in out
     assert main(["runs", "--runs", str(tmp_path / "runs.sqlite"), "--csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[0].startswith("id,model,run,perplexity")
+    csv = capsys.readouterr().out.splitlines()
+    assert csv[0].startswith("id,model,run,evaluated_on") and "perplexity,perplexity_se" in csv[0]
+    assert ",17.5,0.6," in csv[2]  # numbers, the standard error in a column of its own
     assert main(["runs", "--runs", str(tmp_path / "runs.sqlite"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[1]["metrics"]["kl"] == 0.8
     assert main(["runs", "--runs", str(tmp_path / "runs.sqlite"), "--delete", "2"]) == 2  # no terminal, no --yes

@@ -144,3 +144,6 @@ def test_sweep_stores_every_run_and_averages_random_over_seeds(tmp_path):
     assert len(set(randoms["perplexity"])) == 3, "each seed prunes other experts"
     assert frame.set_index("method").loc["original", "kl"] == pytest.approx(0, abs=1e-7)
     assert list(paper_table(frame).columns[:4]) == ["method", "mode", "ratio", "runs"]
+    again = sweep(model, None, stats, ["frequency", "random"], [0.25], EvalConfig(data="random", num_samples=4,
+                  seq_len=16, throughput=False), store=store, random_seeds=3)
+    assert len(store.list()) == 7 and again.set_index("method").loc["random", "perplexity"] == row["perplexity"]

@@ -274,3 +274,17 @@ def test_every_method_at_25_percent_on_the_demo_model_gives_a_valid_plan(demo, n
             logits = _logits(model, DEMO_TOKENS)
         assert torch.isfinite(logits).all()
         assert not torch.equal(logits, _logits(model, DEMO_TOKENS))
+
+
+def test_cprune_keeps_group_limited_routing_valid():
+    model = tiny_model("deepseek_v3")  # two routing groups of 4 experts
+    stats = _stats(model)
+    for seed in range(3):
+        stats = calibrate(model, CalibConfig(data="random", num_samples=8, seq_len=32, probe_tokens=64, seed=seed),
+                          use_cache=False)[0]
+        plan = make_plan(stats, PlanConfig("cprune", ratio=0.25, mode="merge"))
+        for layer_idx, experts in plan.pruned.items():
+            assert [e // 4 for e in experts] == [0, 1]  # one from each group
+            assert all(src // 4 == dst // 4 for src, dst in plan.merge_into[layer_idx].items())
+    with pytest.raises(PlanError, match="Global scope is not available"):
+        make_plan(stats, PlanConfig("cprune", ratio=0.25, scope="global"))

@@ -35,8 +35,11 @@ def cprune(stats, config, info, weights=None):
         raise PlanError(f"Unknown linkage {config.linkage!r}; use one of {', '.join(LINKAGES)}.")
     if config.representative not in REPRESENTATIVES:
         raise PlanError(f"Unknown representative {config.representative!r}; use one of {', '.join(REPRESENTATIVES)}.")
-    layers = [_Layer(d, f, config.linkage, config.representative) for d, f in zip(distances, frequency)]
+    groups = info.get("group_count") or 1
     E = stats.num_experts
+    if groups > 1:  # group-limited routing (DeepSeek): clusters stay inside a group, every group loses as many
+        return _grouped(stats, config, info, distances, frequency, groups, floor)
+    layers = [_Layer(d, f, config.linkage, config.representative) for d, f in zip(distances, frequency)]
     if config.scope == "layer":
         n = int(round(config.ratio * E))
         if E - n < floor:
@@ -52,6 +55,31 @@ def cprune(stats, config, info, weights=None):
             min(open_layers, key=lambda lay: lay.closest()[0]).merge_closest()
     pruned = {i: sorted(lay.merged_into) for i, lay in zip(info["layer_indices"], layers)}
     merge_into = {i: dict(lay.merged_into) for i, lay in zip(info["layer_indices"], layers)}
+    return PruningPlan("cprune", config.ratio, config.scope, "remove", info, pruned=pruned, merge_into=merge_into)
+
+
+def _grouped(stats, config, info, distances, frequency, groups: int, floor: int) -> PruningPlan:
+    """C-Prune within each routing group: each group's experts cluster among themselves and
+    every group gives up the same number, as a group-limited router needs."""
+    if config.scope != "layer":
+        raise PlanError("Global scope is not available for group-limited routers: every group must "
+                        "lose the same number of experts. Use scope='layer'.")
+    E = stats.num_experts
+    n = int(round(config.ratio * E))
+    n -= n % groups
+    if E - n < floor:
+        raise PlanError(f"Ratio {config.ratio} would leave {E - n} experts per layer, fewer than top-k.")
+    size = E // groups
+    pruned, merge_into = {}, {}
+    for layer_idx, dist, freq in zip(info["layer_indices"], distances, frequency):
+        merge_into[layer_idx] = {}
+        for g in range(groups):
+            idx = np.arange(g * size, (g + 1) * size)
+            part = _Layer(dist[np.ix_(idx, idx)], freq[idx], config.linkage, config.representative)
+            for _ in range(n // groups):
+                part.merge_closest()
+            merge_into[layer_idx].update({int(idx[a]): int(idx[b]) for a, b in part.merged_into.items()})
+        pruned[layer_idx] = sorted(merge_into[layer_idx])
     return PruningPlan("cprune", config.ratio, config.scope, "remove", info, pruned=pruned, merge_into=merge_into)
 
 
