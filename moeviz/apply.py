@@ -427,11 +427,23 @@ def _sparsity_masks(layer: MoELayer, stats: ExpertStats, row: int, plan: Pruning
     """(weight view, mask, expert, role) for the gate, up and down of every kept expert: the
     lowest |W|·‖gX‖ of each row (one expert at a time, so only one expert's scores exist at once)."""
     gone = set(plan.pruned.get(layer.layer_idx, ()))
+    yield from layer_masks(layer, stats["in_sqnorm"][row], stats["mid_sqnorm"][row], plan.sparsity, plan.nm, gone)
+
+
+def layer_masks(layer: MoELayer, in_sqnorm: torch.Tensor, mid_sqnorm: torch.Tensor, sparsity: float,
+                nm: tuple[int, int] | None = None, skip=()):
+    """MoE-Pruner's masks of one layer from its sums Σ(g·x)² (E, H) and Σ(g·mid)² (E, I)."""
     for e in range(layer.num_experts):
-        if e in gone:
+        if e in skip:
             continue
         w = layer.expert_weights(e)  # views into the model's tensors
-        in_norm, mid_norm = stats["in_sqnorm"][row, e], stats["mid_sqnorm"][row, e]
-        for role, weight, norm in (("gate", w.gate, in_norm), ("up", w.up, in_norm), ("down", w.down, mid_norm)):
+        for role, weight, norm in (("gate", w.gate, in_sqnorm[e]), ("up", w.up, in_sqnorm[e]), ("down", w.down, mid_sqnorm[e])):
             if weight is not None:
-                yield weight, pruning_mask(weight, norm.to(weight.device), plan.sparsity, plan.nm), e, role
+                yield weight, pruning_mask(weight, norm.to(weight.device), sparsity, nm), e, role
+
+
+@torch.no_grad()
+def sparsify_layer(layer: MoELayer, sums: dict, sparsity: float, nm: tuple[int, int] | None = None) -> None:
+    """Zero MoE-Pruner's masks in one layer for good, from its observer sums (sequential mode)."""
+    for weight, mask, _, _ in layer_masks(layer, sums["in_sqnorm"], sums["mid_sqnorm"], sparsity, nm):
+        weight.masked_fill_(mask, 0)

@@ -31,6 +31,8 @@ class CalibConfig:
     seed: int = 0  # sampling of texts and of probe tokens
     probe_tokens: int = 256  # per layer, tokens on which every expert runs; 0 turns probes off
     layer_by_layer: bool = False  # read one decoder layer at a time from the files (a skeleton model); same stats
+    sequential_sparsity: float = 0.0  # MoE-Pruner sequential: prune each layer (this row sparsity) before the next
+    sequential_nm: tuple[int, int] | None = None  # … or n:m sparsity
     device: str = "auto"  # where layer-by-layer calibration computes
     cache_dir: Path = DEFAULT_CACHE_DIR
 
@@ -39,6 +41,8 @@ class CalibConfig:
         src = parse_source(self.data)
         fields = dict(data=str(src), num_samples=self.num_samples, seq_len=self.seq_len,
                       seed=self.seed, probe_tokens=self.probe_tokens)
+        if self.sequential_sparsity or self.sequential_nm:  # other statistics: each layer sees pruned layers before it
+            fields["sequential"] = dict(sparsity=self.sequential_sparsity, nm=self.sequential_nm)
         if src.kind == "file":  # an edited file is other data
             fields["data_sha256"] = hashlib.sha256(Path(src.name).read_bytes()).hexdigest()[:16]
         return fields
@@ -97,7 +101,14 @@ def calibrate(
     tokens = sample_sequences(config.data, config.num_samples, config.seq_len, tokenizer,
                               config.seed, vocab_size=model.config.vocab_size)
     shard = tokens[world.get_rank()::world.get_world_size()] if world is not None else tokens
-    if config.layer_by_layer:
+    if config.sequential_sparsity or config.sequential_nm:
+        from .apply import sparsify_layer
+
+        if not config.layer_by_layer:
+            raise ValueError("Sequential MoE-Pruner runs layer by layer: set layer_by_layer=True.")
+        sums = observe_layers(model, shard, config, progress, prune=lambda layer, row, layer_sums: sparsify_layer(
+            layer, layer_sums, config.sequential_sparsity, config.sequential_nm))
+    elif config.layer_by_layer:
         sums = observe_layers(model, shard, config, progress)
     else:
         sums = observe(model, adapter, shard, config, progress)

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--probe-tokens", type=int, default=256, help="tokens per layer on which every expert runs")
     cal.add_argument("--no-probes", action="store_true", help="skip the probes (same as --probe-tokens 0)")
     cal.add_argument("--cache-dir", default="cache")
+    cal.add_argument("--sequential-sparsity", type=float, default=0.0,
+                     help="MoE-Pruner's sequential mode: prune each layer to this row sparsity before the next "
+                          "is calibrated (implies --layer-by-layer; other statistics, another cache entry)")
     cal.add_argument("--layer-by-layer", action="store_true",
                      help="read one decoder layer at a time from the checkpoint's files (a model larger than "
                           "memory); the same statistics, the same cache entry")
@@ -92,8 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     prune = sub.add_parser("prune", help="export the pruned checkpoint, streamed shard by shard from the original's")
     prune.add_argument("--model", default="demo", help="'demo', a local checkpoint path or a hub id (its files are read, "
                        "the model is never loaded)")
-    prune.add_argument("--plan", required=True)
+    prune.add_argument("--plan", help="the plan to export (or --sequential)")
     prune.add_argument("--stats", help="the stats directory (needed for novices, merges, weight sparsity)")
+    prune.add_argument("--sequential", action="store_true",
+                       help="MoE-Pruner, layer by layer: each layer scored on the outputs of the pruned layers "
+                            "before it (needs --data, --ratio or --nm; no --plan)")
+    prune.add_argument("--method", default="moe_pruner", help=argparse.SUPPRESS)
+    prune.add_argument("--ratio", type=float, default=0.5, help="with --sequential: the row sparsity")
+    prune.add_argument("--nm", help="with --sequential: n:m sparsity instead, e.g. 2:4")
+    prune.add_argument("--data", default="demo", help="with --sequential: the calibration text")
+    prune.add_argument("--samples", type=_positive, default=64, help="with --sequential: calibration sequences")
+    prune.add_argument("--seq-len", type=_positive, default=128)
+    prune.add_argument("--cache-dir", default="cache")
     prune.add_argument("--out", required=True, help="a new directory for the pruned checkpoint")
     prune.set_defaults(func=_prune)
 
@@ -282,9 +295,10 @@ def _calibrate(args) -> int:
     config = CalibConfig(
         data=args.data, num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
         seed=args.seed, probe_tokens=0 if args.no_probes else args.probe_tokens, cache_dir=args.cache_dir,
-        layer_by_layer=args.layer_by_layer, device=device,
+        layer_by_layer=args.layer_by_layer or bool(args.sequential_sparsity), device=device,
+        sequential_sparsity=args.sequential_sparsity,
     )
-    if args.layer_by_layer:  # a skeleton; each decoder layer is read when its turn comes
+    if config.layer_by_layer:  # a skeleton; each decoder layer is read when its turn comes
         model = load_skeleton(args.model, args.trust_remote_code, with_files=True)
         tokenizer = load_tokenizer(model._moeviz_source, args.trust_remote_code)
     else:
@@ -364,8 +378,13 @@ def _prune(args) -> int:
     from .plan import PruningPlan
     from .stats import ExpertStats
 
-    plan = PruningPlan.load(args.plan)
-    stats = ExpertStats.load(args.stats) if args.stats else None
+    if args.sequential:
+        plan, stats = _sequential_plan(args)
+    elif args.plan:
+        plan = PruningPlan.load(args.plan)
+        stats = ExpertStats.load(args.stats) if args.stats else None
+    else:
+        raise ValueError("Give --plan, or --sequential for MoE-Pruner layer by layer.")
     with tqdm(unit="tensor", desc="exporting", file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:  # source tensors, shard by shard
             bar.total = total
@@ -373,9 +392,36 @@ def _prune(args) -> int:
 
         kind = export_plan(args.model, plan, stats, args.out, progress)
     how = "AutoModelForCausalLM.from_pretrained" if kind == "transformers" else "moeviz.load_model"
-    print(f"{plan.num_pruned} experts pruned ({plan.mode}); reload with {how}", file=sys.stderr)
+    what = f"weight sparsity {plan.sparsity or plan.nm}" if plan.sparsity or plan.nm else f"{plan.num_pruned} experts pruned ({plan.mode})"
+    print(f"{what}; reload with {how}", file=sys.stderr)
     print(args.out)
     return 0
+
+
+def _sequential_plan(args):
+    """MoE-Pruner's sequential mode: stats calibrated layer by layer, each layer pruned before the
+    next sees it; the plan made from them gives exactly those masks."""
+    from tqdm import tqdm
+
+    from .calibrate import CalibConfig, calibrate
+    from .loading import load_skeleton, load_tokenizer
+    from .methods import PlanConfig, make_plan
+
+    if args.method != "moe_pruner":
+        raise ValueError("--sequential is MoE-Pruner's mode: use --method moe_pruner.")
+    nm = tuple(int(x) for x in args.nm.split(":")) if args.nm else None
+    config = CalibConfig(data=args.data, num_samples=args.samples, seq_len=args.seq_len, cache_dir=args.cache_dir,
+                         layer_by_layer=True, sequential_sparsity=0.0 if nm else args.ratio, sequential_nm=nm)
+    model = load_skeleton(args.model, with_files=True)
+    tokenizer = load_tokenizer(model._moeviz_source)
+    with tqdm(unit="layer", desc="calibrating, layer by layer", file=sys.stderr) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        stats, path = calibrate(model, config, tokenizer, progress=progress)
+    print(f"sequential statistics: {path}", file=sys.stderr)
+    return make_plan(stats, PlanConfig("moe_pruner", ratio=args.ratio, nm=nm), calibration=str(path)), stats
 
 
 def _evaluate(args) -> int:

@@ -52,3 +52,40 @@ def test_cli_layer_by_layer(tmp_path, capsys):
     assert main(args) == 0
     captured = capsys.readouterr()
     assert captured.out.strip().splitlines()[-1] == layered and "cached" in captured.err
+
+
+def test_sequential_moe_pruner_scores_each_layer_after_the_ones_before_are_pruned(tmp_path):
+    from moeviz.adapters import get_adapter
+    from moeviz.apply import sparsify_layer
+
+    tiny_model("mixtral", num_hidden_layers=3).save_pretrained(tmp_path / "m")
+    config = dict(CONFIG, probe_tokens=0)
+    seq, _ = calibrate(load_skeleton(tmp_path / "m", with_files=True),
+                       CalibConfig(**config, layer_by_layer=True, sequential_sparsity=0.5), use_cache=False)
+    model, _ = load_model(tmp_path / "m", device="cpu")
+    one_pass, _ = calibrate(model, CalibConfig(**config), use_cache=False)
+    assert torch.equal(seq["in_sqnorm"][0], one_pass["in_sqnorm"][0])  # the first layer sees the same inputs
+    for row, layer in enumerate(get_adapter(model).layers):  # the reference: prune layer by layer, recalibrate
+        reference, _ = calibrate(model, CalibConfig(**config), use_cache=False)
+        # float32: the pruned layer's outputs come from the model's own experts kernel, not the observer's
+        torch.testing.assert_close(seq["in_sqnorm"][row], reference["in_sqnorm"][row], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(seq["mid_sqnorm"][row], reference["mid_sqnorm"][row], rtol=1e-5, atol=1e-6)
+        sparsify_layer(layer, {k: reference[k][row] for k in ("in_sqnorm", "mid_sqnorm")}, 0.5)
+    assert not torch.allclose(seq["in_sqnorm"][2], one_pass["in_sqnorm"][2])  # later layers differ
+    assert CalibConfig(**config, sequential_sparsity=0.5).key_fields() != CalibConfig(**config).key_fields()
+
+
+def test_cli_prune_sequential_exports_the_sequential_masks(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("olmoe").save_pretrained(tmp_path / "m")
+    args = ["prune", "--model", str(tmp_path / "m"), "--sequential", "--ratio", "0.5", "--data", "random",
+            "--samples", "4", "--seq-len", "16", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert "weight sparsity 0.5" in capsys.readouterr().err
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for layer in pruned.model.layers:  # half of every row of every expert is zero
+        w = layer.mlp.experts.down_proj
+        assert torch.all((w == 0).sum(-1) == w.shape[-1] // 2)
+    assert main(["prune", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o2")]) == 2
+    assert "Give --plan, or --sequential" in capsys.readouterr().err
