@@ -12,10 +12,17 @@ def calibrate(server, progress, **config) -> dict:
     from .calibrate import CalibConfig, cache_path
     from .calibrate import calibrate as run
 
-    model, tokenizer, fingerprint = server.loaded()
     config = CalibConfig(**{"cache_dir": server.cache_dir, **config})
+    if config.layer_by_layer:  # read layer by layer from the files, whether or not the model is loaded
+        from .loading import load_skeleton, load_tokenizer
+
+        model = load_skeleton(server.model_name, with_files=True)
+        tokenizer, fingerprint = load_tokenizer(model._moeviz_source), None
+    else:
+        model, tokenizer, fingerprint = server.loaded()
     cached = cache_path(model, config, fingerprint).exists()
-    stats, path = run(model, config, tokenizer, progress=lambda done, total: progress("calibrating", done, total))
+    step = "calibrating, layer by layer" if config.layer_by_layer else "calibrating"
+    stats, path = run(model, config, tokenizer, progress=lambda done, total: progress(step, done, total))
     return dict(path=str(path), cached=cached, tokens=stats.meta["tokens"])
 
 

@@ -8,7 +8,9 @@ from moeviz import plots
 from moeviz.methods import PlanConfig, get_method, make_plan, method_names
 from moeviz.plan import PlanError
 from moeviz.runs import RunStore, run_name
-from pages.common import cache_dir, current_model, job_status, persistent, progress_ui, stats_ui, submit
+from moeviz.stats import list_stats
+from pages.common import (cache_dir, current_model, job_status, load_stats, persistent, progress_ui, stats_ui,
+                          submit)
 
 name, skeleton, adapter, fingerprint = current_model()
 st.title("Prune")
@@ -47,6 +49,46 @@ def settings_ui() -> PlanConfig:
 config = settings_ui()
 if st.session_state.get("plan_settings") != config:  # new settings: forget the clicks
     st.session_state.update(plan_settings=config, toggles=set(), history=[], last_selection=())
+
+
+def sequential_ui():
+    """MoE-Pruner's sequential mode: statistics calibrated layer by layer, each layer pruned before
+    the next sees it (a calibration of its own, at this ratio). Returns (stats, directory) or None."""
+    if config.method != "moe_pruner" or not persistent(
+            st.toggle, "Sequential: score each layer on the outputs of the pruned layers before it", key="sequential",
+            default=False, help="MoE-Pruner as fusion_bench and Wanda's code run it; calibrates again, layer by layer"):
+        return None
+    cal = stats.meta.get("calibration") or {}
+    same = {k: cal.get(k) for k in ("data", "num_samples", "seq_len", "seed")}
+    for path, meta in list_stats(cache_dir(), fingerprint):
+        mine = meta.get("calibration") or {}
+        if {k: mine.get(k) for k in same} == same and (mine.get("sequential") or {}).get("sparsity") == config.ratio:
+            return load_stats(str(path)), str(path)
+    job = st.session_state.get("sequential_job")
+    if job:
+        sequential_job_ui(job)
+    elif st.button(f"Calibrate sequentially at {config.ratio:.0%} ({same['num_samples']} × {same['seq_len']} tokens "
+                   f"of {same['data']}, layer by layer)"):
+        st.session_state["sequential_job"] = submit(name, "calibrate", **same, probe_tokens=0, layer_by_layer=True,
+                                                    sequential_sparsity=config.ratio)
+        st.rerun()
+    st.stop()
+
+
+@st.fragment(run_every=1)
+def sequential_job_ui(job: str) -> None:
+    """Polls the backend while the sequential calibration runs."""
+    status = job_status(name, job)
+    if status["state"] in ("done", "failed"):
+        st.session_state.pop("sequential_job")
+        if status["state"] == "failed":
+            st.session_state["curve_error"] = status.get("error")
+        st.rerun()
+    progress_ui(status, "Sequential calibration")
+
+
+if (sequential := sequential_ui()) is not None:
+    stats, STATS_DIR = sequential  # the plan's masks come from the sequential statistics
 
 
 # ---- the ratio curve ------------------------------------------------------------------

@@ -207,3 +207,20 @@ def test_settings_survive_page_switches_and_live_in_the_url(tiny_dir, tmp_path):
     shared.run()
     shared.switch_page("pages/prune.py").run()
     assert shared.slider(key="prune_ratio").value == 0.125 and shared.selectbox(key="prune_method").value == "reap"
+
+
+def test_prune_page_runs_moe_pruner_sequentially(tiny_dir, tmp_path):
+    model = tiny_model("mixtral")
+    model.name_or_path = str(tiny_dir)
+    calibrate(model, CalibConfig(data="random", num_samples=4, seq_len=16, probe_tokens=0, cache_dir=tmp_path / "cache"))
+    at = _app(tiny_dir, "pages/prune.py")
+    at.selectbox(key="prune_method").select("moe_pruner").run()
+    at.toggle(key="sequential").set_value(True).run()
+    _button(at, "Calibrate sequentially at 25%").click().run()
+    _wait(at, "sequential_job")
+    at.run()
+    assert not at.exception, at.exception
+    assert at.session_state["current_plan_stats"] != at.session_state["stats_choice"]  # the sequential statistics
+    from moeviz.stats import ExpertStats
+
+    assert ExpertStats.load(at.session_state["current_plan_stats"]).meta["calibration"]["sequential"]["sparsity"] == 0.25
