@@ -110,10 +110,13 @@ class RunStore:
 
 
 def plan_digest(plan) -> str:
-    """What a plan does (not how it was named): its mode, pruned experts, merges and sparsity."""
+    """What a plan does (not how it was named): its mode, pruned experts, merges and sparsity, and
+    for novices, merges and sparsity the statistics they are computed from."""
     import hashlib
 
     what = dict(mode=plan.mode, pruned=plan.pruned, merge_into=plan.merge_into, sparsity=plan.sparsity, nm=plan.nm)
+    if plan.mode in ("novice", "merge") or plan.sparsity or plan.nm:
+        what["calibration"] = plan.calibration
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -147,3 +147,14 @@ def test_sweep_stores_every_run_and_averages_random_over_seeds(tmp_path):
     again = sweep(model, None, stats, ["frequency", "random"], [0.25], EvalConfig(data="random", num_samples=4,
                   seq_len=16, throughput=False), store=store, random_seeds=3)
     assert len(store.list()) == 7 and again.set_index("method").loc["random", "perplexity"] == row["perplexity"]
+
+
+def test_a_stored_evaluation_is_reused_only_for_the_same_plan_and_statistics():
+    from moeviz.runs import plan_digest
+
+    a = PruningPlan("moe_pruner", 0.5, sparsity=0.5, calibration="cache/one-pass")
+    b = PruningPlan("moe_pruner", 0.5, sparsity=0.5, calibration="cache/sequential")
+    assert plan_digest(a) != plan_digest(b)  # the masks come from the statistics
+    c = PruningPlan("frequency", 0.25, pruned={0: [1]}, calibration="cache/one-pass")
+    d = PruningPlan("reap", 0.25, pruned={0: [1]}, calibration="cache/other")
+    assert plan_digest(c) == plan_digest(d)  # removing the same experts is the same model
