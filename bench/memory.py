@@ -43,6 +43,8 @@ COMMANDS = [
     ("info", "info --model {model}", None),
     ("calibrate", "calibrate --model {model} --data random --samples 16 --seq-len 128 --device cpu "
                   "--cache-dir {tmp}/cache", "stats"),
+    ("calibrate --layer-by-layer", "calibrate --model {model} --data random --samples 16 --seq-len 128 --device cpu "
+                                   "--cache-dir {tmp}/cache-layers --layer-by-layer", None),
     ("plan frequency", "plan --stats {stats} --method frequency --ratio 0.25 --out {tmp}/remove.json", "remove"),
     ("plan mone", "plan --stats {stats} --method mone --ratio 0.25 --out {tmp}/novice.json", "novice"),
     ("plan moe_pruner", "plan --stats {stats} --method moe_pruner --ratio 0.25 --out {tmp}/sparse.json", "sparse"),
