@@ -89,3 +89,17 @@ def test_cli_prune_sequential_exports_the_sequential_masks(tmp_path, capsys):
         assert torch.all((w == 0).sum(-1) == w.shape[-1] // 2)
     assert main(["prune", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o2")]) == 2
     assert "Give --plan, or --sequential" in capsys.readouterr().err
+
+
+def test_an_interrupted_layer_by_layer_run_leaves_no_cache_entry(tmp_path):
+    tiny_model("mixtral", num_hidden_layers=3).save_pretrained(tmp_path / "m")
+
+    def stop_after_two(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    cache = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(load_skeleton(tmp_path / "m", with_files=True),
+                  CalibConfig(**CONFIG, layer_by_layer=True, cache_dir=cache), progress=stop_after_two)
+    assert not cache.exists() or not any(cache.iterdir())
