@@ -113,10 +113,9 @@ class AppliedPlan:
         check_plan(model, plan, stats, self.adapter, fingerprint)
         self.active = False
         self.edits: list = []
-        files = _source_files(model) if plan.sparsity or plan.nm else None
         for row, layer in enumerate(self.adapter.layers):
             if plan.sparsity or plan.nm:
-                self.edits += _sparsity_edits(layer, stats, row, plan, files)
+                self.edits += _sparsity_edits(layer, stats, row, plan)
             experts = plan.pruned.get(layer.layer_idx, [])
             if not experts:
                 continue
@@ -163,7 +162,9 @@ class _ValueSwap:
         self.tensor, self.shape = tensor, tuple(tensor.shape)
         self.bits = None if mask is None else _pack(mask)
         count = int(mask.sum()) if mask is not None else tensor.numel()
-        self.values = values.to(tensor.dtype).expand(count).clone() if values.dim() == 0 else values.to(tensor.dtype)
+        if values.dim() == 0:  # one value for every masked place (zeros, −inf): kept on the CPU
+            values = values.to("cpu", tensor.dtype).expand(count).clone()
+        self.values = values.to(tensor.dtype)
 
     def swap(self) -> None:
         if self.bits is None:
@@ -171,50 +172,15 @@ class _ValueSwap:
             self.tensor.copy_(self.values)
         else:
             mask = _unpack(self.bits, self.shape)
-            current = self.tensor[mask]
-            self.tensor[mask] = self.values
+            current = self.tensor[mask].cpu()
+            self.tensor[mask] = self.values.to(self.tensor.device)
         self.values = current
 
 
-class _ZeroFromFiles:
-    """Weight sparsity where the model's weights are its checkpoint's: zero the masked weights,
-    and put them back from the (memory-mapped) files, so only the bitmask is kept."""
-
-    def __init__(self, tensor: torch.Tensor, mask: torch.Tensor, read):
-        self.tensor, self.shape, self.bits, self.read = tensor, tuple(tensor.shape), _pack(mask), read
-        self.zeroed = False
-
-    def swap(self) -> None:
-        mask = _unpack(self.bits, self.shape)
-        if self.zeroed:
-            self.tensor[mask] = self.read().to(self.tensor.device, self.tensor.dtype)[mask]
-        else:
-            self.tensor.masked_fill_(mask, 0)
-        self.zeroed = not self.zeroed
-
-
-def _source_files(model) -> dict | None:
-    """(layer_idx → FileLayer) when the model's weights are those of its checkpoint's files,
-    stored one key per expert; else None (zeroed values are then kept in memory)."""
-    from .checkpoint import Checkpoint, FileLayer
-
-    source = getattr(model, "_moeviz_source", None)
-    if source is None:
-        return None
-    try:
-        ckpt = Checkpoint(source)
-        return {layer.layer_idx: FileLayer(ckpt, layer) for layer in get_adapter(model).layers}
-    except (NotImplementedError, FileNotFoundError):
-        return None
-
-
-def _sparsity_edits(layer: MoELayer, stats, row: int, plan: PruningPlan, files: dict | None) -> list:
-    if files is None:
-        return [_ValueSwap(w, mask, torch.zeros((), dtype=w.dtype, device=w.device))
-                for w, mask, _, _ in _sparsity_masks(layer, stats, row, plan)]
-    file_layer = files[layer.layer_idx]
-    return [_ZeroFromFiles(w, mask, lambda e=e, role=role: file_layer.ckpt.tensor(file_layer.keys[e][role]))
-            for w, mask, e, role in _sparsity_masks(layer, stats, row, plan)]
+def _sparsity_edits(layer: MoELayer, stats, row: int, plan: PruningPlan) -> list:
+    """Zero MoE-Pruner's masked weights; the zeroed values wait on the CPU (a GPU keeps its memory)."""
+    return [_ValueSwap(w, mask, torch.zeros((), dtype=w.dtype, device=w.device))
+            for w, mask, _, _ in _sparsity_masks(layer, stats, row, plan)]
 
 
 class _ModuleSwap:
