@@ -283,7 +283,7 @@ def load_exported(path, config=None, dtype=None, device="cpu") -> PreTrainedMode
     persistent buffer of the model is not in the files."""
     path = Path(path)
     ckpt = Checkpoint(path)
-    config = copy.deepcopy(config) if config is not None else AutoConfig.from_pretrained(path)
+    config = type(config).from_dict(config.to_dict()) if config is not None else AutoConfig.from_pretrained(path)  # a copy
     if isinstance(dtype, str):
         dtype = None if dtype == "auto" else getattr(torch, dtype)
     config.dtype = dtype or ckpt.main_dtype
