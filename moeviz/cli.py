@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -284,8 +285,6 @@ def _serve(args) -> int:
 
 
 def _calibrate(args) -> int:
-    from tqdm import tqdm
-
     from .calibrate import CalibConfig, cache_path, calibrate
     from .data import parse_source
     from .loading import load_model, load_skeleton, load_tokenizer
@@ -305,19 +304,27 @@ def _calibrate(args) -> int:
         model, tokenizer = load_model(args.model, device=device, dtype=args.dtype,
                                       trust_remote_code=args.trust_remote_code, offload=args.offload)
 
-    def progress(done: int, total: int) -> None:  # this process's sequences, or decoder layers
-        bar.total = total
-        bar.update(done - bar.n)
-
     cached = cache_path(model, config).exists()
-    with tqdm(total=config.num_samples, unit="layer" if args.layer_by_layer else "seq", desc="calibrating",
-              file=sys.stderr, disable=rank != 0 or cached) as bar:
+    with _progress_bar("calibrating", "layer" if config.layer_by_layer else "seq", rank != 0 or cached) as progress:
         stats, path = calibrate(model, config, tokenizer, progress=progress)
     if rank == 0:
         print(f"{'cached: ' if cached else ''}{stats.meta['tokens']} tokens, {stats.num_layers} MoE layers × "
               f"{stats.num_experts} experts", file=sys.stderr)
         print(path)
     return 0
+
+
+@contextmanager
+def _progress_bar(desc: str, unit: str, disable: bool = False):
+    """A tqdm bar on stderr, handed out as a `progress(done, total)` callback."""
+    from tqdm import tqdm
+
+    with tqdm(desc=desc, unit=unit, file=sys.stderr, disable=disable) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield progress
 
 
 def _start_data_parallel(device: str) -> tuple[int, str]:
@@ -372,8 +379,6 @@ def _weight_features(model_name, stats):
 
 
 def _prune(args) -> int:
-    from tqdm import tqdm
-
     from .export import export_plan
     from .plan import PruningPlan
     from .stats import ExpertStats
@@ -385,11 +390,7 @@ def _prune(args) -> int:
         stats = ExpertStats.load(args.stats) if args.stats else None
     else:
         raise ValueError("Give --plan, or --sequential for MoE-Pruner layer by layer.")
-    with tqdm(unit="tensor", desc="exporting", file=sys.stderr) as bar:
-        def progress(done: int, total: int) -> None:  # source tensors, shard by shard
-            bar.total = total
-            bar.update(done - bar.n)
-
+    with _progress_bar("exporting", "tensor") as progress:  # source tensors, shard by shard
         kind = export_plan(args.model, plan, stats, args.out, progress)
     how = "AutoModelForCausalLM.from_pretrained" if kind == "transformers" else "moeviz.load_model"
     what = f"weight sparsity {plan.sparsity or plan.nm}" if plan.sparsity or plan.nm else f"{plan.num_pruned} experts pruned ({plan.mode})"
@@ -401,8 +402,6 @@ def _prune(args) -> int:
 def _sequential_plan(args):
     """MoE-Pruner's sequential mode: stats calibrated layer by layer, each layer pruned before the
     next sees it; the plan made from them gives exactly those masks."""
-    from tqdm import tqdm
-
     from .calibrate import CalibConfig, calibrate
     from .loading import load_skeleton, load_tokenizer
     from .methods import PlanConfig, make_plan
@@ -414,11 +413,7 @@ def _sequential_plan(args):
                          layer_by_layer=True, sequential_sparsity=0.0 if nm else args.ratio, sequential_nm=nm)
     model = load_skeleton(args.model, with_files=True)
     tokenizer = load_tokenizer(model._moeviz_source)
-    with tqdm(unit="layer", desc="calibrating, layer by layer", file=sys.stderr) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
+    with _progress_bar("calibrating, layer by layer", "layer") as progress:
         stats, path = calibrate(model, config, tokenizer, progress=progress)
     print(f"sequential statistics: {path}", file=sys.stderr)
     return make_plan(stats, PlanConfig("moe_pruner", ratio=args.ratio, nm=nm), calibration=str(path)), stats

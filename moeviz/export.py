@@ -16,10 +16,7 @@ filled tensor by tensor.
 
 from __future__ import annotations
 
-import copy
 import json
-import os
-import re
 import shutil
 import tempfile
 from collections import Counter

@@ -4,7 +4,7 @@ import streamlit as st
 from moeviz.calibrate import CalibConfig
 from moeviz.demo.corpus import DOMAINS
 from moeviz.stats import list_stats
-from pages.common import cache_dir, current_model, job_status, persistent, progress_ui, submit
+from pages.common import cache_dir, current_model, finished, persistent, poll, submit
 
 name, skeleton, adapter, fingerprint = current_model()
 st.title("Calibrate")
@@ -39,28 +39,12 @@ if st.button("Calibrate", type="primary"):
         st.session_state["calibration_job"] = job
 
 
-@st.fragment(run_every=1)
-def job_ui(job: str):
-    """Polls the backend while the job runs (only then: an idle page does no work)."""
-    status = job_status(name, job)
-    if status["state"] == "failed":
-        st.error(f"Calibration failed: {status.get('error')}")
-        st.session_state.pop("calibration_job")
-    elif status["state"] == "done":
-        st.session_state.pop("calibration_job")
-        st.session_state["calibration_done"] = status["result"]
-        st.rerun()  # the whole page: the list below shows the new entry
-    else:
-        progress_ui(status, "Calibration")
-
-
 if st.session_state.get("calibration_job"):
-    job_ui(st.session_state["calibration_job"])
-finished = st.session_state.pop("calibration_done", None)  # shown once, then gone
-if finished:
-    st.success(f"{'Found in the cache' if finished['cached'] else 'Calibrated'}: {finished['tokens']:,} tokens "
-               f"in {finished['path']}. The other pages use it now.")
-    st.session_state["stats_choice"] = finished["path"]
+    poll(name, "calibration_job", "Calibration")
+if done := finished("calibration_job", "Calibration"):  # shown once, then gone; the list below has it
+    st.success(f"{'Found in the cache' if done['cached'] else 'Calibrated'}: {done['tokens']:,} tokens "
+               f"in {done['path']}. The other pages use it now.")
+    st.session_state["stats_choice"] = done["path"]
 
 st.subheader("Cached calibrations of this model")
 rows = [dict(directory=str(path), **{k: meta["calibration"].get(k) for k in ("data", "num_samples", "seq_len", "seed",

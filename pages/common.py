@@ -165,3 +165,26 @@ def persistent(widget, label: str, *args, key: str, default, options=None, **kwa
         value = widget(label, *args, value=value, key=key, **kwargs)
     remember(key, value)
     return value
+
+
+# ---- long work in the backend ---------------------------------------------------------------
+@st.fragment(run_every=1)
+def poll(name: str, key: str, label: str) -> None:
+    """Progress of the backend job whose id is `st.session_state[key]`, polled every second
+    (call it only while a job runs: an idle page does no work). When the job ends, its status
+    goes to `st.session_state[key + "_status"]` and the whole page runs again."""
+    status = job_status(name, st.session_state[key])
+    if status["state"] in ("done", "failed"):
+        st.session_state.pop(key)
+        st.session_state[f"{key}_status"] = status
+        st.rerun()
+    progress_ui(status, label)
+
+
+def finished(key: str, label: str) -> dict | None:
+    """The result of the job under `key` once, when it has just ended (an error is shown)."""
+    status = st.session_state.pop(f"{key}_status", None)
+    if status is not None and status["state"] == "failed":
+        st.error(f"{label} failed: {status.get('error')}")
+        return None
+    return status["result"] if status else None

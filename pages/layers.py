@@ -7,8 +7,7 @@ import streamlit as st
 from moeviz import analysis, plots
 from moeviz.calibrate import CalibConfig
 from moeviz.methods import PlanConfig, get_method, method_names
-from pages.common import (cache_dir, calibration_sources, current_model, job_status, load_stats, progress_ui,
-                          stats_ui, submit)
+from pages.common import cache_dir, calibration_sources, current_model, finished, load_stats, poll, stats_ui, submit
 
 name, skeleton, adapter, fingerprint = current_model()
 st.title("Layers")
@@ -101,26 +100,13 @@ def stability_ui() -> None:
             name, "stability", config=dict(data=config.data, num_samples=config.num_samples, seq_len=config.seq_len,
                                            seed=config.seed), chunks=int(chunks), methods=methods, ratio=ratio, out=str(out))
     if st.session_state.get("stability_job"):
-        stability_job_ui(st.session_state["stability_job"])
-    if error := st.session_state.pop("stability_error", None):
-        st.error(f"Stability failed: {error}")
+        poll(name, "stability_job", "Stability")
+    finished("stability_job", "Stability")
     if not out.exists():
         return
     for method, rows in json.loads(out.read_text()).items():
         st.plotly_chart(plots.stability_curves(rows, f"{method}: agreement with the full calibration"),
                         key=f"stability_{method}")
-
-
-@st.fragment(run_every=1)
-def stability_job_ui(job: str) -> None:
-    """Polls the backend while the job runs (only then: an idle page does no work)."""
-    status = job_status(name, job)
-    if status["state"] in ("done", "failed"):
-        st.session_state.pop("stability_job")
-        if status["state"] == "failed":
-            st.session_state["stability_error"] = status.get("error")
-        st.rerun()
-    progress_ui(status, "Stability")
 
 
 stability_ui()

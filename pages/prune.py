@@ -9,8 +9,8 @@ from moeviz.methods import PlanConfig, get_method, make_plan, method_names
 from moeviz.plan import PlanError
 from moeviz.runs import RunStore, run_name
 from moeviz.stats import list_stats
-from pages.common import (cache_dir, current_model, job_status, load_stats, persistent, progress_ui, stats_ui,
-                          submit)
+from pages.common import (cache_dir, current_model, finished, job_status, load_stats, persistent, poll, progress_ui,
+                          stats_ui, submit)
 
 name, skeleton, adapter, fingerprint = current_model()
 st.title("Prune")
@@ -64,27 +64,15 @@ def sequential_ui():
         mine = meta.get("calibration") or {}
         if {k: mine.get(k) for k in same} == same and (mine.get("sequential") or {}).get("sparsity") == config.ratio:
             return load_stats(str(path)), str(path)
-    job = st.session_state.get("sequential_job")
-    if job:
-        sequential_job_ui(job)
+    finished("sequential_job", "The sequential calibration")
+    if st.session_state.get("sequential_job"):
+        poll(name, "sequential_job", "Sequential calibration")
     elif st.button(f"Calibrate sequentially at {config.ratio:.0%} ({same['num_samples']} × {same['seq_len']} tokens "
                    f"of {same['data']}, layer by layer)"):
         st.session_state["sequential_job"] = submit(name, "calibrate", **same, probe_tokens=0, layer_by_layer=True,
                                                     sequential_sparsity=config.ratio)
         st.rerun()
     st.stop()
-
-
-@st.fragment(run_every=1)
-def sequential_job_ui(job: str) -> None:
-    """Polls the backend while the sequential calibration runs."""
-    status = job_status(name, job)
-    if status["state"] in ("done", "failed"):
-        st.session_state.pop("sequential_job")
-        if status["state"] == "failed":
-            st.session_state["curve_error"] = status.get("error")
-        st.rerun()
-    progress_ui(status, "Sequential calibration")
 
 
 if (sequential := sequential_ui()) is not None:

@@ -4,8 +4,8 @@ import numpy as np
 import streamlit as st
 
 from moeviz import analysis, plots
-from pages.common import (cache_dir, calibration_sources, current_model, job_status, load_stats, persistent,
-                          progress_ui, stats_ui, submit)
+from pages.common import (cache_dir, calibration_sources, current_model, finished, load_stats, persistent, poll,
+                          stats_ui, submit)
 
 name, skeleton, adapter, fingerprint = current_model()
 st.title("Similarity")
@@ -30,25 +30,12 @@ def similarity(stats_dir: str, fingerprint: str, space: str) -> np.ndarray:
     return analysis.similarity(stats, space)
 
 
-@st.fragment(run_every=1)
-def weight_job_ui(job: str) -> None:
-    status = job_status(name, job)
-    if status["state"] in ("done", "failed"):
-        st.session_state.pop("similarity_job", None)
-        if status["state"] == "failed":
-            st.session_state["similarity_error"] = status.get("error")
-        st.rerun()
-    progress_ui(status, "Reading the weights")
-
-
 if space in WEIGHT_SPACES:
     out = Path(cache_dir()).resolve() / "similarity" / f"{fingerprint}-{space}.npy"
     if not out.exists():
-        if error := st.session_state.pop("similarity_error", None):
-            st.error(f"The {space} similarity failed: {error}")
-        job = st.session_state.get("similarity_job")
-        if job:
-            weight_job_ui(job)
+        finished("similarity_job", f"The {space} similarity")
+        if st.session_state.get("similarity_job"):
+            poll(name, "similarity_job", "Reading the weights")
         elif st.button(f"Compute the {space} similarity (reads every expert's weights in the backend)"):
             st.session_state["similarity_job"] = submit(name, "similarity", space=space, out=str(out))
             st.rerun()

@@ -3,7 +3,7 @@ import streamlit as st
 
 from moeviz.data import load_texts
 from moeviz.trace import expert_colour, loss_changes, tokens_html
-from pages.common import current_model, job_status, persistent, progress_ui, stats_ui, submit
+from pages.common import current_model, finished, persistent, poll, stats_ui, submit
 
 name, skeleton, adapter, fingerprint = current_model()
 st.title("Trace")
@@ -30,24 +30,12 @@ if st.button("Trace", type="primary"):
     st.session_state.pop("trace_result", None)
 
 
-@st.fragment(run_every=1)
-def trace_job_ui(job: str) -> None:
-    """Polls the backend while the trace runs."""
-    status = job_status(name, job)
-    if status["state"] in ("done", "failed"):
-        st.session_state.pop("trace_job")
-        st.session_state["trace_result"] = status["result"] if status["state"] == "done" else dict(error=status["error"])
-        st.rerun()
-    progress_ui(status, "Tracing")
-
-
 if st.session_state.get("trace_job"):
-    trace_job_ui(st.session_state["trace_job"])
+    poll(name, "trace_job", "Tracing")
+if traced := finished("trace_job", "Tracing"):
+    st.session_state["trace_result"] = traced  # kept while the layer or the framed expert changes
 result = st.session_state.get("trace_result")
 if not result:
-    st.stop()
-if "error" in result:
-    st.error(result["error"])
     st.stop()
 
 c1, c2 = st.columns(2)

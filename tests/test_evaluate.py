@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-from moeviz.adapters import get_adapter
 from moeviz.apply import apply_plan, model_info
 from moeviz.calibrate import CalibConfig, calibrate
 from moeviz.data import sample_sequences

@@ -20,7 +20,7 @@ similarity of expert outputs on the same tokens, as the authors' code) or `weigh
 import numpy as np
 import torch
 
-from ..analysis import cosine_matrix, weight_features  # noqa: F401 (weight_features: C-Prune's weight space)
+from ..analysis import cosine_matrix
 from ..plan import PlanError, PruningPlan
 from . import register
 
