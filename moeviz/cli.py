@@ -247,13 +247,7 @@ def _trace(args) -> int:
     from .trace import TraceError, loss_changes, page_html, trace
 
     text = Path(args.text_file).read_text() if args.text_file else args.text
-    plan = stats = None
-    if args.plan:
-        from .plan import PruningPlan
-        from .stats import ExpertStats
-
-        plan = PruningPlan.load(args.plan)
-        stats = ExpertStats.load(args.stats) if args.stats else None
+    plan, stats = _plan_and_stats(args)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
                                   trust_remote_code=args.trust_remote_code)
     if tokenizer is None:
@@ -274,6 +268,15 @@ def _trace(args) -> int:
     for row in loss_changes(result, 5):
         print(f"  position {row['position']} {row['token']!r}: p {row['p_before']:.3f} → {row['p_after']:.3f}")
     return 0
+
+
+def _plan_and_stats(args):
+    """The plan of `--plan` and the stats of `--stats`, each None when not given."""
+    from .plan import PruningPlan
+    from .stats import ExpertStats
+
+    plan = PruningPlan.load(args.plan) if args.plan else None
+    return plan, ExpertStats.load(args.stats) if plan is not None and args.stats else None
 
 
 def _serve(args) -> int:
@@ -428,13 +431,7 @@ def _evaluate(args) -> int:
     config = _eval_config(args)
     if args.plan and args.reference:
         raise ValueError("Give --plan (evaluated in place against --model) or --reference, not both.")
-    plan = stats = None
-    if args.plan:
-        from .plan import PruningPlan
-        from .stats import ExpertStats
-
-        plan = PruningPlan.load(args.plan)
-        stats = ExpertStats.load(args.stats) if args.stats else None
+    plan, stats = _plan_and_stats(args)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
                                   trust_remote_code=args.trust_remote_code)
 
