@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .adapters import ExpertWeights
 
-_SAMPLE_ROWS, _SAMPLE_COLS = 8, 8  # per tensor, for the fingerprint
+_SAMPLE_ROWS, _SAMPLE_COLS = 8, 8  # per sampled tensor, for the fingerprint
+_SAMPLE_TENSORS = 256  # tensors whose values are sampled (every tensor's name and shape counts)
 _VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
                     "_attn_implementation_autoset", "_commit_hash")
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -228,12 +229,14 @@ def _header(file: Path) -> dict:
 
 # ---- fingerprints -----------------------------------------------------------------------
 def fingerprint(source: str | os.PathLike | PreTrainedModel) -> str:
-    """A short hash of the config and of a strided sample of every tensor.
+    """A short hash of the config, every tensor's name and shape, and a strided sample of the
+    values of up to 256 tensors spread over the model (64 numbers each).
 
-    Two loads of the same weights agree, in any dtype they are loaded in; a pruned or
-    retrained model differs. A checkpoint directory is read from its files (at most 64
-    numbers a tensor); a model loaded by moeviz from a directory is hashed from that
-    directory; any other model (built in memory) is hashed as `save_pretrained` would write it.
+    Two loads of the same weights agree (also in float32 from a float32 checkpoint); a pruned or
+    retrained model differs. A checkpoint directory is read from its files: a few rows of a few
+    hundred tensors, so a 60 GB checkpoint is not read through to describe it. A model loaded by
+    moeviz from a directory is hashed from that directory; any other model (built in memory) is
+    hashed as `save_pretrained` would write it.
     """
     if isinstance(source, PreTrainedModel):
         origin = getattr(source, "_moeviz_source", None)
@@ -244,10 +247,18 @@ def fingerprint(source: str | os.PathLike | PreTrainedModel) -> str:
 
     ckpt = Checkpoint(source)
     h = _config_hash(AutoConfig.from_pretrained(source))
-    for name in ckpt.keys():
+    names = ckpt.keys()
+    sampled = _sampled(names)
+    for name in names:
         shape = ckpt.shape(name)
-        _hash_tensor(h, name, shape, ckpt.rows(name, _row_index(shape)))
+        _hash_tensor(h, name, shape, ckpt.rows(name, _row_index(shape)) if name in sampled else None)
     return h.hexdigest()[:16]
+
+
+def _sampled(names: list[str]) -> set[str]:
+    """The tensors whose values the fingerprint reads: evenly spread over the sorted names."""
+    step = max(1, -(-len(names) // _SAMPLE_TENSORS))
+    return set(names[::step])
 
 
 def _model_fingerprint(model: PreTrainedModel) -> str:
@@ -259,10 +270,12 @@ def _model_fingerprint(model: PreTrainedModel) -> str:
         state.pop(tied, None)
     state.update(_offloaded(model, state))
     state = revert_weight_conversion(model, state)  # the names a checkpoint would hold
-    for name in sorted(state):
+    names = sorted(state)
+    sampled = _sampled(names)
+    for name in names:
         tensor = state[name].detach()
         shape = tuple(tensor.shape)
-        rows = tensor[_row_index(shape)] if shape else tensor
+        rows = (tensor[_row_index(shape)] if shape else tensor) if name in sampled else None
         _hash_tensor(h, name, shape, rows)
     return h.hexdigest()[:16]
 
@@ -297,13 +310,14 @@ def _row_index(shape: tuple[int, ...]) -> list[int]:
     return sorted({round(i * (n - 1) / max(_SAMPLE_ROWS - 1, 1)) for i in range(min(n, _SAMPLE_ROWS))})
 
 
-def _hash_tensor(h, name: str, shape: tuple[int, ...], rows: torch.Tensor) -> None:
-    flat = rows.reshape(len(rows), -1) if shape else rows.reshape(1, 1)
-    step = max(1, flat.shape[1] // _SAMPLE_COLS)
-    sample = flat[:, ::step][:, :_SAMPLE_COLS].float().cpu()
+def _hash_tensor(h, name: str, shape: tuple[int, ...], rows: torch.Tensor | None) -> None:
     h.update(name.encode())
     h.update(str(shape).encode())
-    h.update(sample.numpy().tobytes())
+    if rows is None:
+        return
+    flat = rows.reshape(len(rows), -1) if shape else rows.reshape(1, 1)
+    step = max(1, flat.shape[1] // _SAMPLE_COLS)
+    h.update(flat[:, ::step][:, :_SAMPLE_COLS].float().cpu().numpy().tobytes())
 
 
 # ---- skeletons and sizes ------------------------------------------------------------------
