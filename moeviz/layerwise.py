@@ -93,6 +93,7 @@ class LayerwiseModel:
                 target = getattr(self.model.get_submodule(module), leaf)
             if not target.is_meta:  # the output layer stays unread: calibration needs no logits
                 target.copy_(self.ckpt.tensor(key))
+        self.ckpt.close()  # let go of the files' mappings: what was read must not pile up layer after layer
 
 
 @contextmanager
