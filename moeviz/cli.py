@@ -370,15 +370,12 @@ def _plan(args) -> int:
 
 def _weight_features(model_name, stats):
     """C-Prune's invariant weight features, read from the checkpoint's files one layer at a time."""
-    from .adapters import get_adapter
-    from .checkpoint import Checkpoint, FileLayer
-    from .loading import load_skeleton, local_dir
     from .analysis import weight_features
+    from .loading import file_layers
 
     if not model_name:
         raise ValueError("cprune --features weights needs --model.")
-    ckpt = Checkpoint(local_dir(model_name))
-    return [weight_features(FileLayer(ckpt, layer)) for layer in get_adapter(load_skeleton(model_name)).layers]
+    return [weight_features(layer) for layer in file_layers(model_name)]
 
 
 def _prune(args) -> int:

@@ -71,10 +71,7 @@ def stability(server, progress, config: dict, chunks: int, methods: list[str], r
     parts = calibrate_chunks(model, config, chunks, tokenizer, lambda done, total: progress("calibrating", done, total))
     sizes = sorted({max(1, chunks * i // 8) for i in range(1, 9)})
     result = {name: agreement(parts, PlanConfig(name, ratio=ratio), sizes, bootstrap) for name in methods}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    _write(out, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     return dict(out=str(out))
 
 
@@ -88,13 +85,11 @@ def similarity(server, progress, space: str, out: str) -> dict:
 
     from .adapters import get_adapter
     from .analysis import similarity as compute
-    from .checkpoint import Checkpoint, FileLayer
-    from .loading import load_skeleton, local_dir
+    from .loading import file_layers
 
     if server.model is None:
         try:
-            ckpt = Checkpoint(local_dir(server.model_name))
-            layers = [FileLayer(ckpt, layer) for layer in get_adapter(load_skeleton(server.model_name)).layers]
+            layers = file_layers(server.model_name)
         except NotImplementedError:
             layers = get_adapter(server.loaded()[0]).layers
     else:
@@ -103,10 +98,7 @@ def similarity(server, progress, space: str, out: str) -> dict:
     for i, layer in enumerate(layers):
         progress(f"{space}, layer {layer.layer_idx}", i, len(layers))
         sims.append(compute(None, space, SimpleNamespace(layers=[layer]))[0])
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out).with_suffix(".tmp.npy")
-    np.save(tmp, np.stack(sims))
-    tmp.replace(out)
+    _write(out, lambda tmp: np.save(tmp, np.stack(sims)))
     return dict(out=str(out))
 
 
@@ -124,10 +116,7 @@ def curve(server, progress, stats: str, methods: list[str], ratios: list[float],
     data = data or (loaded.meta.get("calibration") or {}).get("data", "demo")
     result = ratio_curve(model, tokenizer, loaded, methods, ratios, mode, scope, data, num_samples, seq_len,
                          fingerprint, progress)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(out)
+    _write(out, lambda tmp: tmp.write_text(json.dumps(result)))
     return dict(out=str(out))
 
 
@@ -144,3 +133,12 @@ def trace(server, progress, text: str, plan: dict | None = None, stats: str | No
     progress("tracing", 0, 1)
     return route(model, tokenizer, text, PruningPlan(**plan) if plan else None,
                  ExpertStats.load(stats) if stats else None, fingerprint)
+
+
+def _write(out: str, write) -> None:
+    """Write a job's result file atomically: `write(tmp)` beside it, then renamed into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp.{out.name}")  # the same suffix: np.save adds none
+    write(tmp)
+    tmp.replace(out)

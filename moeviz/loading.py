@@ -154,3 +154,13 @@ def model_fingerprint(model: PreTrainedModel | str | os.PathLike) -> str:
     if isinstance(model, PreTrainedModel):
         return fingerprint(model)
     return fingerprint(local_dir(model))
+
+
+def file_layers(name_or_path: str | os.PathLike) -> list:
+    """Every MoE layer's experts, read from the checkpoint's files one expert at a time
+    (`moeviz.checkpoint.FileLayer`): the weight-space analyses without loading the model."""
+    from .adapters import get_adapter
+    from .checkpoint import Checkpoint, FileLayer
+
+    ckpt = Checkpoint(local_dir(name_or_path))
+    return [FileLayer(ckpt, layer) for layer in get_adapter(load_skeleton(name_or_path)).layers]

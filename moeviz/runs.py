@@ -130,8 +130,11 @@ def store_evaluation(store: RunStore, model, tokenizer, config, name: str, finge
 
     from .evaluate import evaluate
 
-    setting = json.loads(json.dumps(asdict(config), default=list))
-    same = lambda run: run.metrics.get("eval") == setting  # noqa: E731
+    setting = json.loads(json.dumps(asdict(config), default=list))  # as it is stored (tuples become lists)
+
+    def same(run: Run) -> bool:
+        return run.metrics.get("eval") == setting
+
     baseline = next((r for r in store.list(fingerprint=fingerprint, method="original") if same(r)), None)
     if baseline is None:
         report = evaluate(model, config, tokenizer, progress=progress)
@@ -154,9 +157,9 @@ def run_name(run: dict) -> str:
     """What a run is, in words: `mone novice 25 %`, `moe_pruner sparsity 50 %`, `original`."""
     if run.get("method") == "original":
         return "original"
-    kind = run.get("mode") or ""
-    scope = " global" if run.get("scope") == "global" else ""
-    return f"{run['method']} {kind} {float(run['ratio']):.0%}{scope}".replace("  ", " ").replace("%", " %")
+    parts = [run["method"], run.get("mode"), f"{float(run['ratio']) * 100:g} %",
+             "global" if run.get("scope") == "global" else None]
+    return " ".join(p for p in parts if p)
 
 
 SUMMARY = ("perplexity", "task_mean", "kl", "top1_agreement", "params_saved")
