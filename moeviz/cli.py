@@ -370,12 +370,14 @@ def _plan(args) -> int:
 
 def _weight_features(model_name, stats):
     """C-Prune's invariant weight features, read from the checkpoint's files one layer at a time."""
+    import torch
+
     from .analysis import weight_features
     from .loading import file_layers
 
     if not model_name:
         raise ValueError("cprune --features weights needs --model.")
-    return [weight_features(layer) for layer in file_layers(model_name)]
+    return torch.stack([weight_features(layer) for layer in file_layers(model_name)])  # (L, E, D)
 
 
 def _prune(args) -> int:

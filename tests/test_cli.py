@@ -75,6 +75,9 @@ def test_plan_and_prune_commands(tiny_dir, tmp_path, capsys):
     # novices need the stats; an impossible ratio is one line
     assert main(["prune", "--model", str(tiny_dir), "--plan", str(plan), "--out", str(tmp_path / "p2")]) == 2
     assert "needs its ExpertStats" in capsys.readouterr().err
+    assert main(["plan", "--stats", stats_dir, "--method", "cprune", "--features", "weights", "--model", str(tiny_dir),
+                 "--out", str(tmp_path / "cw.json")]) == 0  # the weights read from the files, layer by layer
+    capsys.readouterr()
     assert main(["plan", "--stats", stats_dir, "--method", "frequency", "--ratio", "0.95", "--out", str(plan)]) == 2
     assert "fewer than top-k" in capsys.readouterr().err
 
