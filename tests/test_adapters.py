@@ -164,3 +164,21 @@ def test_local_checkpoint_round_trip(tmp_path):
     tokens = torch.randint(0, 128, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_bf16_sorted_forward_on_cpu_pads_groups_and_returns_each_tokens_rows(model_type):
+    # bf16 on the CPU pads each expert's group (few matrix shapes for oneDNN's caches);
+    # every real token's rows must still be its own expert's output
+    layer = get_adapter(tiny_model(model_type).to(torch.bfloat16)).layers[0]
+    counts = torch.tensor([0, 1, 17, 40, 0, 3, 70, 2])
+    expert_ids = torch.repeat_interleave(torch.arange(8), counts)
+    x = torch.randn(int(counts.sum()), layer.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        mid, out = layer.experts_forward_sorted(x, expert_ids, counts)
+        assert mid.shape == (len(x), layer.intermediate_size) and out.shape == x.shape
+        for e in counts.nonzero().squeeze(1).tolist():
+            rows = (expert_ids == e).nonzero().squeeze(1)
+            want_mid, want_out = layer.expert_forward(e, x[rows])
+            torch.testing.assert_close(mid[rows], want_mid, atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(out[rows], want_out, atol=2e-2, rtol=2e-2)
