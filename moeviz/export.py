@@ -32,7 +32,7 @@ from .adapters import Adapter, ExpertWeights, get_adapter
 from .apply import align_neurons, check_plan, install_novices, remove_experts
 from .checkpoint import ROLES, Checkpoint, ExpertKey, fingerprint, local_dir, parse_expert_key, readable, skeleton
 from .methods.moe_pruner import pruning_mask
-from .plan import PLAN_FILE, PruningPlan
+from .plan import LINEAGE_FILE, PLAN_FILE, PruningPlan
 from .stats import ExpertStats
 
 NOVICES_FILE = "moeviz_novices.safetensors"  # "layers.<decoder layer>": novices (P, H)
@@ -72,7 +72,8 @@ def export_plan(source, plan: PruningPlan, stats: ExpertStats | None, out_dir,
     if (src / PLAN_FILE).is_file():
         raise ValueError(f"{src} is a moeviz export (its experts are cut already): export from the original.")
     adapter = get_adapter(skeleton(AutoConfig.from_pretrained(src), str(src)))
-    check_plan(adapter.model, plan, stats, adapter, fingerprint(src))
+    parent_fingerprint = fingerprint(src)
+    check_plan(adapter.model, plan, stats, adapter, parent_fingerprint)
     ckpt = Checkpoint(src)
     rewriter = _Rewriter(ckpt, adapter, plan, stats)  # refuses layouts it cannot rewrite
     plain = plan.mode in ("remove", "merge") and plan.is_uniform()
@@ -81,6 +82,9 @@ def export_plan(source, plan: PruningPlan, stats: ExpertStats | None, out_dir,
     try:
         rewriter.write(tmp, progress)
         _write_config(src, tmp, adapter, plan if plain else None)
+        parent = str(Path(source).resolve()) if Path(source).exists() else str(source)  # demo, a hub id
+        lineage = dict(parent=parent, parent_fingerprint=parent_fingerprint, plan=json.loads(plan.to_json()))
+        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2))  # which original expert each one is
         if not plain:
             plan.save(tmp / PLAN_FILE)
             if plan.mode in ("novice", "drop"):

@@ -20,6 +20,7 @@ import numpy as np
 
 MODES = ("remove", "novice", "drop", "merge")
 PLAN_FILE = "moeviz_plan.json"  # beside a pruned export that reloads through moeviz
+LINEAGE_FILE = "moeviz_lineage.json"  # beside every export and recovered checkpoint: its parent and plan
 SCOPES = ("layer", "global")
 
 

@@ -144,7 +144,7 @@ def store_evaluation(store: RunStore, model, tokenizer, config, name: str, finge
         return dict(run_id=baseline.id, baseline_id=baseline.id, cached=True)
     digest = plan_digest(plan)
     for run in store.list(fingerprint=fingerprint, method=plan.method):
-        if run.metrics.get("plan_digest") == digest and same(run):
+        if run.metrics.get("plan_digest") == digest and same(run) and not run.metrics.get("recovery"):
             return dict(run_id=run.id, baseline_id=baseline.id, cached=True)
     report = evaluate(model, config, tokenizer, progress=progress, plan=plan, stats=stats, fingerprint=fingerprint)
     report.update(plan_digest=digest, eval=setting)
@@ -153,12 +153,35 @@ def store_evaluation(store: RunStore, model, tokenizer, config, name: str, finge
     return dict(run_id=store.add(run), baseline_id=baseline.id, cached=False)
 
 
+def store_recovery(store: RunStore, student, teacher, tokenizer, config, name: str, fingerprint: str, plan,
+                   stats, calibration: str | None, recovery: dict, progress=None) -> dict:
+    """Evaluate a recovered `student` against its `teacher` and store it as a run of the plan it
+    was pruned with, linked to the plan's own run (stored first if it is not, with the original
+    as the baseline): the pair before and after recovery, evaluated the same way.
+    Returns {"run_id", "parent_id", "baseline_id"}."""
+    from dataclasses import asdict
+
+    from .evaluate import evaluate
+
+    parent = store_evaluation(store, teacher, tokenizer, config, name, fingerprint, plan, stats, calibration, progress)
+    before = store.get(parent["run_id"]).metrics
+    report = evaluate(student, config, tokenizer, reference=teacher, progress=progress)
+    report.update({k: before[k] for k in ("params_saved", "bytes_saved", "params", "bytes") if k in before})
+    report.update(plan_digest=plan_digest(plan), eval=json.loads(json.dumps(asdict(config), default=list)),
+                  recovery={**recovery, "parent_run": parent["run_id"]})
+    mode = "sparsity" if plan.sparsity or plan.nm else plan.mode
+    run = Run(name, plan.method, plan.ratio, report, mode, plan.scope, calibration, fingerprint)
+    return dict(run_id=store.add(run), parent_id=parent["run_id"], baseline_id=parent["baseline_id"])
+
+
 def run_name(run: dict) -> str:
-    """What a run is, in words: `mone novice 25 %`, `moe_pruner sparsity 50 %`, `original`."""
+    """What a run is, in words: `mone novice 25 %`, `moe_pruner sparsity 50 %`, `original`,
+    `mone remove 25 % + recovery`."""
     if run.get("method") == "original":
         return "original"
     parts = [run["method"], run.get("mode"), f"{float(run['ratio']) * 100:g} %",
-             "global" if run.get("scope") == "global" else None]
+             "global" if run.get("scope") == "global" else None,
+             "+ recovery" if (run.get("metrics") or {}).get("recovery") else None]
     return " ".join(p for p in parts if p)
 
 
