@@ -1,0 +1,150 @@
+"""Recovery: expert-wise distillation of a pruned model from its original."""
+
+import pytest
+import torch
+
+from moeviz.adapters import get_adapter
+from moeviz.apply import apply_plan, model_info
+from moeviz.calibrate import CalibConfig, calibrate
+from moeviz.checkpoint import fingerprint
+from moeviz.cli import main
+from moeviz.export import export_plan
+from moeviz.loading import load_model
+from moeviz.methods import PlanConfig, make_plan
+from moeviz.plan import PlanError, PruningPlan
+from moeviz.recover import DistillConfig, distill, plan_of, read_lineage, recover_checkpoint
+from moeviz.runs import RunStore
+from moeviz.tiny import tiny_model
+
+TOKENS = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))
+ONE_STEP = dict(steps=1, batch_size=4, lr=1e-4, warmup_steps=1)
+
+
+def _stats(model, tmp_path):
+    return calibrate(model, CalibConfig(data="random", num_samples=4, seq_len=16, cache_dir=tmp_path), None)[0]
+
+
+def _plan(model, mode, pruned, **kw):
+    info = model_info(model, fingerprint=fingerprint(model))
+    return PruningPlan("manual", 0.25, "layer", mode, info,
+                       pruned={layer: list(pruned) for layer in info["layer_indices"]}, **kw)
+
+
+def _pruned(family, plan_for, tmp_path):
+    """(teacher, student pruned in memory by the plan, the plan)."""
+    teacher = tiny_model(family)
+    stats = _stats(teacher, tmp_path)
+    plan = plan_for(teacher, stats)
+    return teacher, apply_plan(tiny_model(family), plan, stats), plan
+
+
+def test_experts_are_matched_by_their_original_index_after_a_removal(tmp_path):
+    # expert 0 removed: the student's expert j is the teacher's j+1. Before any step the kept
+    # experts equal their teachers, so the experts' error is zero only if they are matched right.
+    teacher, student, plan = _pruned("qwen3_moe", lambda m, s: _plan(m, "remove", [0]), tmp_path)
+    report = distill(student, teacher, TOKENS, DistillConfig(**{**ONE_STEP, "lr": 0.0}), plan)
+    assert report["first"]["mse"] < 1e-10
+    shifted = PruningPlan(**{**vars(plan), "pruned": {i: [7] for i in plan.pruned}})  # wrong: same count, other expert
+    assert distill(student, teacher, TOKENS, DistillConfig(**{**ONE_STEP, "lr": 0.0}), shifted)["first"]["mse"] > 1e-3
+
+
+def test_one_step_lowers_the_loss_on_a_fixed_batch(tmp_path):
+    # the batch is all of TOKENS, so the second step's loss is the first batch's after one step.
+    # Novices: after a removal the kept experts start at the error's minimum (zero), which
+    # Adam's first step, the same size for every weight, can only leave.
+    teacher, student, plan = _pruned("mixtral", lambda m, s: _plan(m, "novice", [2, 5]), tmp_path)
+    report = distill(student, teacher, TOKENS, DistillConfig(**{**ONE_STEP, "steps": 2}), plan)
+    assert report["steps"] == 2 and report["last"]["loss"] < report["first"]["loss"]
+    assert report["last"]["ce"] < report["first"]["ce"]
+
+
+def test_only_what_pruning_touched_trains(tmp_path):
+    teacher, student, plan = _pruned("qwen2_moe", lambda m, s: _plan(m, "remove", [1, 6]), tmp_path)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    distill(student, teacher, TOKENS, DistillConfig(**ONE_STEP), plan)
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".mlp.experts." in n or ".mlp.gate." in n for n in changed)
+    assert not any("shared_expert" in n or "embed" in n or "self_attn" in n for n in changed)
+    assert not any(p.requires_grad for p in student.parameters())  # frozen again, in eval mode
+    assert not student.training
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_zeroed_weights_stay_zero(family, tmp_path):
+    teacher, student, plan = _pruned(family, lambda m, s: make_plan(s, PlanConfig("moe_pruner", ratio=0.5)), tmp_path)
+    experts = [layer.experts for layer in get_adapter(student).layers]
+    zeros = [(p == 0).clone() for e in experts for p in e.parameters()]
+    before = [p.detach().clone() for e in experts for p in e.parameters()]
+    distill(student, teacher, TOKENS, DistillConfig(**{**ONE_STEP, "steps": 3}), plan)
+    after = [p for e in experts for p in e.parameters()]
+    assert all(torch.all(p[z] == 0) for p, z in zip(after, zeros))
+    assert sum(z.sum().item() for z in zeros) > 0.4 * sum(p.numel() for p in after)  # half of each row
+    assert any(not torch.equal(p, b) for p, b in zip(after, before))  # the rest trained
+
+
+def test_novices_and_merged_experts_receive_gradients(tmp_path):
+    teacher, student, plan = _pruned("qwen3_moe", lambda m, s: _plan(m, "novice", [1, 6]), tmp_path)
+    novices = [get_adapter(student).layers[i].novices for i in range(2)]
+    before = [n.detach().clone() for n in novices]
+    distill(student, teacher, TOKENS, DistillConfig(**ONE_STEP), plan)
+    assert all(not torch.equal(n, b) for n, b in zip(novices, before))
+
+    def merge(model, stats):
+        return _plan(model, "merge", [1, 6], merge_into={i: {1: 2, 6: 2} for i in get_adapter(model).layer_indices})
+
+    teacher, student, plan = _pruned("qwen3_moe", merge, tmp_path / "merge")
+    layer = get_adapter(student).layers[0]  # kept: 0, 2 (the merged one, now 1), 3, 4, 5, 7
+    merged = layer.expert_weights(1).down.detach().clone()
+    distill(student, teacher, TOKENS, DistillConfig(**ONE_STEP), plan)
+    assert not torch.equal(layer.expert_weights(1).down, merged)
+
+
+def test_a_recovered_checkpoint_reloads_with_the_logits_it_had_in_memory(tmp_path):
+    teacher = tiny_model("qwen3_moe")
+    teacher.save_pretrained(tmp_path / "original")
+    stats = _stats(teacher, tmp_path / "cache")
+    plan = make_plan(stats, PlanConfig("mone", ratio=0.25))  # novices: a moeviz-format checkpoint
+    export_plan(tmp_path / "original", plan, stats, tmp_path / "pruned")
+    teacher, _ = load_model(str(tmp_path / "original"), device="cpu")
+    student, report = recover_checkpoint(tmp_path / "pruned", teacher, str(tmp_path / "original"), TOKENS,
+                                         DistillConfig(**ONE_STEP), tmp_path / "recovered", device="cpu")
+    again, _ = load_model(str(tmp_path / "recovered"), device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(again(TOKENS).logits, student(TOKENS).logits, rtol=0, atol=0)
+        assert not torch.equal(again(TOKENS).logits, load_model(str(tmp_path / "pruned"), device="cpu")[0](TOKENS).logits)
+    lineage = read_lineage(tmp_path / "recovered")
+    assert lineage["parent"] == str((tmp_path / "pruned").resolve()) and lineage["recovery"]["steps"] == 1
+    assert plan_of(again).pruned == plan.pruned
+
+
+def test_cli_distill_trains_saves_and_stores_the_pair(tmp_path, capsys):
+    tiny_model("mixtral").save_pretrained(tmp_path / "original")
+    main(["calibrate", "--model", str(tmp_path / "original"), "--data", "random", "--samples", "4", "--seq-len", "16",
+          "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    stats = capsys.readouterr().out.strip().splitlines()[-1]
+    main(["plan", "--stats", stats, "--method", "frequency", "--ratio", "0.25", "--out", str(tmp_path / "plan.json")])
+    main(["prune", "--model", str(tmp_path / "original"), "--plan", str(tmp_path / "plan.json"),
+          "--out", str(tmp_path / "pruned")])
+    assert read_lineage(tmp_path / "pruned")["parent"] == str((tmp_path / "original").resolve())
+    db = tmp_path / "runs.sqlite"
+    main(["distill", "--model", str(tmp_path / "pruned"), "--steps", "2", "--data", "random", "--seq-len", "16",
+          "--samples", "4", "--train-samples", "8", "--device", "cpu", "--runs", str(db), "--out", str(tmp_path / "rec")])
+    assert capsys.readouterr().out.strip().endswith(str(tmp_path / "rec"))
+    runs = {r.id: r for r in RunStore(db).list()}
+    recovered = next(r for r in runs.values() if r.metrics.get("recovery"))
+    parent = runs[recovered.metrics["recovery"]["parent_run"]]
+    assert parent.method == recovered.method == "frequency" and not parent.metrics.get("recovery")
+    assert parent.metrics["plan_digest"] == recovered.metrics["plan_digest"]
+    assert recovered.metrics["params_saved"] == pytest.approx(parent.metrics["params_saved"])
+    assert parent.metrics["params_saved"] > 0.15
+
+
+def test_bad_input_is_refused(tmp_path):
+    teacher = tiny_model("mixtral")
+    with pytest.raises(ValueError, match="budget"):
+        DistillConfig(steps=None)
+    with pytest.raises(PlanError, match="plan"):
+        distill(tiny_model("mixtral"), teacher, TOKENS, DistillConfig(**ONE_STEP))  # no plan known
+    plan = _plan(teacher, "remove", [0, 1])
+    with pytest.raises(PlanError, match="experts"):  # the plan does not match the (unpruned) student
+        distill(tiny_model("mixtral"), teacher, TOKENS, DistillConfig(**ONE_STEP), plan)
