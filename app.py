@@ -3,6 +3,7 @@ moeviz functions; the model's weights live in its backend process, never in this
 
 import streamlit as st
 
+from moeviz.demo import DEMO_MODELS
 from pages.common import default_model
 
 st.set_page_config(page_title="moeviz", layout="wide")
@@ -18,8 +19,10 @@ def _model_changed() -> None:
 
 st.sidebar.text_input(  # a callback, not the return value: st.navigation reruns would reset it
     "Model", value=st.session_state["model_name"], key="model_input", on_change=_model_changed,
-    help="'demo' (the shipped model, offline), a local checkpoint path or a Hugging Face id",
+    help="a shipped demo model (offline: " + ", ".join(DEMO_MODELS) + "), a local checkpoint path "
+         "or a Hugging Face id",
 )
+st.sidebar.caption("\n\n".join(f"[{name}](?model={name}): {demo.teaches}" for name, demo in DEMO_MODELS.items()))
 st.query_params["model"] = st.session_state["model_name"]
 
 page = st.navigation([

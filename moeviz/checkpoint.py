@@ -33,20 +33,35 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 
 
 # ---- where a checkpoint's files are ----------------------------------------------------------
-DEMO = "demo"
+DEMO = "demo"  # the default model; `demo_names()` lists every shipped one
 
 
-def demo_path() -> Path:
-    from .demo import CHECKPOINT_DIR
+def demo_names() -> list[str]:
+    """The shipped demo models' names: `demo`, `demo-fine`."""
+    from .demo import DEMO_MODELS
 
-    return CHECKPOINT_DIR
+    return list(DEMO_MODELS)
+
+
+def is_demo(name_or_path: str | os.PathLike) -> bool:
+    """Whether the name is one of the shipped demo models (they have the demo tasks)."""
+    return str(name_or_path) in demo_names()
+
+
+def demo_path(name: str = DEMO) -> Path:
+    """The directory of a shipped demo model."""
+    from .demo import DEMO_MODELS
+
+    if name not in DEMO_MODELS:
+        raise ValueError(f"Unknown demo model {name!r}; shipped: {', '.join(DEMO_MODELS)}")
+    return DEMO_MODELS[name].path
 
 
 def resolve_source(name_or_path: str | os.PathLike) -> str:
-    """`demo` → the shipped checkpoint; a path must exist; anything else is a hub id."""
+    """`demo`, `demo-fine` → the shipped checkpoints; a path must exist; anything else is a hub id."""
     name = str(name_or_path)
-    if name == DEMO:
-        return str(demo_path())
+    if is_demo(name):
+        return str(demo_path(name))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

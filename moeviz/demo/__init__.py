@@ -1,19 +1,47 @@
-"""The shipped demo model: a small trained Mixtral, its synthetic corpus and its tasks.
+"""The shipped demo models, their synthetic corpus and their tasks.
 
-Retrain with ``python -m moeviz.demo.train``; the checkpoint loads with plain
-``AutoModelForCausalLM.from_pretrained(CHECKPOINT_DIR)``.
+Two checkpoints trained on the same corpus by ``python -m moeviz.demo.train --shape …``:
+``demo`` (``--shape coarse``, a small Mixtral) and ``demo-fine`` (``--shape fine``, a
+Qwen2-MoE with fine-grained experts and a shared expert). Each loads with plain
+``AutoModelForCausalLM.from_pretrained(DEMO_MODELS[name].path)``.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from moeviz.demo.corpus import DOMAINS, TaskExample, documents, task_examples
 from moeviz.demo.tasks import expert_frequencies, routing_divergence, task_accuracies, task_accuracy
 
-CHECKPOINT_DIR = Path(__file__).parent / "checkpoint"
+_HERE = Path(__file__).parent
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A shipped checkpoint: where it is, the training shape that made it, what it teaches."""
+
+    path: Path
+    shape: str  # `python -m moeviz.demo.train --shape …`
+    teaches: str  # one line for the app and the README
+
+
+DEMO_MODELS = {
+    "demo": DemoModel(
+        _HERE / "checkpoint", "coarse",
+        "Mixtral, 16 coarse experts, top-2: experts specialise by domain, and removing any collapses the model.",
+    ),
+    "demo-fine": DemoModel(
+        _HERE / "checkpoint-fine", "fine",
+        "Qwen2-MoE, 64 small experts, top-8, plus a shared expert: shaped like today's MoEs, "
+        "it shows how a pruning ratio is chosen.",
+    ),
+}
+CHECKPOINT_DIR = DEMO_MODELS["demo"].path
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "DEMO_MODELS",
     "DOMAINS",
+    "DemoModel",
     "TaskExample",
     "documents",
     "expert_frequencies",
