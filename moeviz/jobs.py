@@ -56,6 +56,39 @@ def export(server, progress, plan: dict, stats: str | None, out: str) -> dict:
     return dict(path=str(out), reload=how)
 
 
+def recover(server, progress, plan: dict, stats: str | None, runs: str, out: str, minutes: float,
+            lr: float = 1e-4, train_samples: int = 1024, **config) -> dict:
+    """Export `plan` to `out`/pruned, distil it from the loaded original for `minutes` into
+    `out`/recovered, evaluate it and store it beside the plan's own run:
+    {"run_id", "parent_id", "baseline_id", "checkpoint"}."""
+    from .data import sample_sequences
+    from .evaluate import EvalConfig
+    from .export import export_plan
+    from .loading import resolve_source
+    from .plan import PruningPlan
+    from .recover import DistillConfig, recover_checkpoint
+    from .runs import RunStore, store_recovery
+    from .stats import ExpertStats
+
+    model, tokenizer, fingerprint = server.loaded()
+    plan = PruningPlan(**plan)
+    loaded = ExpertStats.load(stats) if stats else None
+    config = EvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    out = Path(out)
+    export_plan(resolve_source(server.model_name), plan, loaded, out / "pruned",
+                progress=lambda done, total: progress("writing the pruned checkpoint", done, total))
+    tokens = sample_sequences(config.data, train_samples, config.seq_len, tokenizer, 0, split="train",
+                              vocab_size=model.config.vocab_size)
+    budget = DistillConfig(steps=None, max_minutes=minutes, lr=lr)
+    student, report = recover_checkpoint(out / "pruned", model, server.model_name, tokens, budget, out / "recovered",
+                                         server.device, lambda step, steps, row: progress(
+                                             f"distilling, step {step}, loss {row['loss']:.3f}",
+                                             round(row["seconds"]), round(minutes * 60)))
+    ids = store_recovery(RunStore(runs), student, model, tokenizer, config, server.model_name, fingerprint, plan,
+                         loaded, stats, report, progress)
+    return dict(ids, checkpoint=report["checkpoint"])
+
+
 def stability(server, progress, config: dict, chunks: int, methods: list[str], ratio: float, out: str,
               bootstrap: int = 5) -> dict:
     """Stats of `chunks` calibration chunks and each method's agreement with the full set,

@@ -363,13 +363,18 @@ def stability_curves(rows: list[dict], title: str = "") -> go.Figure:
 
 
 def ratio_curves(frame, metric: str, title: str = "") -> go.Figure:
-    """`metric` against pruning ratio, one line per method (and mode), the original as a dashed line."""
+    """`metric` against pruning ratio, one line per method (and mode), the original as a dashed
+    line; recovered runs as a dotted line of their own beside the method's."""
     fig = go.Figure()
     base = frame[frame["method"] == "original"]
-    for (method, mode), group in frame[frame["method"] != "original"].groupby(["method", "mode"], dropna=False):
+    frame = frame.assign(recovered=frame["recovered"] if "recovered" in frame else False)
+    pruned = frame[frame["method"] != "original"]
+    for (method, mode, recovered), group in pruned.groupby(["method", "mode", "recovered"], dropna=False):
         group = group.sort_values("ratio")
         name = method if mode is None or mode != mode else f"{method} ({mode})"
-        fig.add_trace(go.Scatter(x=group["ratio"], y=group[metric], mode="lines+markers", name=name))
+        fig.add_trace(go.Scatter(x=group["ratio"], y=group[metric], mode="lines+markers",
+                                 name=f"{name} + recovery" if recovered else name,
+                                 line=dict(dash="dot") if recovered else None))
     if len(base) and metric in base:
         fig.add_hline(y=float(base[metric].iloc[-1]), line_dash="dash", annotation_text="original")
     top = float(frame["ratio"].max()) if len(frame) else 1.0

@@ -337,7 +337,7 @@ def recover_checkpoint(pruned_dir, teacher: PreTrainedModel, teacher_name: str, 
     Returns (the recovered model, the training report)."""
     from .loading import load_model, model_fingerprint
 
-    student, _ = load_model(pruned_dir, device=device, dtype=teacher.dtype if device != "cpu" else None)
+    student, _ = load_model(pruned_dir, device=device)  # in the checkpoint's dtype, the teacher's
     plan = plan_of(student)
     report = distill(student, teacher, tokens, config, plan, progress)
     lineage = dict(parent=str(Path(pruned_dir).resolve()), teacher=teacher_name,

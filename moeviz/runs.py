@@ -103,9 +103,12 @@ class RunStore:
         for run in self.list(**where):
             flat = {k: v for k, v in run.metrics.items() if not isinstance(v, dict)}
             flat.update({f"{k}_se": v for k, v in (run.metrics.get("se") or {}).items()})
+            recovery = run.metrics.get("recovery") or {}
             rows.append(dict(id=run.id, model=run.model, run=run_name(vars(run)), evaluated_on=setting(run),
                              method=run.method, mode=run.mode, ratio=run.ratio, scope=run.scope,
-                             calibration=run.calibration, **flat))
+                             calibration=run.calibration, recovered=bool(recovery),
+                             parent_run=recovery.get("parent_run"), recovery_steps=recovery.get("steps"),
+                             recovery_minutes=recovery.get("minutes"), **flat))
         return pd.DataFrame(rows)
 
 
@@ -199,6 +202,27 @@ def baseline_of(run: Run, originals: list[Run]) -> Run | None:
     """The original evaluated exactly as `run` was (same model, same evaluation setting)."""
     return next((o for o in originals if o.fingerprint == run.fingerprint
                  and o.metrics.get("eval") == run.metrics.get("eval")), None)
+
+
+def recovery_pairs(runs: list[Run], keys=("task_mean", "perplexity", "kl", "top1_agreement")) -> pd.DataFrame:
+    """One row per recovered run: its plan, and each metric for the original, the plan before
+    recovery and after it (all evaluated the same way), with the steps and minutes it took."""
+    by_id = {run.id: run for run in runs}
+    originals = [r for r in runs if r.method == "original"]
+    rows = []
+    for run in runs:
+        recovery = run.metrics.get("recovery")
+        if not recovery or (parent := by_id.get(recovery.get("parent_run"))) is None:
+            continue
+        base = baseline_of(run, originals)
+        row = dict(run=run.id, plan=run_name(vars(parent)), evaluated_on=setting(run),
+                   steps=recovery.get("steps"), minutes=recovery.get("minutes"))
+        for key in keys:
+            if key in run.metrics:
+                row.update({f"{key} original": base.metrics.get(key) if base else None,
+                            f"{key} pruned": parent.metrics.get(key), f"{key} recovered": run.metrics[key]})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def delta_table(runs: list[Run], originals: list[Run] | None = None) -> pd.DataFrame:

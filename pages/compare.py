@@ -3,7 +3,7 @@ from pathlib import Path
 import streamlit as st
 
 from moeviz import plots
-from moeviz.runs import RunStore, delta_table, run_name
+from moeviz.runs import RunStore, delta_table, recovery_pairs, run_name
 from pages.common import cache_dir, current_model
 
 name, skeleton, adapter, fingerprint = current_model()
@@ -36,6 +36,13 @@ chosen = c2.selectbox("Evaluated on", settings, key="compare_setting",
                       help="runs evaluated on other text or sizes are not comparable: one setting at a time")
 st.plotly_chart(plots.ratio_curves(full[full["evaluated_on"] == chosen], metric, f"{metric} against pruning ratio"),
                 key="curves")
+
+pairs = recovery_pairs(runs)
+if not pairs.empty:
+    st.subheader("Before and after recovery")
+    st.caption("Each recovered run beside its plan before recovery and the original, evaluated the same way "
+               "(Prune page: Recover, or `moeviz distill`).")
+    st.dataframe(pairs, hide_index=True)
 
 with st.expander("Delete a run"):
     labels = {r.id: f"{r.id}: {run_name(vars(r))}" for r in runs}

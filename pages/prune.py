@@ -1,5 +1,6 @@
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import streamlit as st
@@ -7,7 +8,7 @@ import streamlit as st
 from moeviz import plots
 from moeviz.methods import PlanConfig, get_method, make_plan, method_names
 from moeviz.plan import PlanError
-from moeviz.runs import RunStore, run_name
+from moeviz.runs import RunStore, plan_digest, recovery_pairs, run_name
 from moeviz.stats import list_stats
 from pages.common import (cache_dir, current_model, finished, job_status, load_stats, persistent, poll, progress_ui,
                           stats_ui, submit)
@@ -228,7 +229,7 @@ if c2.button("Export checkpoint"):
 @st.fragment(run_every=1)
 def jobs_ui():
     """Polls the backend while a job runs (only then: an idle page does no work)."""
-    for key, label in (("eval_job", "Evaluation"), ("export_job", "Export")):
+    for key, label in (("eval_job", "Evaluation"), ("export_job", "Export"), ("recover_job", "Recovery")):
         job = st.session_state.get(key)
         if job is None:
             continue
@@ -244,7 +245,26 @@ def jobs_ui():
             progress_ui(status, label)
 
 
-if st.session_state.get("eval_job") or st.session_state.get("export_job"):
+def recover_ui(run) -> None:
+    """Recovery of an evaluated run: distil the pruned model from the original for a few minutes."""
+    st.markdown("**Recover**: fine-tune the pruned model against the original for a few minutes (MoE-Pruner's "
+                "expert-wise distillation: only what pruning touched trains), then evaluate it the same way.")
+    c1, c2, c3 = st.columns([1, 1, 2])
+    minutes = persistent(c1.number_input, "Minutes", 0.5, 600.0, key="recover_minutes", default=2.0, step=0.5)
+    lr = persistent(c2.number_input, "Learning rate", 1e-6, 1e-2, key="recover_lr",
+                    default=1e-3 if name.startswith("demo") else 1e-4, format="%.0e",
+                    help="the demo models learn at 1e-3; large models want 1e-5 to 1e-4")
+    c3.write("")
+    if c3.button(f"Recover run {run.id}"):
+        out = Path(cache_dir()).resolve() / "recovered" / f"run-{run.id}-{int(time.time())}"
+        job = submit(name, "recover", plan=json.loads(plan.to_json()), stats=STATS_DIR, runs=str(RUNS), out=str(out),
+                     minutes=float(minutes), lr=float(lr), **eval_config)
+        if job:
+            st.session_state["recover_job"] = job
+            st.rerun()  # to poll it: the jobs' fragment ran above
+
+
+if any(st.session_state.get(k) for k in ("eval_job", "export_job", "recover_job")):
     jobs_ui()
 if result := st.session_state.get("eval_job_result"):
     store = RunStore(RUNS)
@@ -252,5 +272,12 @@ if result := st.session_state.get("eval_job_result"):
     st.success(f"Evaluated as run {run.id} ({run_name(run.__dict__)})" + (" — already stored" if result["cached"] else "")
                + ": see the Compare page for every run.")
     st.dataframe(store.delta_table([run.id], baseline.id), hide_index=True)
+    if plan is not None and run.metrics.get("plan_digest") == plan_digest(plan) and not st.session_state.get("recover_job"):
+        recover_ui(run)
+if result := st.session_state.get("recover_job_result"):
+    store = RunStore(RUNS)
+    st.success(f"Recovered as run {result['run_id']}, saved to {result['checkpoint']}.")
+    st.dataframe(recovery_pairs(store.list(fingerprint=fingerprint)).query(f"run == {result['run_id']}"),
+                 hide_index=True)
 if result := st.session_state.pop("export_job_result", None):
     st.success(f"Exported to {result['path']} (reload with {result['reload']}).")

@@ -44,6 +44,17 @@ def test_two_evaluations_load_the_weights_once_in_one_process(backend):
     again = client.wait(client.submit("calibrate", data="demo", num_samples=8, seq_len=64, probe_tokens=32))
     assert again["result"]["cached"] is True
 
+    # Recover the MoNE run: exported, distilled from the loaded original (still loaded once),
+    # evaluated the same way and stored beside the plan's own run
+    job = client.submit("recover", plan=json.loads(plan.to_json()), stats=cal["result"]["path"],
+                        runs=str(cache / "runs.sqlite"), out=str(cache / "recovered"), minutes=0.05, lr=1e-3,
+                        train_samples=16, data="demo", num_samples=4, seq_len=64)
+    rec = client.wait(job)
+    assert rec["state"] == "done", rec
+    assert rec["result"]["parent_id"] == done[1]["result"]["run_id"]
+    assert (cache / "recovered" / "recovered" / "model.safetensors").is_file()
+    assert client.health()["loads"] == 1
+
 
 def test_a_failing_job_is_reported_and_the_backend_goes_on(backend):
     client, cache = backend

@@ -1,7 +1,7 @@
 """The dashboard as a person uses it, in a real headless Chromium: every page opens without an
 error; calibrate in the backend; on the Prune page a click on a plan cell prunes or keeps that
 expert and a second click undoes it, a box flips several, the ratio curve marks the slider;
-evaluate, then compare."""
+evaluate, recover, then compare."""
 
 import os
 import shutil
@@ -167,6 +167,14 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     _no_error(page)
     page.screenshot(path=str(tmp_path / "prune.png"), full_page=True)
 
+    minutes = page.get_by_label("Minutes")  # recover the evaluated run, briefly
+    minutes.fill("0.5")
+    minutes.press("Enter")
+    _idle(page)
+    page.get_by_role("button", name="Recover run").click()
+    page.get_by_text("Recovered as run").wait_for(timeout=300_000)
+    _no_error(page)
+
     _open(page, "Trace")  # a typed text, its tokens coloured; then under the Prune page's plan
     page.get_by_role("textbox", name="Text").fill("12+30=42\nrev abc:cba\n")
     page.get_by_role("button", name="Trace", exact=True).click()
@@ -185,6 +193,9 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
 
     _open(page, "Compare")
     page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)  # the ratio curves
+    page.get_by_role("heading", name="Before and after recovery").wait_for(timeout=60_000)
+    assert page.locator(".js-plotly-plot").first.evaluate(
+        "gd => gd.data.some(t => t.name.endsWith('+ recovery'))")  # its own line beside the plan's
     _no_error(page)
 
     from moeviz.tiny import tiny_model  # another model, typed into the sidebar, stays chosen
