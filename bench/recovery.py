@@ -1,0 +1,79 @@
+"""What a short recovery returns on the demo model: the README's recovery table.
+
+    python bench/recovery.py [--minutes 5] [--lr 1e-3] [--only mone,reap] [--out DIR]
+
+For each plan of PLANS: export it from the demo checkpoint, distil it from the original for
+--minutes on this machine (`moeviz.recover`, the defaults but the learning rate), then evaluate
+the original, the plan before recovery and after it the same way as the README's sweep table
+(128 held-out sequences of 128 tokens, 200 examples per demo task), all stored in DIR/runs.sqlite.
+Prints one markdown row per plan as it finishes: mean task accuracy and perplexity of each,
+the steps and the minutes. Calibration: 256 × 128 tokens of demo text, as the sweep's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from moeviz.calibrate import CalibConfig, calibrate  # noqa: E402
+from moeviz.data import sample_sequences  # noqa: E402
+from moeviz.evaluate import EvalConfig  # noqa: E402
+from moeviz.export import export_plan  # noqa: E402
+from moeviz.loading import load_model, model_fingerprint  # noqa: E402
+from moeviz.methods import PlanConfig, make_plan  # noqa: E402
+from moeviz.recover import DistillConfig, recover_checkpoint  # noqa: E402
+from moeviz.runs import RunStore, recovery_pairs, store_recovery  # noqa: E402
+
+PLANS = [("moe_pruner", None, 0.5), ("moe_pruner", None, 0.75),
+         ("mone", "novice", 0.25), ("mone", "novice", 0.5), ("mone", "remove", 0.25), ("mone", "remove", 0.5),
+         ("reap", "remove", 0.25), ("reap", "remove", 0.5), ("frequency", "remove", 0.25), ("frequency", "remove", 0.5)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=5.0, help="recovery budget of each plan")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--only", help="comma-separated methods")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="moeviz-recovery-")))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    teacher, tokenizer = load_model("demo", device="cpu")
+    fingerprint = model_fingerprint(teacher)
+    stats, stats_dir = calibrate(teacher, CalibConfig(data="demo", num_samples=256, seq_len=128,
+                                                      cache_dir=args.out / "cache"), tokenizer)
+    tokens = sample_sequences("demo", 2048, 128, tokenizer, seed=0, split="train")
+    eval_config = EvalConfig(data="demo", num_samples=128, seq_len=128, demo_tasks=True, task_examples=200)
+    store = RunStore(args.out / "runs.sqlite")
+    print(f"runs and checkpoints in {args.out}", file=sys.stderr)
+    print("| method | mode | ratio | task mean: original → pruned → recovered | perplexity: original → pruned "
+          "→ recovered | steps | minutes |\n|---|---|---|---|---|---|---|", flush=True)
+    only = set(args.only.split(",")) if args.only else None
+    for method, mode, ratio in PLANS:
+        if only and method not in only:
+            continue
+        plan = make_plan(stats, PlanConfig(method, ratio=ratio, mode=mode), calibration=str(stats_dir))
+        name = f"{method}-{mode or 'sparsity'}-{ratio:g}"
+        export_plan("demo", plan, stats, args.out / name / "pruned")
+        student, report = recover_checkpoint(args.out / name / "pruned", teacher, "demo", tokens,
+                                             DistillConfig(steps=None, max_minutes=args.minutes, lr=args.lr),
+                                             args.out / name / "recovered", device="cpu")
+        ids = store_recovery(store, student, teacher, tokenizer, eval_config, "demo", fingerprint, plan, stats,
+                             str(stats_dir), report)
+        row = recovery_pairs(store.list()).set_index("run").loc[ids["run_id"]]
+        t = [row[f"task_mean {k}"] for k in ("original", "pruned", "recovered")]
+        p = [row[f"perplexity {k}"] for k in ("original", "pruned", "recovered")]
+        print(f"| {method} | {mode or 'sparsity'} | {ratio:g} | {t[0]:.2f} → {t[1]:.2f} → **{t[2]:.2f}** | "
+              f"{p[0]:.1f} → {p[1]:.1f} → {p[2]:.1f} | {report['steps']} | {report['minutes']:.1f} |", flush=True)
+        del student
+
+
+if __name__ == "__main__":
+    main()
