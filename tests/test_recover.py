@@ -148,3 +148,13 @@ def test_bad_input_is_refused(tmp_path):
     plan = _plan(teacher, "remove", [0, 1])
     with pytest.raises(PlanError, match="experts"):  # the plan does not match the (unpruned) student
         distill(tiny_model("mixtral"), teacher, TOKENS, DistillConfig(**ONE_STEP), plan)
+
+
+def test_gradient_checkpointing_gives_the_same_steps_and_kl_adds_the_logits_term(tmp_path):
+    reports = {}
+    for name, extra in (("plain", {}), ("checkpointed", {"gradient_checkpointing": True}), ("kl", {"logit_kl": 1.0})):
+        teacher, student, plan = _pruned("qwen3_moe", lambda m, s: _plan(m, "novice", [2, 5]), tmp_path / name)
+        reports[name] = distill(student, teacher, TOKENS, DistillConfig(**{**ONE_STEP, "steps": 2, **extra}), plan)
+    assert reports["checkpointed"]["last"] == pytest.approx(reports["plain"]["last"], rel=1e-5)
+    kl = reports["kl"]["first"]
+    assert kl["kl"] > 0 and kl["loss"] == pytest.approx(kl["ce"] + kl["mse"] + kl["kl"], rel=1e-5)
