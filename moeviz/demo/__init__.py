@@ -27,12 +27,13 @@ class DemoModel:
 DEMO_MODELS = {
     "demo": DemoModel(
         _HERE / "checkpoint", "coarse",
-        "Mixtral, 16 coarse experts, top-2: experts specialise by domain, and removing any collapses the model.",
+        "Mixtral, 16 coarse experts, top-2: experts specialise by domain at a glance; removing a quarter "
+        "of them already collapses the tasks.",
     ),
     "demo-fine": DemoModel(
         _HERE / "checkpoint-fine", "fine",
-        "Qwen2-MoE, 64 small experts, top-8, plus a shared expert: shaped like today's MoEs, "
-        "it shows how a pruning ratio is chosen.",
+        "Qwen2-MoE, 64 small experts, top-8, plus a shared expert, shaped like today's MoEs: a quarter "
+        "of its experts go at a small cost, half at a large one; where to stop is the lesson.",
     ),
 }
 CHECKPOINT_DIR = DEMO_MODELS["demo"].path
