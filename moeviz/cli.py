@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training sequences drawn from the train split of --data (cycled)")
     di.add_argument("--lambda", dest="expert_mse", type=float, default=1.0,
                     help="weight of the experts' (relative) squared error against the teacher's")
-    di.add_argument("--kl", type=float, default=0.0, help="weight of the logits' KL to the teacher (0: off)")
+    di.add_argument("--kl", type=float, default=1.0,
+                    help="weight of the logits' KL to the teacher (0: off, and no forward pass of the teacher)")
     di.add_argument("--train-all", action="store_true", help="train every parameter, not only what pruning touched")
     di.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (large models)")
     di.add_argument("--seed", type=int, default=0)
@@ -223,7 +224,9 @@ def _eval_config(args):
     from .evaluate import EvalConfig
 
     names = [] if args.tasks in ("none", "auto") else [t for t in args.tasks.split(",") if t]
-    is_demo = args.model == "demo" or getattr(args, "reference", None) == "demo"  # or an export of it
+    from .checkpoint import is_demo as shipped
+
+    is_demo = shipped(args.model) or shipped(getattr(args, "reference", None) or "")  # or an export of one
     demo = args.tasks == "demo" or "demo" in names or (args.tasks == "auto" and is_demo)
     return EvalConfig(data=args.data, num_samples=args.samples, seq_len=args.seq_len,
                       batch_size=args.batch_size, demo_tasks=demo, task_examples=args.task_examples,

@@ -2,19 +2,22 @@
 
 MoE-Pruner's expert-wise knowledge distillation (METHODS.md), for every kind of plan. The loss
 is the next-token cross-entropy plus λ · Σ over MoE layers of the mean squared error between
-each student expert's outputs and the same expert of the teacher on the same inputs (plus, if
-asked, the KL divergence of the logits). The squared error is divided by the teacher's mean
-squared output in that layer, so that λ means the same for every model (an error as large as
-the outputs weighs 1 per layer, as much as a cross-entropy of 1 nat). Experts are matched by their original index, which the
-plan records: after a removal the student's expert j is the teacher's `plan.kept(layer)[j]`, a
-novice stands for the teacher's pruned expert and learns its mean output on the tokens routed
-to it, a merged expert is matched to the expert it was merged into.
+each student expert's outputs and the same expert of the teacher on the same inputs, plus (by
+default) the KL divergence of the logits to the teacher's. The squared error is divided by the
+teacher's mean squared output in that layer, so that λ means the same for every model (an error
+as large as the outputs weighs 1 per layer, as much as a cross-entropy of 1 nat). Experts are
+matched by their original index, which the plan records: after a removal the student's expert j
+is the teacher's `plan.kept(layer)[j]`, a novice stands for the teacher's pruned expert and
+learns its mean output on the tokens routed to it, a merged expert is matched to the expert it
+was merged into.
 
 The teacher's expert outputs are exact and cheap: the student's experts are swapped, during
 training, for a forward that also runs the teacher's experts (from the teacher's weights, with
 no gradient) on the very tokens the student routed to them. The teacher's whole forward runs
-only for the logits' KL. Both models are held in memory (the teacher in its own dtype, without
-gradients); a teacher too large to sit beside the student is not streamed here.
+only for the logits' KL (on by default: on the demo it keeps what pruning left intact, where
+cross-entropy alone drifts to the training text; `logit_kl=0` skips it). Both models are held
+in memory (the teacher in its own dtype, without gradients); a teacher too large to sit beside
+the student is not streamed here.
 
 By default only what pruning touched trains: the experts (kept, novices, merged) of pruned
 layers and their routers; with weight sparsity, every sparsified expert, whose zeroed weights
@@ -57,7 +60,7 @@ class DistillConfig:
     lr: float = 1e-4  # peak AdamW learning rate: warm-up, then cosine decay to a tenth over the budget
     warmup_steps: int = 10
     expert_mse: float = 1.0  # λ: weight of the experts' mean squared error
-    logit_kl: float = 0.0  # weight of KL(teacher ‖ student) of the logits; 0 runs no teacher forward
+    logit_kl: float = 1.0  # weight of KL(teacher ‖ student) of the logits; 0 runs no teacher forward
     train_all: bool = False  # every parameter, not only what pruning touched
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (large students)
     seed: int = 0  # batch order

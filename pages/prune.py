@@ -7,6 +7,7 @@ import streamlit as st
 
 from moeviz import plots
 from moeviz.methods import PlanConfig, get_method, make_plan, method_names
+from moeviz.checkpoint import is_demo
 from moeviz.plan import PlanError
 from moeviz.runs import RunStore, plan_digest, recovery_pairs, run_name
 from moeviz.stats import list_stats
@@ -201,7 +202,7 @@ def eval_settings_ui() -> dict:
                               help="more give a tighter perplexity (its standard error is shown)")
     seq_len = persistent(c2.number_input, "Tokens per sequence", 16, 32_768, key="eval_seq_len",
                          default=int((stats.meta.get("calibration") or {}).get("seq_len", 128)))
-    demo = skeleton.config.model_type == "mixtral" and name == "demo"
+    demo = is_demo(name)
     tasks = persistent(c3.text_input, "Tasks", key="eval_tasks", default="demo" if demo else "",
                           help="'demo' (the demo model's five tasks), lm-eval task names (comma-separated), or empty")
     names = [t.strip() for t in tasks.split(",") if t.strip()]

@@ -152,7 +152,8 @@ def test_bad_input_is_refused(tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_steps_and_kl_adds_the_logits_term(tmp_path):
     reports = {}
-    for name, extra in (("plain", {}), ("checkpointed", {"gradient_checkpointing": True}), ("kl", {"logit_kl": 1.0})):
+    for name, extra in (("plain", {"logit_kl": 0.0}), ("checkpointed", {"logit_kl": 0.0, "gradient_checkpointing": True}),
+                        ("kl", {"logit_kl": 1.0})):
         teacher, student, plan = _pruned("qwen3_moe", lambda m, s: _plan(m, "novice", [2, 5]), tmp_path / name)
         reports[name] = distill(student, teacher, TOKENS, DistillConfig(**{**ONE_STEP, "steps": 2, **extra}), plan)
     assert reports["checkpointed"]["last"] == pytest.approx(reports["plain"]["last"], rel=1e-5)
