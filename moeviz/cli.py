@@ -570,6 +570,7 @@ def _sweep(args) -> int:
                                   trust_remote_code=args.trust_remote_code)
     with tqdm(total=1 + len(methods) * len(ratios), unit="run", file=sys.stderr) as bar:
         def progress(done, total, label):
+            bar.total = total  # random runs several seeds a cell
             bar.set_postfix_str(label)
             bar.update(done - bar.n)
         frame = sweep(model, tokenizer, stats, methods, ratios, _eval_config(args), args.scope,
