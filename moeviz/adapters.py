@@ -361,8 +361,9 @@ def _bucketed_groups(x: torch.Tensor, counts: torch.Tensor):
 
     On the CPU, oneDNN caches a kernel per distinct matrix shape, and keeps it: with every
     expert's token count a new shape, its caches grew by 40–60 MiB per layer of a calibration
-    and never shrank. Group sizes rounded up to 16 or to four steps per octave (≤ 25 % more
-    rows) leave a few dozen shapes. Returns (padded x, expert ids, padded counts, the rows of
+    and never shrank. Group sizes rounded up to four steps per octave (≤ 25 % more rows), and
+    at least 16, leave a few dozen shapes; groups of fewer than 16 tokens (many experts, a small
+    batch) can grow several times, a cost that stays small beside the large groups. Returns (padded x, expert ids, padded counts, the rows of
     the original tokens in the padded layout).
     """
     c = counts.to(torch.int64)

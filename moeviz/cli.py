@@ -495,7 +495,7 @@ def _distill(args) -> int:
     if args.model is None:
         raise ValueError("Give --model: the pruned checkpoint `moeviz prune` wrote.")
     lineage = read_lineage(args.model) or {}
-    teacher_name = args.teacher or lineage.get("parent")
+    teacher_name = args.teacher or lineage.get("teacher") or lineage.get("parent")  # a recovered one's, or the export's
     if teacher_name is None:
         raise ValueError(f"{args.model} records no parent model: give --teacher (the original it was pruned from).")
     budget = dict(steps=args.steps, max_minutes=args.max_minutes, max_tokens=args.max_tokens)

@@ -19,6 +19,11 @@ cross-entropy alone drifts to the training text; `logit_kl=0` skips it). Both mo
 in memory (the teacher in its own dtype, without gradients); a teacher too large to sit beside
 the student is not streamed here.
 
+For a removal or a merge the kept experts start equal to their teachers: the experts' term holds
+them near the original while cross-entropy and the KL do the recovering; novices and sparsified
+experts have a real target from the first step. Weights stored in bf16 or fp16 train through
+float32 master copies (only the trained ones).
+
 By default only what pruning touched trains: the experts (kept, novices, merged) of pruned
 layers and their routers; with weight sparsity, every sparsified expert, whose zeroed weights
 stay zero after every step. `DistillConfig(train_all=True)` trains every parameter.
@@ -48,7 +53,7 @@ from .checkpoint import Checkpoint, parse_expert_key, readable
 from .loading import execution_device
 from .plan import LINEAGE_FILE, PLAN_FILE, PlanError, PruningPlan
 
-Progress = Callable[[int, int | None, dict], None]  # (step, steps if known, {"loss", "ce", "mse", "lr", "seconds"})
+Progress = Callable[[int, int | None, dict], None]  # (step, steps if known, {"loss", "ce", "mse", "kl", "lr", "seconds"})
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,7 @@ def _expert_outputs(layer: MoELayer, x: torch.Tensor, ids: torch.Tensor, num: in
     return torch.cat(outs) if outs else x.new_zeros(0, layer.hidden_size)
 
 
-def _distilling_forward(pair: _Pair, losses: list):
+def _distilling_forward(pair: _Pair, losses: list, armed: dict):
     """The experts' forward (hidden, top_k_index, top_k_weights) that also adds the MSE between
     each routed (token, expert) output and the teacher's expert on the same token to `losses`."""
     student, teacher = pair.student, pair.teacher
@@ -165,7 +170,9 @@ def _distilling_forward(pair: _Pair, losses: list):
             dev = execution_device(teacher.block)
             _, target = teacher.experts_forward_sorted(x.detach().to(dev), t_ids.to(dev), counts.to(dev))
         target = target.to(out.device).float()  # relative to the teacher's output size: scale-free
-        losses.append(F.mse_loss(out.float(), target) / target.pow(2).mean().clamp_min(1e-12))
+        error = F.mse_loss(out.float(), target) / target.pow(2).mean().clamp_min(1e-12)
+        if armed["on"]:  # not when gradient checkpointing recomputes the layer in the backward pass
+            losses.append(error)
         combined = torch.zeros(T, out.shape[1], device=out.device).index_add(0, token, out.float() * gates.float()[:, None])
         return combined.to(hidden.dtype)
 
@@ -173,11 +180,11 @@ def _distilling_forward(pair: _Pair, losses: list):
 
 
 @contextmanager
-def _swapped(found: list[_Pair], losses: list):
+def _swapped(found: list[_Pair], losses: list, armed: dict):
     modules = [pair.student.block.experts for pair in found]
     try:
         for module, pair in zip(modules, found):
-            module.forward = _distilling_forward(pair, losses)
+            module.forward = _distilling_forward(pair, losses, armed)
         yield
     finally:
         for module in modules:
@@ -191,7 +198,10 @@ def trainable(student: PreTrainedModel, found: list[_Pair], plan: PruningPlan, t
     else:
         chosen = []
         for pair in found:
-            chosen += list(pair.student.block.experts.parameters())  # kept experts, and novices
+            experts = pair.student.block.experts
+            chosen += list(pair.student.experts.parameters())  # the kept experts
+            if isinstance(experts, NoviceExperts) and plan.mode == "novice":  # a drop's zeros stay dropped
+                chosen.append(experts.novices)
             if plan.pruned.get(pair.student.layer_idx):
                 chosen += list(pair.student.router.parameters())
     ids = {id(p) for p in chosen}
@@ -200,9 +210,9 @@ def trainable(student: PreTrainedModel, found: list[_Pair], plan: PruningPlan, t
     return [p for p in student.parameters() if p.requires_grad]
 
 
-def _sparsity_masks(found: list[_Pair]) -> dict[nn.Parameter, torch.Tensor]:
-    """Where the kept experts' weights are zero (the plan's sparsity): they stay zero."""
-    return {p: p != 0 for pair in found for p in pair.student.experts.parameters() if p.dim() >= 2}
+def _sparse_weights(found: list[_Pair]) -> list[nn.Parameter]:
+    """The kept experts' weight matrices, whose zeros (the plan's sparsity) must stay zero."""
+    return [p for pair in found for p in pair.student.experts.parameters() if p.dim() >= 2]
 
 
 def _schedule(config: DistillConfig, step: int, progress: float) -> float:
@@ -219,13 +229,19 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel, tokens: torch.Te
     order, until the first budget of `config` ends. Returns the training report."""
     plan = plan or plan_of(student)
     found = pairs(student, teacher, plan, config.train_all)
-    if not found and not config.train_all:
+    if not found:
         raise PlanError("The plan changes nothing this recovery trains (no pruned expert, no sparsity).")
     params = trainable(student, found, plan, config.train_all)
-    masks = _sparsity_masks(found) if plan.sparsity or plan.nm else {}
-    hooks = [p.register_hook(lambda grad, mask=mask: grad * mask) for p, mask in masks.items()]
+    sparse = _sparse_weights(found) if plan.sparsity or plan.nm else []
+    # a zero weight gets no gradient: with no weight decay, Adam never moves it (no mask is stored)
+    hooks = [p.register_hook(lambda grad, p=p: grad.masked_fill(p == 0, 0)) for p in sparse]
     teacher.requires_grad_(False)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    # bf16/fp16 weights train through float32 master copies (an update smaller than the weight's
+    # last bit would be lost), copied back after every step; float32 weights train in place
+    masters = [p.detach().float() if p.dtype != torch.float32 else p for p in params]
+    for m in masters:
+        m.requires_grad_(True)
+    optimizer = torch.optim.AdamW(masters, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
     device = execution_device(student)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     if config.gradient_checkpointing:
@@ -234,6 +250,7 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel, tokens: torch.Te
     gen = torch.Generator().manual_seed(config.seed)
     order, cursor = torch.randperm(len(tokens), generator=gen), 0
     losses: list[torch.Tensor] = []
+    armed = {"on": True}
     history, seen, step, start = [], 0, 0, time.perf_counter()
 
     def done_share() -> float:
@@ -243,7 +260,7 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel, tokens: torch.Te
         return max(shares)
 
     try:
-        with _swapped(found, losses):
+        with _swapped(found, losses, armed):
             while done_share() < 1.0:
                 if cursor + config.batch_size > len(tokens):
                     order, cursor = torch.randperm(len(tokens), generator=gen), 0
@@ -252,6 +269,7 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel, tokens: torch.Te
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * _schedule(config, step, done_share())
                 losses.clear()
+                armed["on"] = True
                 with autocast:
                     logits = student(input_ids=batch, use_cache=False).logits
                     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
@@ -264,13 +282,19 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel, tokens: torch.Te
                         kl = F.kl_div(logits.float().log_softmax(-1), target.to(device).float().log_softmax(-1),
                                       log_target=True, reduction="batchmean") / batch.shape[1]
                         loss = loss + config.logit_kl * kl
+                armed["on"] = False
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                for p, m in zip(params, masters):
+                    if m is not p:
+                        m.grad = None if p.grad is None else p.grad.float()
+                        p.grad = None
+                torch.nn.utils.clip_grad_norm_(masters, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 with torch.no_grad():
-                    for p, mask in masks.items():
-                        p.mul_(mask)
+                    for p, m in zip(params, masters):
+                        if m is not p:
+                            p.copy_(m)
                 step, seen = step + 1, seen + batch.numel()
                 row = dict(loss=loss.item(), ce=ce.item(), mse=mse.item(), kl=kl.item(),
                            lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - start)
@@ -282,6 +306,7 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel, tokens: torch.Te
             hook.remove()
         if config.gradient_checkpointing:
             student.gradient_checkpointing_disable()
+            student.disable_input_require_grads()  # the embedding hook checkpointing set
         student.requires_grad_(False)
         student.eval()
     first, last = history[0], history[-1]
@@ -342,6 +367,9 @@ def recover_checkpoint(pruned_dir, teacher: PreTrainedModel, teacher_name: str, 
 
     student, _ = load_model(pruned_dir, device=device)  # in the checkpoint's dtype, the teacher's
     plan = plan_of(student)
+    from .apply import model_info
+
+    plan.validate(model_info(teacher, fingerprint=model_fingerprint(teacher)))  # the teacher is its original
     report = distill(student, teacher, tokens, config, plan, progress)
     lineage = dict(parent=str(Path(pruned_dir).resolve()), teacher=teacher_name,
                    teacher_fingerprint=model_fingerprint(teacher), plan=json.loads(plan.to_json()), recovery=report)

@@ -26,7 +26,8 @@ full = store.table(fingerprint=fingerprint)
 st.download_button("Download every metric (CSV)", full.to_csv(index=False), file_name="moeviz-runs.csv",
                    mime="text/csv")
 
-metrics = [c for c in full.columns if c not in ("id", "model", "method", "mode", "ratio", "scope", "calibration")
+metrics = [c for c in full.columns if c not in ("id", "model", "method", "mode", "ratio", "scope", "calibration",
+                                                "parent_run", "recovery_steps", "recovery_minutes")
            and full[c].dtype.kind in "fi" and not c.endswith("_se")]
 default = "task_mean" if "task_mean" in metrics else "perplexity"
 c1, c2 = st.columns(2)

@@ -258,8 +258,9 @@ def recover_ui(run) -> None:
     c3.write("")
     if c3.button(f"Recover run {run.id}"):
         out = Path(cache_dir()).resolve() / "recovered" / f"run-{run.id}-{int(time.time())}"
+        setting = {k: v for k, v in run.metrics["eval"].items() if k in eval_config}  # as the run was evaluated
         job = submit(name, "recover", plan=json.loads(plan.to_json()), stats=STATS_DIR, runs=str(RUNS), out=str(out),
-                     minutes=float(minutes), lr=float(lr), **eval_config)
+                     minutes=float(minutes), lr=float(lr), **{**eval_config, **setting})
         if job:
             st.session_state["recover_job"] = job
             st.rerun()  # to poll it: the jobs' fragment ran above
@@ -273,7 +274,8 @@ if result := st.session_state.get("eval_job_result"):
     st.success(f"Evaluated as run {run.id} ({run_name(run.__dict__)})" + (" — already stored" if result["cached"] else "")
                + ": see the Compare page for every run.")
     st.dataframe(store.delta_table([run.id], baseline.id), hide_index=True)
-    if plan is not None and run.metrics.get("plan_digest") == plan_digest(plan) and not st.session_state.get("recover_job"):
+    changes = plan is not None and (plan.num_pruned or plan.sparsity or plan.nm)
+    if changes and run.metrics.get("plan_digest") == plan_digest(plan) and not st.session_state.get("recover_job"):
         recover_ui(run)
 if result := st.session_state.get("recover_job_result"):
     store = RunStore(RUNS)

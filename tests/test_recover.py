@@ -159,3 +159,13 @@ def test_gradient_checkpointing_gives_the_same_steps_and_kl_adds_the_logits_term
     assert reports["checkpointed"]["last"] == pytest.approx(reports["plain"]["last"], rel=1e-5)
     kl = reports["kl"]["first"]
     assert kl["kl"] > 0 and kl["loss"] == pytest.approx(kl["ce"] + kl["mse"] + kl["kl"], rel=1e-5)
+
+
+def test_bf16_weights_train_through_float32_masters_and_drops_stay_dropped(tmp_path):
+    teacher, student, plan = _pruned("qwen3_moe", lambda m, s: _plan(m, "drop", [2, 5]), tmp_path)
+    teacher, student = teacher.to(torch.bfloat16), student.to(torch.bfloat16)
+    layer = get_adapter(student).layers[0]
+    before = layer.experts.down_proj.detach().clone()
+    distill(student, teacher, TOKENS, DistillConfig(**{**ONE_STEP, "steps": 3, "lr": 1e-3}), plan)
+    assert layer.experts.down_proj.dtype == torch.bfloat16 and not torch.equal(layer.experts.down_proj, before)
+    assert torch.all(layer.novices == 0)  # a drop plan's answer for its pruned experts is zero, and stays so
