@@ -151,9 +151,11 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')].some(gd => "
                            "gd.data && gd.data.some(t => t.name === 'changed by hand' && t.x.length === 6))")
     page.wait_for_function(f"() => document.querySelector('[data-testid=stMetricValue]').innerText == '{expected}'")
+    _idle(page)
     page.get_by_role("button", name="Undo").click()
     _idle(page)
-    page.wait_for_function(f"() => document.querySelector('[data-testid=stMetricValue]').innerText == '{before}'")
+    page.wait_for_function(f"() => document.querySelector('[data-testid=stMetricValue]').innerText == '{before}'",
+                           timeout=90_000)
 
     page.get_by_role("button", name="Estimate quality at every ratio").click()
     curve = page.locator("[data-testid='stPlotlyChart']").filter(has_text="against pruning ratio")
