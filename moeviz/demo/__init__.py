@@ -32,7 +32,7 @@ DEMO_MODELS = {
     ),
     "demo-fine": DemoModel(
         _HERE / "checkpoint-fine", "fine",
-        "Qwen2-MoE, 64 small experts, top-8, plus a shared expert, shaped like today's MoEs: a quarter "
+        "Qwen2-MoE, 64 small experts, top-4, plus a shared expert, shaped like today's MoEs: a quarter "
         "of its experts go at a small cost, half at a large one; where to stop is the lesson.",
     ),
 }
