@@ -1,6 +1,7 @@
-"""What a short recovery returns on the demo model: the README's recovery table.
+"""What a short recovery returns on a demo model: the README's recovery tables.
 
-    python bench/recovery.py [--minutes 5] [--lr 1e-3] [--only mone,reap] [--out DIR]
+    python bench/recovery.py [--model demo|demo-fine] [--minutes 5] [--lr 1e-3] [--only mone,reap]
+                             [--ratios 0.25] [--out DIR]
 
 For each plan of PLANS: export it from the demo checkpoint, distil it from the original for
 --minutes on this machine (`moeviz.recover`, the defaults but the learning rate), then evaluate
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from moeviz.calibrate import CalibConfig, calibrate  # noqa: E402
+from moeviz.checkpoint import demo_names  # noqa: E402
 from moeviz.data import sample_sequences  # noqa: E402
 from moeviz.evaluate import EvalConfig  # noqa: E402
 from moeviz.export import export_plan  # noqa: E402
@@ -38,14 +40,16 @@ PLANS = [("moe_pruner", None, 0.5), ("moe_pruner", None, 0.75),
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=demo_names(), default="demo")
     parser.add_argument("--minutes", type=float, default=5.0, help="recovery budget of each plan")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--only", help="comma-separated methods")
+    parser.add_argument("--ratios", help="comma-separated ratios (default: PLANS' own)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="moeviz-recovery-")))
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    teacher, tokenizer = load_model("demo", device="cpu")
+    teacher, tokenizer = load_model(args.model, device="cpu")
     fingerprint = model_fingerprint(teacher)
     stats, stats_dir = calibrate(teacher, CalibConfig(data="demo", num_samples=256, seq_len=128,
                                                       cache_dir=args.out / "cache"), tokenizer)
@@ -56,16 +60,17 @@ def main() -> None:
     print("| method | mode | ratio | task mean: original → pruned → recovered | perplexity: original → pruned "
           "→ recovered | steps | minutes |\n|---|---|---|---|---|---|---|", flush=True)
     only = set(args.only.split(",")) if args.only else None
+    ratios = {float(r) for r in args.ratios.split(",")} if args.ratios else None
     for method, mode, ratio in PLANS:
-        if only and method not in only:
+        if (only and method not in only) or (ratios and ratio not in ratios):
             continue
         plan = make_plan(stats, PlanConfig(method, ratio=ratio, mode=mode), calibration=str(stats_dir))
         name = f"{method}-{mode or 'sparsity'}-{ratio:g}"
-        export_plan("demo", plan, stats, args.out / name / "pruned")
-        student, report = recover_checkpoint(args.out / name / "pruned", teacher, "demo", tokens,
+        export_plan(args.model, plan, stats, args.out / name / "pruned")
+        student, report = recover_checkpoint(args.out / name / "pruned", teacher, args.model, tokens,
                                              DistillConfig(steps=None, max_minutes=args.minutes, lr=args.lr),
                                              args.out / name / "recovered", device="cpu")
-        ids = store_recovery(store, student, teacher, tokenizer, eval_config, "demo", fingerprint, plan, stats,
+        ids = store_recovery(store, student, teacher, tokenizer, eval_config, args.model, fingerprint, plan, stats,
                              str(stats_dir), report)
         row = recovery_pairs(store.list()).set_index("run").loc[ids["run_id"]]
         t = [row[f"task_mean {k}"] for k in ("original", "pruned", "recovered")]
