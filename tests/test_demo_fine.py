@@ -3,6 +3,7 @@ it loads offline by name, its adapter is the shared-expert family's, and it cali
 takes a plan in seconds."""
 
 import json
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from moeviz.apply import applied, model_info
 from moeviz.calibrate import CalibConfig, calibrate
 from moeviz.checkpoint import demo_names, demo_path, is_demo, resolve_source
 from moeviz.demo import DEMO_MODELS, DOMAINS, task_accuracies
+from moeviz.demo.train import SHAPES, build_model, build_tokenizer
 from moeviz.loading import load_model, model_fingerprint
 from moeviz.methods import PlanConfig, make_plan
 
@@ -57,6 +59,17 @@ def test_task_accuracies_reproduce_metrics_json_on_a_subset(fine):
     model, tokenizer, metrics = fine
     accuracy = task_accuracies(model, tokenizer, n=40, seed=metrics["eval_seed"])
     assert np.mean(list(accuracy.values())) == pytest.approx(metrics["mean_accuracy"], abs=0.1)
+    assert min(accuracy.values()) >= 0.9  # every task learnt, the two long-range ones included
+
+
+def test_the_shipped_checkpoint_is_what_train_shape_fine_builds(fine):
+    model, _, metrics = fine
+    cfg = SHAPES["fine"]
+    assert metrics["config"] == asdict(cfg) and metrics["steps"] == cfg.steps
+    built = build_model(replace(cfg, num_layers=1), build_tokenizer()).config  # one layer: quick
+    for key in ("model_type", "hidden_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                "shared_expert_intermediate_size", "norm_topk_prob", "vocab_size"):
+        assert getattr(built, key) == getattr(model.config, key), key
 
 
 def test_a_calibration_and_a_plan_run_on_it(fine, tmp_path):
