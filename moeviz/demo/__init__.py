@@ -32,8 +32,9 @@ DEMO_MODELS = {
     ),
     "demo-fine": DemoModel(
         _HERE / "checkpoint-fine", "fine",
-        "Qwen2-MoE, 64 small experts, top-4, plus a shared expert, shaped like today's MoEs: a quarter "
-        "of its experts go at a small cost, half at a large one; where to stop is the lesson.",
+        "Qwen2-MoE, 64 small experts, top-4, plus a shared expert, shaped like today's MoEs: removing a "
+        "fifth of its experts barely shows, a quarter costs its arithmetic, half most tasks; where to stop "
+        "is the lesson.",
     ),
 }
 CHECKPOINT_DIR = DEMO_MODELS["demo"].path

@@ -83,9 +83,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 SHAPES = {
     "coarse": TrainConfig(),
     # Fine-grained experts as in Qwen1.5-MoE (60 experts, top-4, a shared expert four experts
-    # wide), each a quarter of the coarse expert's width. Top-k weights renormalised as Qwen3-MoE
+    # wide), each half the coarse expert's width. Top-k weights renormalised as Qwen3-MoE
     # and DeepSeek-V3 do. Top-4 and 30 documents a step: what lets 3000 steps (as many as `demo`'s)
-    # fit the 20-minute budget on two cores (~0.36 s a step; top-8 × 40 documents was ~0.57 s).
+    # fit the 20-minute budget on two cores (~0.35 s a step; top-8 × 40 documents was ~0.57 s).
     # At 3e-3 the agreement task was not learnt in 3000 steps; at 2e-3 it is by step 2500.
     "fine": TrainConfig(family="qwen2_moe", steps=3000, batch_size=30, lr=2e-3, intermediate_size=32,
                         num_experts=64, top_k=4, shared_expert_size=128, norm_topk_prob=True),
