@@ -90,3 +90,17 @@ def test_a_calibration_and_a_plan_run_on_it(fine, tmp_path):
         after = model(ids).logits
     assert torch.isfinite(pruned).all() and not torch.equal(pruned, before)
     assert torch.equal(after, before)  # the plan was applied in place and taken back
+
+
+def test_the_ratio_curve_falls_off_and_scoring_beats_random(fine, tmp_path):
+    """What the Prune page draws on demo-fine: drift from the original grows with the ratio, and
+    MoNE's scores drift less than random picks at half the experts."""
+    from moeviz.evaluate import ratio_curve
+
+    model, tokenizer, _ = fine
+    stats, _ = calibrate(model, CalibConfig(data="demo", num_samples=32, seq_len=64, cache_dir=tmp_path), tokenizer)
+    curves = ratio_curve(model, tokenizer, stats, ["mone", "random"], [0.0, 0.25, 0.5], num_samples=4, seq_len=64)
+    kl = {method: [row["kl"] for row in rows] for method, rows in curves.items()}
+    assert kl["mone"][0] == pytest.approx(0.0, abs=1e-6)
+    assert kl["mone"][0] < kl["mone"][1] < kl["mone"][2]
+    assert kl["mone"][2] < kl["random"][2]
