@@ -48,9 +48,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .adapters import MoELayer, get_adapter
-from .apply import NoviceExperts
+from .apply import NoviceExperts, model_info
 from .checkpoint import Checkpoint, parse_expert_key, readable
-from .loading import execution_device
+from .loading import execution_device, load_model, model_fingerprint
 from .plan import LINEAGE_FILE, PLAN_FILE, PlanError, PruningPlan
 
 Progress = Callable[[int, int | None, dict], None]  # (step, steps if known, {"loss", "ce", "mse", "kl", "lr", "seconds"})
@@ -170,6 +170,7 @@ def _distilling_forward(pair: _Pair, losses: list, armed: dict):
             dev = execution_device(teacher.block)
             _, target = teacher.experts_forward_sorted(x.detach().to(dev), t_ids.to(dev), counts.to(dev))
         target = target.to(out.device).float()  # relative to the teacher's output size: scale-free
+        # computed in the recompute too: checkpointing needs the same tensors saved both times
         error = F.mse_loss(out.float(), target) / target.pow(2).mean().clamp_min(1e-12)
         if armed["on"]:  # not when gradient checkpointing recomputes the layer in the backward pass
             losses.append(error)
@@ -363,16 +364,13 @@ def recover_checkpoint(pruned_dir, teacher: PreTrainedModel, teacher_name: str, 
     """Load the pruned checkpoint `pruned_dir` (what `moeviz prune` wrote), distil it against
     `teacher` and write it to `out_dir` with its lineage (parent, teacher, plan, recovery).
     Returns (the recovered model, the training report)."""
-    from .loading import load_model, model_fingerprint
-
     student, _ = load_model(pruned_dir, device=device)  # in the checkpoint's dtype, the teacher's
     plan = plan_of(student)
-    from .apply import model_info
-
-    plan.validate(model_info(teacher, fingerprint=model_fingerprint(teacher)))  # the teacher is its original
+    teacher_fingerprint = model_fingerprint(teacher)
+    plan.validate(model_info(teacher, fingerprint=teacher_fingerprint))  # the teacher is its original
     report = distill(student, teacher, tokens, config, plan, progress)
     lineage = dict(parent=str(Path(pruned_dir).resolve()), teacher=teacher_name,
-                   teacher_fingerprint=model_fingerprint(teacher), plan=json.loads(plan.to_json()), recovery=report)
+                   teacher_fingerprint=teacher_fingerprint, plan=json.loads(plan.to_json()), recovery=report)
     out = save_recovered(student, pruned_dir, out_dir, lineage)
     report["checkpoint"] = str(out.resolve())
     return student, report

@@ -6,8 +6,8 @@ from pathlib import Path
 import streamlit as st
 
 from moeviz import plots
-from moeviz.methods import PlanConfig, get_method, make_plan, method_names
 from moeviz.checkpoint import is_demo
+from moeviz.methods import PlanConfig, get_method, make_plan, method_names
 from moeviz.plan import PlanError
 from moeviz.runs import RunStore, plan_digest, recovery_pairs, run_name
 from moeviz.stats import list_stats
