@@ -34,6 +34,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 
 # ---- where a checkpoint's files are ----------------------------------------------------------
 DEMO = "demo"  # the default model; `demo_names()` lists every shipped one
+MOEVIZ_MODEL_TYPE = "moeviz_pruned"  # the model type of a moeviz-only export: stock loaders refuse it by name
 
 
 def demo_names() -> list[str]:
@@ -89,6 +90,22 @@ def local_dir(name_or_path: str | os.PathLike) -> str:
         return snapshot_download(source, allow_patterns=patterns)
 
 
+def read_config(source: str | os.PathLike, trust_remote_code: bool = False):
+    """A checkpoint's config, as `AutoConfig.from_pretrained` reads it; for a moeviz-only export
+    (model type `moeviz_pruned`), the original architecture's config that it records."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    file = Path(source) / "config.json"
+    if file.is_file():
+        fields = json.loads(file.read_text())
+        if fields.get("model_type") == MOEVIZ_MODEL_TYPE:
+            original = fields.pop("moeviz")
+            fields.update(model_type=original["model_type"], architectures=original["architectures"])
+            return CONFIG_MAPPING[original["model_type"]].from_dict(fields)
+    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
 class Checkpoint:
     """The safetensors files of a local checkpoint directory: names, shapes, dtypes, and one
     tensor at a time, memory-mapped (reading a tensor does not read its neighbours)."""
@@ -131,12 +148,14 @@ class Checkpoint:
 
     @property
     def main_dtype(self) -> torch.dtype:
-        """The dtype holding most of the bytes (the checkpoint's dtype)."""
+        """The dtype holding most of the bytes among 16- and 32-bit floats: the checkpoint's
+        dtype, also when most weights are FP8 or integers with scales (what they dequantize to)."""
         size = Counter()
         for header in self._headers.values():
             for info in header.values():
                 size[info["dtype"]] += info["data_offsets"][1] - info["data_offsets"][0]
-        return DTYPES[size.most_common(1)[0][0]]
+        compute = [d for d, _ in size.most_common() if d in ("BF16", "F16", "F32", "F64")]
+        return DTYPES[compute[0] if compute else size.most_common(1)[0][0]]
 
     def _handle(self, name: str):
         file = self.file_of[name]
@@ -165,6 +184,26 @@ class Checkpoint:
         """Rows `index` (along the first dimension) of one tensor, reading only those rows."""
         part = self._handle(name).get_slice(name)
         return torch.stack([part[i:i + 1][0] for i in index]) if self.shape(name) else part[()]
+
+
+def scale_key(ckpt: Checkpoint, key: str) -> str | None:
+    """The scale stored beside an FP8 weight (`….weight_scale_inv`, block-wise as DeepSeek-V3 and
+    Qwen3-FP8 ship; `….weight_scale`, as compressed-tensors writes), or None."""
+    if not key.endswith("weight") or ckpt.dtype(key) not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return None
+    return next((key + s for s in ("_scale_inv", "_scale") if key + s in ckpt.file_of), None)
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An FP8 weight (O, I) times its scale: one per block of a (O/b₀, I/b₁) grid, per row
+    (O, 1) or per tensor; computed in float32 and cast to `dtype`, as transformers does."""
+    w = weight.float()
+    s = scale.float().reshape(scale.shape[-2:] if scale.dim() >= 2 else (1, 1))
+    rows, cols = w.shape[-2:]
+    if rows % s.shape[0] or cols % s.shape[1]:
+        raise ValueError(f"An FP8 weight of shape {tuple(w.shape)} does not divide into its scale grid {tuple(s.shape)}.")
+    s = s.repeat_interleave(rows // s.shape[0], 0).repeat_interleave(cols // s.shape[1], 1)
+    return (w * s).to(dtype)
 
 
 # ---- expert tensors in the files ------------------------------------------------------------
@@ -258,10 +297,8 @@ def fingerprint(source: str | os.PathLike | PreTrainedModel) -> str:
         if origin is None:
             return _model_fingerprint(source)
         source = origin
-    from transformers import AutoConfig
-
     ckpt = Checkpoint(source)
-    h = _config_hash(AutoConfig.from_pretrained(source))
+    h = _config_hash(read_config(source))
     names = ckpt.keys()
     sampled = _sampled(names)
     for name in names:

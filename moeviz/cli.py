@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--samples", type=_positive, default=64, help="with --sequential: calibration sequences")
     prune.add_argument("--seq-len", type=_positive, default=128)
     prune.add_argument("--cache-dir", default="cache")
+    prune.add_argument("--runs", help="a runs store (SQLite) that may hold this plan's evaluation, for the model card "
+                       "(default: cache/runs.sqlite when it exists)")
     prune.add_argument("--out", required=True, help="a new directory for the pruned checkpoint")
     prune.set_defaults(func=_prune)
 
@@ -409,7 +411,7 @@ def _weight_features(model_name, stats):
 
 
 def _prune(args) -> int:
-    from .export import export_plan
+    from .export import export_kind, export_plan
     from .plan import PruningPlan
     from .stats import ExpertStats
 
@@ -420,11 +422,14 @@ def _prune(args) -> int:
         stats = ExpertStats.load(args.stats) if args.stats else None
     else:
         raise ValueError("Give --plan, or --sequential for MoE-Pruner layer by layer.")
+    runs = args.runs or ("cache/runs.sqlite" if Path("cache/runs.sqlite").is_file() else None)
+    if runs is not None and not Path(runs).is_file():
+        raise FileNotFoundError(f"No runs store at {runs}.")
+    print(f"exporting as {export_kind(plan)}", file=sys.stderr)  # before anything is written
     with _progress_bar("exporting", "tensor") as progress:  # source tensors, shard by shard
-        kind = export_plan(args.model, plan, stats, args.out, progress)
-    how = "AutoModelForCausalLM.from_pretrained" if kind == "transformers" else "moeviz.load_model"
+        export_plan(args.model, plan, stats, args.out, progress, runs=runs)
     what = f"weight sparsity {plan.sparsity or plan.nm}" if plan.sparsity or plan.nm else f"{plan.num_pruned} experts pruned ({plan.mode})"
-    print(f"{what}; reload with {how}", file=sys.stderr)
+    print(f"{what}; model card in {Path(args.out) / 'README.md'}", file=sys.stderr)
     print(args.out)
     return 0
 

@@ -4,153 +4,266 @@
 (memory-mapped, `moeviz.checkpoint.Checkpoint`), rewrites what the plan changes and writes
 the matching output shard, so its peak memory is about two shards whatever the model's size.
 Files hold experts as transformers saves them: one key per expert and projection
-(`…layers.3.mlp.experts.5.gate_proj.weight`; Mixtral `…block_sparse_moe.experts.5.w1.weight`)
-or fused (E, …) tensors (`…layers.3.mlp.experts.gate_up_proj`, GPT-OSS). Kept experts are
-renumbered 0…K-1 in every mode; router rows go only where experts are removed or merged
-(novices and drops keep all E, the router still routes to them).
+(`…layers.3.mlp.experts.5.gate_proj.weight`, with `…weight_scale_inv` beside it in a
+block-wise FP8 checkpoint) or fused (E, …) tensors (`…layers.3.mlp.experts.gate_up_proj`,
+GPT-OSS). Quantized tensors of kept experts are copied byte for byte.
 
-`load_exported` rebuilds a moeviz-format export (novices, drops, uneven counts) without a
-random init or a float32 copy: a meta skeleton restructured by the plan, materialised once,
-filled tensor by tensor.
+Every plan exports as one of three kinds, named by `export_kind` before anything is written:
+- **standard**: removal or merging with the same count in every layer, or weight sparsity
+  alone. The architecture's own checkpoint (expert counts in the config updated, kept
+  experts renumbered 0…K-1): stock transformers, vLLM and any engine that reads it.
+- **expert substitution**: novices and drops, with any counts. The original config plus
+  `compression_config.transform_config.expert_substitution` (version 1, the format vLLM's
+  loader and llm-compressor's MoNE modifier share): the router keeps all E rows and logical
+  ids, only kept experts' weights are stored (under their original ids), and each pruned
+  expert is one constant vector of the hidden size (zeros for a drop).
+- **moeviz-only**: removal or merging with uneven counts across layers, which one config
+  cannot describe. The config's model type is `moeviz_pruned`, so stock loaders refuse it
+  naming moeviz; `moeviz.load_model` reads the original architecture from it.
+
+`load_exported` rebuilds the last two (also substitution checkpoints another tool wrote)
+without a random init or a float32 copy: a meta skeleton restructured by the layout,
+materialised once, filled tensor by tensor (FP8 tensors dequantized to the model's dtype).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
-from .adapters import Adapter, ExpertWeights, get_adapter
+from .adapters import Adapter, ExpertWeights, MoELayer, get_adapter
 from .apply import align_neurons, check_plan, install_novices, remove_experts
-from .checkpoint import ROLES, Checkpoint, ExpertKey, fingerprint, local_dir, parse_expert_key, readable, skeleton
+from .checkpoint import (MOEVIZ_MODEL_TYPE, ROLES, Checkpoint, ExpertKey, dequantize, fingerprint, local_dir,
+                         parse_expert_key, read_config, readable, scale_key, skeleton)
 from .methods.moe_pruner import pruning_mask
 from .plan import LINEAGE_FILE, PLAN_FILE, PruningPlan
 from .stats import ExpertStats
 
-NOVICES_FILE = "moeviz_novices.safetensors"  # "layers.<decoder layer>": novices (P, H)
 INDEX_FILE = "model.safetensors.index.json"
+CARD_FILE = "README.md"
+REPLACEMENTS_FILE = "model-expert-replacements.safetensors"  # the substitution's constant vectors
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
                     "spiece.model", "*.tiktoken", "chat_template*")
+_ROUTER_SEMANTICS = dict(preserve_logical_expert_ids=True, preserve_router_weights=True,
+                         renormalize_after_substitution=False)  # the only semantics version 1 defines
 Progress = Callable[[int, int], None]  # (done, total) in source tensors
 
 
-def file_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """The model's tensors other than routed experts, under the names its files give them
-    (as `save_pretrained` writes them; the same tensor objects, renamed)."""
-    from transformers.core_model_loading import revert_weight_conversion
+# ---- the three kinds ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExportKind:
+    name: str  # "standard", "expert substitution", "moeviz-only"
+    reason: str  # why this plan exports as this kind
+    loaders: str  # what loads it
 
-    model = adapter.model
-    experts = {id(p) for layer in adapter.layers for p in layer.block.experts.parameters()}  # with novices
-    state = {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) not in experts}
-    return revert_weight_conversion(model, state)
+    def __str__(self) -> str:
+        return f"{self.name} ({self.reason}); loads with {self.loaders}"
+
+
+STANDARD = "standard"
+SUBSTITUTION = "expert substitution"
+MOEVIZ_ONLY = "moeviz-only"
+LOADERS = {
+    STANDARD: "stock transformers (AutoModelForCausalLM.from_pretrained), vLLM, SGLang and any engine that "
+              "reads the architecture; moeviz.load_model",
+    SUBSTITUTION: "vLLM with expert-substitution support (unquantized experts) and moeviz.load_model; stock "
+                  "transformers cannot (it would fill the pruned experts with random weights)",
+    MOEVIZ_ONLY: "moeviz.load_model only; stock loaders refuse it by name (its model type is moeviz_pruned)",
+}
+
+
+def export_kind(plan: PruningPlan) -> ExportKind:
+    """Which kind of checkpoint `plan` exports as, and why (see the module's docstring)."""
+    if not plan.num_pruned:
+        why = "weight sparsity inside every expert" if plan.sparsity or plan.nm else "nothing pruned"
+        return ExportKind(STANDARD, why, LOADERS[STANDARD])
+    if plan.mode in ("novice", "drop"):
+        what = "novices" if plan.mode == "novice" else "drops"
+        return ExportKind(SUBSTITUTION, f"{what}: the router keeps every expert, pruned ones answer with a "
+                                        "constant vector", LOADERS[SUBSTITUTION])
+    if plan.is_uniform():
+        return ExportKind(STANDARD, f"{plan.mode}: every MoE layer keeps the same number of experts", LOADERS[STANDARD])
+    kept = sorted({n - len(plan.pruned.get(i, ())) for i, n in zip(plan.model["layer_indices"], plan.model["num_experts"])})
+    return ExportKind(MOEVIZ_ONLY, f"{plan.mode} with {kept[0]}–{kept[-1]} experts kept per layer: one config "
+                                   "holds one expert count", LOADERS[MOEVIZ_ONLY])
 
 
 # ---- export -----------------------------------------------------------------------------
 def export_plan(source, plan: PruningPlan, stats: ExpertStats | None, out_dir,
-                progress: Progress | None = None) -> str:
+                progress: Progress | None = None, runs=None) -> ExportKind:
     """Write `plan` applied to the checkpoint `source` (a directory, `demo` or a hub id) into
-    the new directory `out_dir`, one source shard at a time.
+    the new directory `out_dir`, one source shard at a time, with a model card (`README.md`;
+    the plan's evaluation from the `RunStore` `runs` when it holds one).
 
-    Returns how the result reloads: "transformers" (a uniform remove or merge plan: a plain
-    checkpoint, the config's expert count updated) or "moeviz" (novices, drops, uneven
-    counts: the original config plus the plan and the novices, read by `load_exported`).
-    A plan or stats made for another model is refused before anything is written; the
+    Returns the `ExportKind`. Everything that can be checked is checked before the first
+    shard: the plan and stats against the model, the target (a new or empty directory whose
+    parent is writable), the free disk space, what the checkpoint's quantization allows. The
     output appears at once, by renaming a temporary directory beside `out_dir`.
     """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new directory.")
+    out = Path(out_dir).expanduser().absolute()
     src = Path(local_dir(source))
-    if (src / PLAN_FILE).is_file():
-        raise ValueError(f"{src} is a moeviz export (its experts are cut already): export from the original.")
-    adapter = get_adapter(skeleton(AutoConfig.from_pretrained(src), str(src)))
+    config = json.loads((src / "config.json").read_text())
+    if (src / PLAN_FILE).is_file() or config.get("model_type") == MOEVIZ_MODEL_TYPE or substitution_block(config):
+        raise ValueError(f"{src} is a pruned export (its experts are cut already): export from the original.")
+    adapter = get_adapter(skeleton(read_config(src), str(src)))
     parent_fingerprint = fingerprint(src)
     check_plan(adapter.model, plan, stats, adapter, parent_fingerprint)
+    kind = export_kind(plan)
     ckpt = Checkpoint(src)
-    rewriter = _Rewriter(ckpt, adapter, plan, stats)  # refuses layouts it cannot rewrite
-    plain = plan.mode in ("remove", "merge") and plan.is_uniform()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    rewriter = _Rewriter(ckpt, adapter, plan, stats, kind, config.get("quantization_config"))  # refuses what it cannot
+    tmp = _prepare_target(out, rewriter.output_bytes())
     try:
         rewriter.write(tmp, progress)
-        _write_config(src, tmp, adapter, plan if plain else None)
+        _write_config(src, tmp, config, adapter, plan, kind, rewriter.replacement_names)
         parent = str(Path(source).resolve()) if Path(source).exists() else str(source)  # demo, a hub id
-        lineage = dict(parent=parent, parent_fingerprint=parent_fingerprint, plan=json.loads(plan.to_json()))
+        lineage = dict(parent=parent, parent_fingerprint=parent_fingerprint, kind=kind.name,
+                       plan=json.loads(plan.to_json()))
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2))  # which original expert each one is
-        if not plain:
+        if kind.name == MOEVIZ_ONLY:
             plan.save(tmp / PLAN_FILE)
-            if plan.mode in ("novice", "drop"):
-                save_file(novice_vectors(adapter, plan, stats, ckpt.main_dtype), tmp / NOVICES_FILE)
+        from .card import model_card
+
+        (tmp / CARD_FILE).write_text(model_card(plan, kind, stats, parent, src, adapter, parent_fingerprint, runs))
         readable(tmp)  # mkdtemp made it private, safetensors its files
-        tmp.rename(out)  # replaces an empty out_dir
+        _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return "transformers" if plain else "moeviz"
+    return kind
 
 
-def novice_vectors(adapter: Adapter, plan: PruningPlan, stats: ExpertStats | None, dtype) -> dict[str, torch.Tensor]:
-    """Per MoE layer with pruned experts, "layers.<decoder layer>": the novices μ_e (P, H),
-    each pruned expert's mean output (zeros for `drop`)."""
-    vectors = {}
-    for row, layer in enumerate(adapter.layers):
-        experts = plan.pruned.get(layer.layer_idx)
-        if not experts:
-            continue
-        if plan.mode == "novice":
-            mu = stats["out_mean"][row, experts].float()  # as apply_plan takes them
-        else:
-            mu = torch.zeros(len(experts), layer.hidden_size)
-        vectors[f"layers.{layer.layer_idx}"] = mu.to(dtype).contiguous()
-    return vectors
+def _prepare_target(out: Path, size: int) -> Path:
+    """Check the target before anything is written; return a new temporary directory beside it."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"Cannot export to {out}: it is a file, not a directory.")
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"Cannot export to {out}: it exists and is not empty; choose a new directory.")
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"Cannot export to {out}: {existing} is a file, not a directory.")
+    if not os.access(existing, os.W_OK | os.X_OK) or (out.is_dir() and not os.access(out, os.W_OK)):
+        raise PermissionError(f"Cannot export to {out}: {out if out.is_dir() else existing} is not writable.")
+    free = shutil.disk_usage(existing).free
+    if size > free:
+        raise OSError(f"Cannot export to {out}: the checkpoint needs {size / 2**30:.2f} GiB and only "
+                      f"{free / 2**30:.2f} GiB is free there.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as err:
+        raise OSError(f"Cannot export to {out}: {err.strerror or err}.") from err
 
 
-def _write_config(src: Path, out: Path, adapter: Adapter, plain_plan: PruningPlan | None) -> None:
-    """The source's config (its expert count updated for a plain checkpoint), generation config
-    and tokenizer files."""
-    if plain_plan is not None and plain_plan.num_pruned:
+def _move_into_place(tmp: Path, out: Path) -> None:
+    try:
+        tmp.rename(out)  # replaces an empty out_dir
+    except OSError as err:
+        raise OSError(f"Could not move the finished export into {out}: {err.strerror or err}. Nothing was "
+                      "left behind; choose a directory you can write.") from err
+
+
+def novice_vectors(layer: MoELayer, plan: PruningPlan, stats: ExpertStats | None, row: int, dtype) -> torch.Tensor:
+    """(P, H): the layer's pruned experts' constants, as `apply_plan` takes them: MoNE's mean
+    outputs μ_e for novices, zeros for drops."""
+    experts = plan.pruned[layer.layer_idx]
+    if plan.mode == "novice":
+        return stats["out_mean"][row, experts].float().to(dtype)
+    return torch.zeros(len(experts), layer.hidden_size, dtype=dtype)
+
+
+def _write_config(src: Path, out: Path, config: dict, adapter: Adapter, plan: PruningPlan, kind: ExportKind,
+                  replacements: dict[int, dict[int, str]]) -> None:
+    """The source's config as the kind needs it (written as JSON: a quantization_config and
+    every other field stay as they were), its generation config and tokenizer files."""
+    config = json.loads(json.dumps(config))
+    if kind.name == STANDARD and plan.num_pruned:
         first = adapter.layers[0]
-        count = first.num_experts - len(plain_plan.pruned.get(first.layer_idx, ()))
-        config = AutoConfig.from_pretrained(src)
-        for key in adapter.family.num_experts_keys:
-            if isinstance(getattr(config, key, None), int):
-                setattr(config, key, count)
-        config.save_pretrained(out)
-    else:
-        shutil.copy2(src / "config.json", out / "config.json")
+        _set_counts(config, adapter.family.num_experts_keys, first.num_experts - len(plan.pruned.get(first.layer_idx, ())))
+    elif kind.name == SUBSTITUTION:
+        targets = {}
+        for layer_idx, values in replacements.items():
+            targets[_target_path(values)] = dict(
+                num_logical_experts=adapter.layer(layer_idx).num_experts, weight_layout="compact_retained_experts",
+                replacements={str(e): {"format": "constant-v1", "tensors": {"value": name}} for e, name in values.items()})
+        from . import __version__
+
+        block = config.setdefault("compression_config", {})
+        block.setdefault("producer", dict(name="moeviz", version=__version__))
+        block.setdefault("provenance", dict(algorithm=plan.method, mode=plan.mode))
+        block.setdefault("transform_config", {})["expert_substitution"] = dict(
+            version=1, router_semantics=dict(_ROUTER_SEMANTICS), targets=targets)
+    elif kind.name == MOEVIZ_ONLY:
+        config["moeviz"] = dict(
+            note="Pruned by moeviz with a different number of experts per layer; load with moeviz.load_model.",
+            model_type=config["model_type"], architectures=config.get("architectures"),
+            experts_per_layer={str(i): n - len(plan.pruned.get(i, ()))
+                               for i, n in zip(plan.model["layer_indices"], plan.model["num_experts"])})
+        config["model_type"] = MOEVIZ_MODEL_TYPE  # stock loaders refuse it, naming moeviz
+        config["architectures"] = ["MoevizPrunedForCausalLM"]
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for pattern in ("generation_config.json", *_TOKENIZER_FILES):
         for file in src.glob(pattern):
             shutil.copy2(file, out / file.name)
 
 
+def _set_counts(config: dict, keys: tuple[str, ...], count: int) -> None:
+    """Set the expert count wherever the config keeps it (also in a nested text or FFN config)."""
+    for key in keys:
+        if isinstance(config.get(key), int) and not isinstance(config[key], bool):
+            config[key] = count
+    for value in config.values():
+        if isinstance(value, dict):
+            _set_counts(value, keys, count)
+
+
+def _target_path(values: dict[int, str]) -> str:
+    """`model.layers.3.mlp.experts` from the layer's replacement names."""
+    name = next(iter(values.values()))
+    return name.split(".expert_replacements.")[0] + ".experts"
+
+
 class _Rewriter:
     """What the plan does to each tensor of the source files, one tensor at a time."""
 
-    def __init__(self, ckpt: Checkpoint, adapter: Adapter, plan: PruningPlan, stats: ExpertStats | None):
-        self.ckpt, self.plan, self.stats = ckpt, plan, stats
+    def __init__(self, ckpt: Checkpoint, adapter: Adapter, plan: PruningPlan, stats: ExpertStats | None,
+                 kind: ExportKind, quantization: dict | None):
+        self.ckpt, self.adapter, self.plan, self.stats, self.kind = ckpt, adapter, plan, stats, kind
         self.row = {layer.layer_idx: row for row, layer in enumerate(adapter.layers)}
         self.num_experts = {layer.layer_idx: layer.num_experts for layer in adapter.layers}
         self.sparse = bool(plan.sparsity or plan.nm)
+        self.renumber = kind.name != SUBSTITUTION  # the substitution format keeps logical ids
+        self.dtype = ckpt.main_dtype  # the compute dtype (FP8 weights dequantize to it)
         self.expert_keys: dict[tuple[int, int], dict[str, str]] = {}  # (layer, expert) → {name: key}
         self.fused: set[int] = set()  # layers whose files hold fused (E, …) tensors
+        self.heads: dict[int, str] = {}  # layer → key prefix of its experts
         for key in ckpt.keys():
             if (ek := parse_expert_key(key, self.row)) is None:
                 continue
+            self.heads[ek.layer_idx] = ek.head
             if ek.expert_idx is None:
                 self.fused.add(ek.layer_idx)
             else:
                 self.expert_keys.setdefault((ek.layer_idx, ek.expert_idx), {})[ek.name] = key
         self.routers = self._router_keys(adapter)
         self._merged: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        self._check_layout()
+        self._check_layout(quantization)
+        self.replacement_names: dict[int, dict[int, str]] = {}  # layer → {pruned expert: tensor name}
+        if kind.name == SUBSTITUTION:
+            for layer_idx, experts in plan.pruned.items():
+                base = self.heads[layer_idx].removesuffix(".").removesuffix("experts")
+                self.replacement_names[layer_idx] = {e: f"{base}expert_replacements.{e}.value" for e in experts}
 
     def _router_keys(self, adapter: Adapter) -> dict[str, tuple[int, bool]]:
         """File key of every expert-indexed router tensor → (decoder layer, is it the weight)."""
@@ -163,7 +276,7 @@ class _Rewriter:
                     keys[key_of[id(t)]] = (layer.layer_idx, t is layer.router_weight)
         return keys
 
-    def _check_layout(self) -> None:
+    def _check_layout(self, quantization: dict | None) -> None:
         for layer_idx, E in self.num_experts.items():
             if not (self.plan.pruned.get(layer_idx) or self.sparse):
                 continue
@@ -175,13 +288,56 @@ class _Rewriter:
                 raise NotImplementedError("Merging and weight sparsity are not supported when the files "
                                           "hold fused expert tensors (GPT-OSS): export remove, novice or "
                                           "drop plans, or apply the plan in memory.")
+        if quantization is None:
+            return
+        method = quantization.get("quant_method", "quantized")
+        if self.plan.mode == "merge" and self.plan.num_pruned:
+            raise NotImplementedError(f"This checkpoint is {method}-quantized: merging averages expert weights, "
+                                      "which cannot keep its quantization. Export remove, novice or drop plans, or "
+                                      "merge a bf16 copy of the model.")
+        if self.sparse:
+            for keys in self.expert_keys.values():
+                for name, key in keys.items():
+                    if ROLES.get(name) in ("gate", "up", "down") and not self._is_fp8(key):
+                        raise NotImplementedError(f"Weight sparsity keeps a quantized checkpoint's format only for "
+                                                  f"FP8 weights (zero is exact in FP8); {key} is "
+                                                  f"{self.ckpt.info(key)['dtype']}.")
+
+    def _is_fp8(self, key: str) -> bool:
+        return self.ckpt.dtype(key) in (torch.float8_e4m3fn, torch.float8_e5m2) and scale_key(self.ckpt, key) is not None
+
+    def output_bytes(self) -> int:
+        """What the export will write, for the disk-space check: every kept tensor, and the constants."""
+        total = 0
+        for key in self.ckpt.keys():
+            ek = parse_expert_key(key, self.row)
+            info = self.ckpt.info(key)
+            size = info["data_offsets"][1] - info["data_offsets"][0]
+            if ek is not None and self.plan.pruned.get(ek.layer_idx):
+                E = self.num_experts[ek.layer_idx]
+                kept = E - len(self.plan.pruned[ek.layer_idx])
+                if ek.expert_idx is None:
+                    size = size * kept // E
+                elif ek.expert_idx in self.plan.pruned[ek.layer_idx]:
+                    size = 0
+            total += size
+        hidden = {layer.layer_idx: layer.hidden_size for layer in self.adapter.layers}
+        width = torch.empty((), dtype=self.dtype).element_size()
+        return total + sum(len(v) * hidden[i] * width for i, v in self.replacement_names.items())
 
     def write(self, out: Path, progress: Progress | None) -> None:
-        """One output shard per source shard (same file name), then the index."""
+        """One output shard per source shard (same file name), the constants, then the index."""
         by_file: dict[Path, list[str]] = {}
         for key in self.ckpt.keys():
             by_file.setdefault(self.ckpt.file_of[key], []).append(key)
         weight_map, total_size, done = {}, 0, 0
+
+        def save(tensors: dict, name: str) -> None:
+            nonlocal total_size
+            save_file(tensors, out / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, name))
+            total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+
         for file in sorted(by_file):
             tensors = {}
             for key in by_file[file]:
@@ -191,11 +347,16 @@ class _Rewriter:
                 if progress is not None:
                     progress(done, len(self.ckpt.file_of))
             if tensors:
-                save_file(tensors, out / file.name, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(tensors, file.name))
-                total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+                save(tensors, file.name)
             del tensors
             self.ckpt.close()  # unmap the shards read so far, or their pages stay resident
+        if self.replacement_names:
+            constants = {}
+            for layer_idx, names in self.replacement_names.items():
+                layer = self.adapter.layer(layer_idx)
+                values = novice_vectors(layer, self.plan, self.stats, self.row[layer_idx], self.dtype)
+                constants.update({name: v.contiguous() for name, v in zip(names.values(), values)})  # (H,) each
+            save(constants, REPLACEMENTS_FILE)
         index = dict(metadata=dict(total_size=total_size), weight_map=dict(sorted(weight_map.items())))
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
@@ -207,15 +368,15 @@ class _Rewriter:
         if ek is None or not (self.plan.pruned.get(ek.layer_idx) or self.sparse):
             return key, self.ckpt.tensor(key)
         keep = self.plan.kept(ek.layer_idx, self.num_experts[ek.layer_idx])
-        if ek.expert_idx is None:  # fused (E, …): only removal-like plans reach here
+        if ek.expert_idx is None:  # fused (E, …): only removal-like plans reach here; compact rows
             return key, self.ckpt.tensor(key).index_select(0, torch.tensor(keep))
         if ek.expert_idx not in keep:
             return None
         if ek.expert_idx in self._groups(ek.layer_idx):
             tensor = self._merged_expert(ek.layer_idx, ek.expert_idx).pop(ek.name)
         else:
-            tensor = self._sparsified(ek.layer_idx, ek.expert_idx, ek.name, self.ckpt.tensor(key))
-        return ek.renumbered(keep.index(ek.expert_idx)), tensor
+            tensor = self._sparsified(ek.layer_idx, ek.expert_idx, key, ek.name, self.ckpt.tensor(key))
+        return (ek.renumbered(keep.index(ek.expert_idx)) if self.renumber else key), tensor
 
     def _router(self, key: str, layer_idx: int, is_weight: bool) -> torch.Tensor:
         """Router rows (or biases) of the kept experts; a survivor's row merged as apply_plan does."""
@@ -228,14 +389,19 @@ class _Rewriter:
                 tensor[members[0]] = sum(wi * tensor[m].float() for wi, m in zip(w, members)).to(tensor.dtype)
         return tensor.index_select(0, torch.tensor(self.plan.kept(layer_idx, self.num_experts[layer_idx])))
 
-    def _sparsified(self, layer_idx: int, e: int, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Zero the lowest |W|·‖gX‖ weights of every row (MoE-Pruner), as `apply_plan` does."""
+    def _sparsified(self, layer_idx: int, e: int, key: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Zero the lowest |W|·‖gX‖ weights of every row (MoE-Pruner), as `apply_plan` does. An FP8
+        weight is scored dequantized, as the model in memory holds it, and zeroed in FP8."""
         role = ROLES.get(name)
-        if not self.sparse or role in ("gate_bias", "up_bias", "down_bias"):
+        if not self.sparse or role in ("gate_bias", "up_bias", "down_bias") or name.endswith(("scale", "scale_inv")):
             return tensor
         if role is None:
             raise NotImplementedError(f"Weight sparsity: unknown expert tensor {name!r} in layer {layer_idx}.")
         norm = self.stats["mid_sqnorm" if role == "down" else "in_sqnorm"][self.row[layer_idx], e]
+        if self._is_fp8(key):
+            mask = pruning_mask(dequantize(tensor, self.ckpt.tensor(scale_key(self.ckpt, key)), self.dtype), norm,
+                                self.plan.sparsity, self.plan.nm)
+            return tensor.view(torch.uint8).masked_fill(mask, 0).view(tensor.dtype)  # +0 in FP8 is all-zero bits
         return tensor.masked_fill(pruning_mask(tensor, norm, self.plan.sparsity, self.plan.nm), 0)
 
     # ---- merging ------------------------------------------------------------------------
@@ -271,37 +437,99 @@ class _Rewriter:
             if name not in ROLES:
                 raise NotImplementedError(f"Merging: unknown expert tensor {name!r} in layer {layer_idx}.")
             tensor = self.ckpt.tensor(key)
-            found[ROLES[name]] = (self._sparsified(layer_idx, e, name, tensor) if sparsify else tensor).float()
+            found[ROLES[name]] = (self._sparsified(layer_idx, e, key, name, tensor) if sparsify else tensor).float()
         return ExpertWeights(**{"gate": None, **found})
 
 
+def file_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The model's tensors other than routed experts, under the names its files give them
+    (as `save_pretrained` writes them; the same tensor objects, renamed)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model = adapter.model
+    experts = {id(p) for layer in adapter.layers for p in layer.block.experts.parameters()}  # with novices
+    state = {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) not in experts}
+    return revert_weight_conversion(model, state)
+
+
+# ---- the expert-substitution block --------------------------------------------------------
+def substitution_block(config) -> dict | None:
+    """`compression_config.transform_config.expert_substitution` of a config (object or dict)."""
+    block = config.get("compression_config") if isinstance(config, dict) else getattr(config, "compression_config", None)
+    return ((block or {}).get("transform_config") or {}).get("expert_substitution")
+
+
+def read_substitution(config) -> dict[int, tuple[int | None, dict[int, str]]]:
+    """{decoder layer: (logical expert count, {substituted expert: its constant's tensor name})}
+    of an expert-substitution config (version 1, whoever wrote it), or of vLLM's older
+    `approximate_experts` form (constants named `….experts.<e>.approx_value`, an empty name
+    here; no count). Anything else is refused."""
+    block = substitution_block(config)
+    if block is None:
+        approximate = config.get("approximate_experts") if isinstance(config, dict) else getattr(config, "approximate_experts", None)
+        return {int(layer): (None, {int(e): "" for e in experts}) for layer, experts in (approximate or {}).items()}
+    if block.get("version") != 1:
+        raise ValueError(f"Unsupported expert substitution version {block.get('version')!r}: moeviz reads version 1.")
+    if block.get("router_semantics") != _ROUTER_SEMANTICS:
+        raise ValueError(f"Unsupported expert substitution router semantics {block.get('router_semantics')!r}.")
+    found = {}
+    for path, target in (block.get("targets") or {}).items():
+        layers = re.findall(r"(?:^|\.)layers\.(\d+)\.", path)
+        if len(layers) != 1:
+            raise ValueError(f"Expert substitution target {path!r} must name exactly one decoder layer.")
+        if target.get("weight_layout") != "compact_retained_experts":
+            raise ValueError(f"Unsupported expert substitution weight layout {target.get('weight_layout')!r}.")
+        values = {}
+        for e, replacement in (target.get("replacements") or {}).items():
+            if replacement.get("format") != "constant-v1" or set(replacement.get("tensors") or {}) != {"value"}:
+                raise ValueError(f"Unsupported expert substitution for expert {e} of {path!r}: {replacement!r}.")
+            values[int(e)] = replacement["tensors"]["value"]
+        found[int(layers[0])] = (target.get("num_logical_experts"), values)
+    return found
+
+
 # ---- reloading ----------------------------------------------------------------------------
+def is_pruned_export(path) -> bool:
+    """Whether a checkpoint directory needs `load_exported` (substitution or moeviz-only)."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return False
+    config = json.loads(file.read_text())
+    return (config.get("model_type") == MOEVIZ_MODEL_TYPE or substitution_block(config) is not None
+            or bool(config.get("approximate_experts")))
+
+
 @torch.no_grad()
 def load_exported(path, config=None, dtype=None, device="cpu") -> PreTrainedModel:
-    """Rebuild an export from its files: the original architecture restructured by its plan
-    (`moeviz_plan.json`: kept experts only, novices installed), in the checkpoint's dtype
-    (or `dtype`), with no random init and no second copy. Raises if any parameter or
-    persistent buffer of the model is not in the files."""
+    """Rebuild an expert-substitution or moeviz-only checkpoint from its files: the original
+    architecture restructured by its layout (kept experts only, novices installed), in the
+    checkpoint's dtype (or `dtype`), with no random init and no second copy. FP8 weights are
+    dequantized to that dtype. Raises if any parameter or persistent buffer of the model is
+    not in the files, or a file tensor has no place in it."""
     path = Path(path)
     ckpt = Checkpoint(path)
-    config = type(config).from_dict(config.to_dict()) if config is not None else AutoConfig.from_pretrained(path)  # a copy
+    config = config if config is not None else read_config(path)
+    config = type(config).from_dict(config.to_dict())  # a copy
     if isinstance(dtype, str):
         dtype = None if dtype == "auto" else getattr(torch, dtype)
     config.dtype = dtype or ckpt.main_dtype
-    plan = PruningPlan.load(path / PLAN_FILE) if (path / PLAN_FILE).is_file() else None
+    layout = ExportLayout(path, config)
+    for attr in ("quantization_config", "compression_config"):  # weights are dequantized; novices installed
+        if hasattr(config, attr):
+            delattr(config, attr)
     model = skeleton(config, str(path))
     adapter = get_adapter(model)  # before any wrapping: its layers keep the inner experts
-    novices = _restructure(adapter, plan)
+    layout.restructure(adapter)
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gave tied parameters separate storage
     for module in model.modules():  # rotary frequencies and the like, as from_pretrained does
         if module._non_persistent_buffers_set:
             model._init_weights(module)
-    written = _fill(model, adapter, ckpt)
-    if novices:
-        vectors = load_file(path / NOVICES_FILE)
-        for key, wrapper in novices.items():
-            _copy_into(wrapper.novices, vectors[key], written)
+    layout.bind(adapter)
+    written = Counter()
+    for key in sorted(ckpt.keys(), key=lambda k: ckpt.file_of[k]):  # file by file
+        if (target := layout.target(key)) is not None:
+            _copy_into(target, layout.value(ckpt, key, target.dtype), written)
     transient = {name for name, _ in model.named_non_persistent_buffers()}
     tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n not in transient)]
     missing = [name for name, t in tensors if written[id(t)] < t.numel()]
@@ -312,37 +540,69 @@ def load_exported(path, config=None, dtype=None, device="cpu") -> PreTrainedMode
     return model.eval()
 
 
-def _restructure(adapter: Adapter, plan: PruningPlan | None) -> dict[str, nn.Module]:
-    """Cut every pruned layer (on the meta device) to its kept experts, as `apply_plan` does.
-    Returns the novice wrappers, under their keys in the novices file."""
-    novices = {}
-    for layer in adapter.layers:
-        pruned = plan.pruned.get(layer.layer_idx) if plan is not None else None
-        if not pruned:
-            continue
-        keep = plan.kept(layer.layer_idx, layer.num_experts)
-        if plan.mode in ("novice", "drop"):  # the router keeps all E rows
-            install_novices(layer, keep, pruned, torch.empty(len(pruned), layer.hidden_size, device="meta"))
-            novices[f"layers.{layer.layer_idx}"] = layer.block.experts
-        else:
-            remove_experts(layer, keep)
-    return novices
+class ExportLayout:
+    """Where each tensor of a pruned checkpoint's files goes in the restructured model: kept
+    experts (renumbered 0…K-1 in a moeviz-only export, under their logical ids in an expert
+    substitution), constants, and everything else under its usual name."""
 
+    def __init__(self, path: Path, config):
+        self.path = path
+        self.substituted = read_substitution(config)  # layer → (logical count, {expert: value name})
+        plan_file = path / PLAN_FILE
+        self.plan = PruningPlan.load(plan_file) if not self.substituted and plan_file.is_file() else None
 
-def _fill(model: PreTrainedModel, adapter: Adapter, ckpt: Checkpoint) -> Counter:
-    """Copy every file tensor into its place. Returns {id of a parameter or buffer: elements written}."""
-    layers = {layer.layer_idx: layer for layer in adapter.layers}
-    named = file_tensors(adapter)
-    written = Counter()
-    for key in sorted(ckpt.keys(), key=lambda k: ckpt.file_of[k]):  # file by file
-        if key in named:
-            target = named[key]
-        elif (ek := parse_expert_key(key, layers)) is not None:
-            target = expert_target(layers[ek.layer_idx], ek)
-        else:
-            raise ValueError(f"{ckpt.path}: {key} has no place in this {model.config.model_type} model.")
-        _copy_into(target, ckpt.tensor(key), written)
-    return written
+    def restructure(self, adapter: Adapter) -> None:
+        """Cut every pruned layer (on the meta device) to its kept experts, as `apply_plan` does."""
+        for layer in adapter.layers:
+            if layer.layer_idx in self.substituted:
+                logical, values = self.substituted[layer.layer_idx]
+                if logical not in (None, layer.num_experts):
+                    raise ValueError(f"{self.path}: layer {layer.layer_idx} has {layer.num_experts} experts, its "
+                                     f"expert substitution says {logical}.")
+                pruned = sorted(values)
+                keep = [e for e in range(layer.num_experts) if e not in values]
+                install_novices(layer, keep, pruned, torch.empty(len(pruned), layer.hidden_size, device="meta"))
+            elif self.plan is not None and self.plan.pruned.get(layer.layer_idx):
+                remove_experts(layer, self.plan.kept(layer.layer_idx, layer.num_experts))
+
+    def bind(self, adapter: Adapter) -> None:
+        """Map the files' keys onto a model already restructured by this layout (and materialised)."""
+        self.adapter = adapter
+        self.layers = {layer.layer_idx: layer for layer in adapter.layers}
+        self.named = file_tensors(adapter)
+        self.physical: dict[int, dict[int, int]] = {}  # layer → {logical expert: index among the kept}
+        self.values: dict[str, tuple[nn.Module, int]] = {}  # constant's name → (its novice wrapper, row)
+        for layer_idx, (_, values) in self.substituted.items():
+            wrapper = self.layers[layer_idx].block.experts
+            self.physical[layer_idx] = {e: i for i, e in enumerate(wrapper.keep)}
+            self.values.update({values[e] or f"{layer_idx}:{e}": (wrapper, row) for row, e in enumerate(wrapper.pruned)})
+
+    def target(self, key: str) -> torch.Tensor | None:
+        """The model tensor (or view) a file key fills; None for a quantization scale (consumed
+        with its weight)."""
+        if key in self.named:
+            return self.named[key]
+        ek = parse_expert_key(key, self.layers)
+        if ek is not None and ek.name == "approx_value":
+            key = f"{ek.layer_idx}:{ek.expert_idx}"
+        if key in self.values:
+            wrapper, row = self.values[key]
+            return wrapper.novices[row]
+        if key.endswith(("_scale_inv", "weight_scale")):
+            return None
+        if ek is None:
+            raise ValueError(f"{self.path}: {key} has no place in this {self.adapter.model.config.model_type} model.")
+        if ek.layer_idx in self.physical and ek.expert_idx is not None:
+            if ek.expert_idx not in self.physical[ek.layer_idx]:
+                raise ValueError(f"{self.path}: {key} is an expert its expert substitution replaces.")
+            ek = ek._replace(expert_idx=self.physical[ek.layer_idx][ek.expert_idx])
+        return expert_target(self.layers[ek.layer_idx], ek)
+
+    def value(self, ckpt: Checkpoint, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """The file tensor for `key`, dequantized to `dtype` when it is FP8 with a scale beside it."""
+        tensor = ckpt.tensor(key)
+        scale = scale_key(ckpt, key)
+        return dequantize(tensor, ckpt.tensor(scale), dtype) if scale is not None else tensor
 
 
 def _copy_into(target: torch.Tensor, value: torch.Tensor, written: Counter) -> None:

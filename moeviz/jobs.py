@@ -42,8 +42,9 @@ def evaluate(server, progress, plan: dict, stats: str | None, runs: str, **confi
                             plan, loaded, stats, progress)
 
 
-def export(server, progress, plan: dict, stats: str | None, out: str) -> dict:
-    """Write the pruned checkpoint, streamed from the original's files: {"path", "reload"}."""
+def export(server, progress, plan: dict, stats: str | None, out: str, runs: str | None = None) -> dict:
+    """Write the pruned checkpoint, streamed from the original's files, with its model card (the
+    plan's evaluation from `runs` when it holds one): {"path", "kind", "loaders"}."""
     from .export import export_plan
     from .loading import resolve_source
     from .plan import PruningPlan
@@ -51,9 +52,8 @@ def export(server, progress, plan: dict, stats: str | None, out: str) -> dict:
 
     loaded = ExpertStats.load(stats) if stats else None
     kind = export_plan(resolve_source(server.model_name), PruningPlan(**plan), loaded, out,
-                       progress=lambda done, total: progress("writing", done, total))
-    how = "AutoModelForCausalLM.from_pretrained" if kind == "transformers" else "moeviz.load_model"
-    return dict(path=str(out), reload=how)
+                       progress=lambda done, total: progress("writing", done, total), runs=runs)
+    return dict(path=str(out), kind=kind.name, loaders=kind.loaders)
 
 
 def recover(server, progress, plan: dict, stats: str | None, runs: str, out: str, minutes: float,

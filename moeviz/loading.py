@@ -6,11 +6,10 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .adapters import family_of
-from .checkpoint import DEMO, check_fits, fingerprint, local_dir, model_bytes, resolve_source, skeleton
-from .plan import PLAN_FILE
+from .checkpoint import DEMO, check_fits, fingerprint, local_dir, model_bytes, read_config, resolve_source, skeleton
 
 __all__ = ["DEMO", "load_model", "load_skeleton", "load_config", "load_tokenizer", "local_dir", "model_fingerprint",
            "resolve_device", "resolve_source", "execution_device"]
@@ -29,7 +28,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 def load_config(name_or_path: str, trust_remote_code: bool = False):
     source = resolve_source(name_or_path)
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return read_config(source, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise OSError(
             f"Could not load the config of {name_or_path!r}: not a local checkpoint, and the "
@@ -64,9 +63,9 @@ def load_model(
     if device_map is None:
         needed = model_bytes(skeleton(config), None if dtype == "auto" else dtype)
         check_fits(needed, torch.device("cpu") if offload else dev, f"{name_or_path} ({needed / 2**30:.1f} GiB)")
-    if (Path(source) / PLAN_FILE).is_file():  # a pruned export moeviz wrote
-        from .export import load_exported
+    from .export import is_pruned_export, load_exported
 
+    if is_pruned_export(source):  # expert substitution (moeviz's or another tool's), or moeviz-only
         model = load_exported(source, config, dtype=None if dtype == "auto" else dtype,
                               device="cpu" if offload or device_map else dev)
     else:

@@ -49,7 +49,7 @@ from transformers import PreTrainedModel
 
 from .adapters import MoELayer, get_adapter
 from .apply import NoviceExperts, model_info
-from .checkpoint import Checkpoint, parse_expert_key, readable
+from .checkpoint import Checkpoint, read_config, readable, scale_key
 from .loading import execution_device, load_model, model_fingerprint
 from .plan import LINEAGE_FILE, PLAN_FILE, PlanError, PruningPlan
 
@@ -322,34 +322,35 @@ def save_recovered(student: PreTrainedModel, pruned_dir, out_dir, lineage: dict 
     """Write `student` as the pruned checkpoint `pruned_dir` it was loaded from is written (the
     same files, keys and dtypes, the same plan and config), into the new directory `out_dir`,
     atomically; it reloads with `moeviz.loading.load_model` like the export."""
-    from .export import NOVICES_FILE, expert_target, file_tensors
+    from .export import ExportLayout
 
     src, out = Path(pruned_dir), Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; choose a new directory.")
     ckpt = Checkpoint(src)
-    adapter = get_adapter(student)
-    layers = {layer.layer_idx: layer for layer in adapter.layers}
-    named = file_tensors(adapter)
+    if any(scale_key(ckpt, key) for key in ckpt.keys()):
+        raise NotImplementedError(f"{src} holds FP8 weights: a recovered model is trained in {ckpt.main_dtype}, and "
+                                  "moeviz does not quantize it back. Recover a bf16 export.")
+    layout = ExportLayout(src, read_config(src))
+    layout.bind(get_adapter(student))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for file in ckpt.files:
             tensors = {}
             for key in (k for k in ckpt.keys() if ckpt.file_of[k] == file):
-                ek = parse_expert_key(key, layers)
-                target = named[key] if key in named else expert_target(layers[ek.layer_idx], ek)
-                tensors[key] = target.detach().to("cpu", ckpt.dtype(key)).contiguous()
+                tensors[key] = layout.target(key).detach().to("cpu", ckpt.dtype(key)).contiguous()
             save_file(tensors, tmp / file.name, metadata={"format": "pt"})
-        novices = {f"layers.{layer.layer_idx}": layer.novices.detach().cpu().contiguous()
-                   for layer in adapter.layers if layer.novices is not None}
-        if novices:
-            save_file(novices, tmp / NOVICES_FILE)
-        for file in src.iterdir():  # config, plan, index, tokenizer
+        for file in src.iterdir():  # config, plan, index, tokenizer, model card
             if file.is_file() and file.suffix != ".safetensors" and file.name != LINEAGE_FILE:
                 shutil.copy2(file, tmp / file.name)
         if lineage is not None:
             (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
+            if (tmp / "README.md").is_file() and (recovery := lineage.get("recovery")):
+                with open(tmp / "README.md", "a") as card:
+                    card.write(f"\n## Recovery\n\nAfter pruning, distilled from `{lineage.get('teacher')}` for "
+                               f"{recovery.get('steps')} steps ({recovery.get('minutes')} min) by `moeviz distill`; "
+                               "the evaluation above is the pruned model's, before recovery.\n")
         readable(tmp)
         tmp.rename(out)
     except BaseException:
