@@ -242,10 +242,12 @@ def _unpack(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _novices(layer: MoELayer, plan: PruningPlan, stats, row: int, experts: list[int]) -> torch.Tensor:
-    """(P, H): MoNE's novices, the pruned experts' mean outputs; zeros for `drop`."""
+    """(P, H): MoNE's novices, the pruned experts' mean outputs; zeros for `drop`. In the experts'
+    dtype, as an export stores them: the plan in place gives the exported model's outputs."""
+    dtype = layer.expert_weights(0).down.dtype
     if plan.mode == "novice":
-        return stats["out_mean"][row, experts].float()
-    return torch.zeros(len(experts), layer.hidden_size)
+        return stats["out_mean"][row, experts].float().to(dtype)
+    return torch.zeros(len(experts), layer.hidden_size, dtype=dtype)
 
 
 # ---- removal ----------------------------------------------------------------------------
