@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--ratio", type=float, default=0.25,
                       help="fraction pruned: of routed experts; for moe_pruner, of every expert row's weights")
     plan.add_argument("--scope", choices=("layer", "global"), default="layer")
+    plan.add_argument("--counts", default="free",
+                      help="with --scope global: 'free' (the threshold decides each layer's count), 'equal' (the "
+                           "same count in every layer: a standard checkpoint) or N (every layer keeps a multiple of "
+                           "N experts, for expert parallelism)")
     plan.add_argument("--mode", choices=("remove", "novice", "drop", "merge"), help="default: the method's own")
     plan.add_argument("--seed", type=int, default=0)
     plan.add_argument("--nm", help="moe_pruner: n:m semi-structured sparsity, e.g. 2:4")
@@ -379,13 +383,14 @@ def _start_data_parallel(device: str) -> tuple[int, str]:
 
 
 def _plan(args) -> int:
+    from .export import export_kind
     from .methods import PlanConfig, make_plan
     from .stats import ExpertStats
 
     stats = ExpertStats.load(args.stats)
     nm = tuple(int(x) for x in args.nm.split(":")) if args.nm else None
     config = PlanConfig(args.method, args.ratio, args.scope, args.mode, args.seed, nm, args.features, args.linkage,
-                        args.representative)
+                        args.representative, args.counts)
     weights = None
     if args.features == "weights" and args.method == "cprune":
         weights = _weight_features(args.model, stats)
@@ -393,7 +398,8 @@ def _plan(args) -> int:
     plan.save(args.out)
     counts = [len(plan.pruned.get(i, ())) for i in stats.layer_indices]
     print(f"{args.method}: {plan.num_pruned} experts pruned ({plan.mode}), per layer {counts}"
-          + (f", weight sparsity {plan.sparsity or plan.nm}" if plan.sparsity or plan.nm else ""), file=sys.stderr)
+          + (f", weight sparsity {plan.sparsity or plan.nm}" if plan.sparsity or plan.nm else "")
+          + f"; exports as {export_kind(plan).name}", file=sys.stderr)
     print(args.out)
     return 0
 

@@ -101,6 +101,16 @@ def export_kind(plan: PruningPlan) -> ExportKind:
 
 
 # ---- export -----------------------------------------------------------------------------
+def export_name(model: str, plan: PruningPlan) -> str:
+    """A directory name for the export of `plan` on `model`, in safe characters:
+    `demo-fine-mone-novice-18.75pct-edited`."""
+    parts = [Path(str(model)).name, plan.method, plan.mode if plan.num_pruned else None,
+             f"{plan.ratio * 100:g}pct", "global" if plan.scope == "global" else None]
+    if plan.sparsity or plan.nm:
+        parts.append(f"{plan.nm[0]}of{plan.nm[1]}" if plan.nm else f"sparsity{plan.sparsity * 100:g}pct")
+    return re.sub(r"[^A-Za-z0-9._]+", "-", "-".join(p for p in parts if p)).strip("-.")
+
+
 def export_plan(source, plan: PruningPlan, stats: ExpertStats | None, out_dir,
                 progress: Progress | None = None, runs=None) -> ExportKind:
     """Write `plan` applied to the checkpoint `source` (a directory, `demo` or a hub id) into

@@ -134,11 +134,15 @@ def _check_layer(layer_idx: int, experts: list[int], num_experts: int, top_k: in
 
 
 # ---- selection: the one place where scores become pruned sets ---------------------------
-def select(scores: np.ndarray, ratio: float, scope: str, info: dict) -> dict[int, list[int]]:
+def select(scores: np.ndarray, ratio: float, scope: str, info: dict, counts: str = "free") -> dict[int, list[int]]:
     """Prune the lowest `scores` (L, E): `ratio` of each layer (`layer`) or of all experts (`global`).
 
     Global scope uses one threshold across layers, skipping a layer once it is down to top-k.
-    Group-limited routers (DeepSeek) lose the same number of experts from every group.
+    `counts` shapes what global scope leaves per layer: "free" (as the threshold falls), "equal"
+    (the same number in every layer, so that the export is a standard checkpoint) or "N" (every
+    layer keeps a multiple of N experts, for expert parallelism over N devices; the total moves
+    to the nearest such counts). Group-limited routers (DeepSeek) lose the same number of experts
+    from every group.
     """
     if scope not in SCOPES:
         raise PlanError(f"Unknown scope {scope!r}; scopes: {', '.join(SCOPES)}")
@@ -155,6 +159,25 @@ def select(scores: np.ndarray, ratio: float, scope: str, info: dict) -> dict[int
     if groups > 1:
         raise PlanError("Global scope is not available for group-limited routers: every group must "
                         "lose the same number of experts. Use scope='layer'.")
+    pruned = _global(scores, ratio, layers, top_k)
+    if counts == "free":
+        return pruned
+    if counts == "equal":
+        n = int(round(sum(len(v) for v in pruned.values()) / len(layers)))
+        return {i: sorted(np.argsort(scores[row], kind="stable")[:n].tolist()) for row, i in enumerate(layers)}
+    multiple = int(counts) if str(counts).isdigit() and int(counts) > 0 else None
+    if multiple is None:
+        raise PlanError(f"counts must be 'free', 'equal' or a positive number of experts, got {counts!r}.")
+    E = scores.shape[1]
+    floor = -(-top_k // multiple) * multiple  # the fewest kept: top-k, rounded up to a multiple
+    if floor > E:
+        raise PlanError(f"No layer can keep a multiple of {multiple} experts with at least top-k = {top_k} of {E}.")
+    keep = {i: min(E, max(floor, int(round((E - len(v)) / multiple)) * multiple)) for i, v in pruned.items()}
+    return {i: sorted(np.argsort(scores[row], kind="stable")[:E - keep[i]].tolist()) for row, i in enumerate(layers)}
+
+
+def _global(scores: np.ndarray, ratio: float, layers: list[int], top_k: int) -> dict[int, list[int]]:
+    """One threshold across layers, skipping a layer once it is down to top-k."""
     total = int(round(ratio * scores.size))
     floor = top_k
     left = {i: scores.shape[1] for i in layers}

@@ -7,6 +7,7 @@ import streamlit as st
 
 from moeviz import plots
 from moeviz.checkpoint import is_demo
+from moeviz.export import export_kind, export_name
 from moeviz.methods import PlanConfig, get_method, make_plan, method_names
 from moeviz.plan import PlanError
 from moeviz.runs import RunStore, plan_digest, recovery_pairs, run_name
@@ -36,7 +37,14 @@ def settings_ui() -> PlanConfig:
     modes = ["remove", "novice", "drop", "merge"]
     mode = persistent(c4.selectbox, "Mode", options=modes, key=f"prune_mode_{method}",
                       default=get_method(method).default_mode)
-    linkage, representative = "average", "frequency"
+    linkage, representative, counts = "average", "frequency", "free"
+    if scope == "global" and not get_method(method).makes_plan:
+        counts = persistent(st.radio, "Experts kept per layer", options=["free", "equal", "4", "8", "16"],
+                            key="prune_counts", default="free", horizontal=True,
+                            format_func=lambda c: {"free": "as the threshold falls", "equal": "equal (a standard "
+                                                   "checkpoint)"}.get(c, f"a multiple of {c}"),
+                            help="uneven counts export as moeviz-only checkpoints (or expert substitution for "
+                                 "novices); a multiple of N suits expert parallelism over N GPUs")
     if method == "cprune":
         c1, c2 = st.columns(2)
         linkage = persistent(c1.radio, "Linkage", options=["average", "ward"], horizontal=True, key="prune_linkage",
@@ -45,7 +53,8 @@ def settings_ui() -> PlanConfig:
         representative = persistent(c2.radio, "Each cluster keeps", options=["frequency", "medoid"], horizontal=True,
                                     key="prune_rep", default="frequency",
                                   help="its most used expert, or the one nearest the others (the paper)")
-    return PlanConfig(method, ratio=ratio, scope=scope, mode=mode, linkage=linkage, representative=representative)
+    return PlanConfig(method, ratio=ratio, scope=scope, mode=mode, linkage=linkage, representative=representative,
+                      counts=counts)
 
 
 config = settings_ui()
@@ -219,10 +228,13 @@ if c1.button("Apply and evaluate", type="primary"):
                  **eval_config)
     if job:
         st.session_state["eval_job"] = job
-out_dir = c2.text_input("Export to", value=str(Path(cache_dir()) / "exports" / f"{plan.method}-{plan.ratio:g}"),
-                        key="export_dir")
+kind = export_kind(plan)
+out_dir = c2.text_input("Export to", value=str(Path(cache_dir()) / "exports" / export_name(name, plan)),
+                        key=f"export_dir_{plan_digest(plan)}")  # follows the plan; a typed path stays with it
+c2.caption(f"Exports as **{kind.name}**: {kind.reason}. Loads with {kind.loaders}.")
 if c2.button("Export checkpoint"):
-    job = submit(name, "export", plan=json.loads(plan.to_json()), stats=STATS_DIR, out=str(Path(out_dir).resolve()))
+    job = submit(name, "export", plan=json.loads(plan.to_json()), stats=STATS_DIR, out=str(Path(out_dir).resolve()),
+                 runs=str(RUNS))
     if job:
         st.session_state["export_job"] = job
 
@@ -283,4 +295,5 @@ if result := st.session_state.get("recover_job_result"):
     st.dataframe(recovery_pairs(store.list(fingerprint=fingerprint)).query(f"run == {result['run_id']}"),
                  hide_index=True)
 if result := st.session_state.pop("export_job_result", None):
-    st.success(f"Exported to {result['path']} (reload with {result['reload']}).")
+    st.success(f"Exported to {result['path']} as a {result['kind']} checkpoint, with its model card "
+               f"(README.md). Loads with {result['loaders']}.")

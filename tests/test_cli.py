@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from moeviz.cli import main
@@ -70,8 +72,13 @@ def test_plan_and_prune_commands(tiny_dir, tmp_path, capsys):
     assert main(["plan", "--stats", stats_dir, "--method", "mone", "--ratio", "0.25", "--out", str(plan)]) == 0
     assert main(["prune", "--model", str(tiny_dir), "--plan", str(plan), "--stats", stats_dir,
                  "--out", str(tmp_path / "pruned")]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "pruned")
-    assert (tmp_path / "pruned" / "moeviz_plan.json").is_file()  # novices reload through moeviz
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == str(tmp_path / "pruned")
+    assert "exports as expert substitution" in err.splitlines()[0]  # what `plan` says
+    assert err.splitlines()[1].startswith("exporting as expert substitution (novices")  # before anything is written
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert "expert_substitution" in config["compression_config"]["transform_config"]
+    assert (tmp_path / "pruned" / "README.md").read_text().startswith("---\n")
     # novices need the stats; an impossible ratio is one line
     assert main(["prune", "--model", str(tiny_dir), "--plan", str(plan), "--out", str(tmp_path / "p2")]) == 2
     assert "needs its ExpertStats" in capsys.readouterr().err

@@ -7,7 +7,7 @@ from moeviz.apply import applied, apply_plan, model_info
 from moeviz.calibrate import CalibConfig, calibrate
 from moeviz.loading import load_model, model_fingerprint
 from moeviz.methods import PlanConfig, make_plan, method_names
-from moeviz.plan import PlanError, PruningPlan
+from moeviz.plan import PlanError, PruningPlan, select
 from moeviz.tiny import tiny_model
 
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -288,3 +288,22 @@ def test_cprune_keeps_group_limited_routing_valid():
             assert all(src // 4 == dst // 4 for src, dst in plan.merge_into[layer_idx].items())
     with pytest.raises(PlanError, match="Global scope is not available"):
         make_plan(stats, PlanConfig("cprune", ratio=0.25, scope="global"))
+
+
+def test_global_scope_can_keep_equal_counts_or_multiples_of_n(tmp_path):
+    """For a standard export (equal counts) or expert parallelism (multiples of N kept)."""
+    scores = np.random.default_rng(3).random((4, 16)) * np.arange(1, 5)[:, None]  # later layers score higher
+    info = dict(layer_indices=[0, 1, 2, 3], num_experts=[16] * 4, top_k=2, group_count=1)
+    free = select(scores, 0.375, "global", info)
+    assert len({len(v) for v in free.values()}) > 1  # the threshold takes more from the first layers
+    equal = select(scores, 0.375, "global", info, counts="equal")
+    assert [len(v) for v in equal.values()] == [6] * 4
+    for row, experts in enumerate(equal.values()):
+        assert set(experts) == set(np.argsort(scores[row], kind="stable")[:6].tolist())
+    fours = select(scores, 0.375, "global", info, counts="4")
+    assert all((16 - len(v)) % 4 == 0 and 16 - len(v) >= 4 for v in fours.values())
+    assert abs(sum(map(len, fours.values())) - sum(map(len, free.values()))) <= 2 * len(info["layer_indices"])
+    for row, experts in enumerate(fours.values()):  # each layer drops its lowest scores
+        assert set(experts) == set(np.argsort(scores[row], kind="stable")[:len(experts)].tolist())
+    with pytest.raises(PlanError, match="counts must be"):
+        select(scores, 0.375, "global", info, counts="many")

@@ -28,6 +28,7 @@ class PlanConfig:
     features: str = "outputs"  # cprune: "outputs" (probes) or "weights" (needs the model's weights)
     linkage: str = "average"  # cprune: "average" or "ward" (the authors' code)
     representative: str = "frequency"  # cprune: each cluster keeps its most used member, or its "medoid"
+    counts: str = "free"  # global scope: "free", "equal" (a standard export) or "N" (kept counts multiples of N)
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,15 @@ def make_plan(stats: ExpertStats, config: PlanConfig, weights=None, calibration:
     method = get_method(config.method)
     mode = config.mode or method.default_mode
     info = plan_info(stats)
+    if config.counts not in ("free", "equal") and (config.scope != "global" or method.makes_plan):
+        raise PlanError(f"counts={config.counts!r} shapes global scope's per-layer counts of a score-based method; "
+                        f"{config.method} with scope {config.scope!r} decides its own.")
     if method.makes_plan:
         plan = method.fn(stats, config, info, weights)
         plan.mode = config.mode or plan.mode
     else:
         scores = np.asarray(method.fn(stats, config), dtype=float)
-        pruned = select(scores, config.ratio, config.scope, info)
+        pruned = select(scores, config.ratio, config.scope, info, config.counts)
         plan = PruningPlan(config.method, config.ratio, config.scope, mode, info, pruned=pruned)
     if plan.mode == "merge" and not plan.merge_into:
         raise PlanError(f"{config.method} has no merge targets; merge works with cprune.")
