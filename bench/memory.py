@@ -52,6 +52,8 @@ COMMANDS = [
     ("evaluate novice", "evaluate --model {model} --plan {novice} --stats {stats} " + EVAL_DATA, None),
     ("evaluate sparse", "evaluate --model {model} --plan {sparse} --stats {stats} " + EVAL_DATA, None),
     ("prune remove", "prune --model {model} --plan {remove} --stats {stats} --out {tmp}/pruned", None),
+    ("prune novice", "prune --model {model} --plan {novice} --stats {stats} --out {tmp}/pruned-novice", None),
+    ("prune sparse", "prune --model {model} --plan {sparse} --stats {stats} --out {tmp}/pruned-sparse", None),
 ]
 PAGES = ["Overview", "Calibrate", "Experts", "Similarity", "Layers", "Prune", "Compare"]
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"

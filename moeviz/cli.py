@@ -431,13 +431,19 @@ def _prune(args) -> int:
     runs = args.runs or ("cache/runs.sqlite" if Path("cache/runs.sqlite").is_file() else None)
     if runs is not None and not Path(runs).is_file():
         raise FileNotFoundError(f"No runs store at {runs}.")
-    print(f"exporting as {export_kind(plan)}", file=sys.stderr)  # before anything is written
+    print(f"exporting as {export_kind(plan, _quantization(args.model))}", file=sys.stderr)  # before anything is written
     with _progress_bar("exporting", "tensor") as progress:  # source tensors, shard by shard
         export_plan(args.model, plan, stats, args.out, progress, runs=runs)
     what = f"weight sparsity {plan.sparsity or plan.nm}" if plan.sparsity or plan.nm else f"{plan.num_pruned} experts pruned ({plan.mode})"
     print(f"{what}; model card in {Path(args.out) / 'README.md'}", file=sys.stderr)
     print(args.out)
     return 0
+
+
+def _quantization(model: str) -> dict | None:
+    from .loading import load_config
+
+    return getattr(load_config(model), "quantization_config", None)
 
 
 def _sequential_plan(args):

@@ -84,15 +84,22 @@ LOADERS = {
 }
 
 
-def export_kind(plan: PruningPlan) -> ExportKind:
-    """Which kind of checkpoint `plan` exports as, and why (see the module's docstring)."""
+def export_kind(plan: PruningPlan, quantization: dict | None = None) -> ExportKind:
+    """Which kind of checkpoint `plan` exports as, and why (see the module's docstring); for a
+    checkpoint with this `quantization_config`, when given."""
     if not plan.num_pruned:
         why = "weight sparsity inside every expert" if plan.sparsity or plan.nm else "nothing pruned"
         return ExportKind(STANDARD, why, LOADERS[STANDARD])
     if plan.mode in ("novice", "drop"):
         what = "novices" if plan.mode == "novice" else "drops"
+        loaders = LOADERS[SUBSTITUTION]
+        if quantization:
+            method = (quantization.get("quant_method") if isinstance(quantization, dict)
+                      else getattr(quantization, "quant_method", None)) or "quantized"
+            loaders = (f"moeviz.load_model; vLLM's expert substitution does not take {method} experts yet; stock "
+                       "transformers cannot (it would fill the pruned experts with random weights)")
         return ExportKind(SUBSTITUTION, f"{what}: the router keeps every expert, pruned ones answer with a "
-                                        "constant vector", LOADERS[SUBSTITUTION])
+                                        "constant vector", loaders)
     if plan.is_uniform():
         return ExportKind(STANDARD, f"{plan.mode}: every MoE layer keeps the same number of experts", LOADERS[STANDARD])
     kept = sorted({n - len(plan.pruned.get(i, ())) for i, n in zip(plan.model["layer_indices"], plan.model["num_experts"])})
@@ -130,7 +137,7 @@ def export_plan(source, plan: PruningPlan, stats: ExpertStats | None, out_dir,
     adapter = get_adapter(skeleton(read_config(src), str(src)))
     parent_fingerprint = fingerprint(src)
     check_plan(adapter.model, plan, stats, adapter, parent_fingerprint)
-    kind = export_kind(plan)
+    kind = export_kind(plan, config.get("quantization_config"))
     ckpt = Checkpoint(src)
     rewriter = _Rewriter(ckpt, adapter, plan, stats, kind, config.get("quantization_config"))  # refuses what it cannot
     tmp = _prepare_target(out, rewriter.output_bytes())

@@ -38,10 +38,11 @@ class StatsError(ValueError):
     """A statistics directory that cannot be used: corrupted, truncated, or for another model."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a mix takes {stats: weight}
 class ExpertStats:
     tensors: dict[str, torch.Tensor]  # see the module docstring; float64 on the CPU
     meta: dict = field(default_factory=dict)
+    path: str | None = None  # the directory it was loaded from
 
     # ---- construction ------------------------------------------------------------------
     @classmethod
@@ -145,6 +146,50 @@ class ExpertStats:
         meta = dict(self.meta, tokens=self.meta["tokens"] + other.meta["tokens"], calibration=calibration)
         return ExpertStats(tensors, meta)
 
+    @staticmethod
+    def mix(sources: dict[ExpertStats, float] | list[tuple[ExpertStats, float]]) -> ExpertStats:
+        """The stats of a calibration in which each source gives the share (weight, normalised) of
+        the tokens: every sum of source i scaled by s_i = w_i · T / T_i, with T = min T_i / w_i
+        over the weighted sources, the largest token count at which no source's token weighs more
+        than once. Exact for every statistic (means and variances pooled as `merge` pools them).
+
+        One source at weight 1 gives its own stats; shares proportional to the token counts give
+        `merge` of them all. Sources of different models or layouts are refused."""
+        pairs = list(sources.items()) if isinstance(sources, dict) else list(sources)
+        if not pairs:
+            raise StatsError("A mix needs at least one source.")
+        weights = [float(w) for _, w in pairs]
+        if any(not w >= 0 for w in weights) or sum(weights) <= 0:
+            raise StatsError(f"Mix weights must be non-negative and not all zero, got {weights}.")
+        first = pairs[0][0]
+        for stats, _ in pairs[1:]:
+            for key in (*LAYOUT_KEYS, "stats_version"):
+                if first.meta.get(key) != stats.meta.get(key):
+                    raise StatsError(f"Cannot mix stats of different models or layouts ({key} differs: "
+                                     f"{first.meta.get(key)!r} and {stats.meta.get(key)!r}).")
+            if set(first.tensors) != set(stats.tensors):
+                raise StatsError("Cannot mix stats calibrated with and without probes: recalibrate one of them.")
+        shares = [w / sum(weights) for w in weights]
+        used = [(stats, w) for (stats, _), w in zip(pairs, shares) if w > 0]
+        total = torch.stack([stats["tokens"] / w for stats, w in used]).amin(0)  # (L,)
+        scaled = [(stats, w * total / stats["tokens"]) for stats, w in used]  # (stats, s_i (L,))
+        tensors = {}
+        for key in ADDITIVE:
+            if key in first.tensors:
+                tensors[key] = sum(stats[key] * _expand(scale, stats[key]) for stats, scale in scaled)
+        counts = [stats["count"] * scale[:, None] for stats, scale in scaled]  # weighted tokens per expert
+        n = sum(counts).clamp(min=1e-300)[..., None]
+        mean = sum(c[..., None] * stats["out_mean"] for c, (stats, _) in zip(counts, scaled)) / n
+        tensors["out_mean"] = mean
+        tensors["out_var"] = sum(c[..., None] * (stats["out_var"] + (stats["out_mean"] - mean).square())
+                                 for c, (stats, _) in zip(counts, scaled)) / n
+        mixed = [dict(calibration=stats.meta.get("calibration"), path=stats.path, share=w,
+                      tokens=stats.meta.get("tokens")) for (stats, _), w in zip(pairs, shares)]
+        meta = dict(first.meta, tokens=int(round(float(total[0]))), mix=mixed,
+                    calibration=[m["calibration"] for m in mixed if m["share"] > 0])
+        meta.pop("stats_sha256", None)
+        return ExpertStats(tensors, meta)
+
     # ---- disk --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: a temporary directory beside `path`, renamed into place."""
@@ -183,7 +228,7 @@ class ExpertStats:
             if meta.get(key) != value:
                 raise StatsError(f"{path} does not match: its {key} is {meta.get(key)!r}, expected {value!r} "
                                  f"(stats made for model {meta.get('model')!r}).")
-        return cls(tensors, meta)
+        return cls(tensors, meta, str(path))
 
 
 # name → (what it is, how to compute it as (L, E)); the app and the CLI show these.
@@ -234,6 +279,11 @@ def _sha256(file: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _expand(scale: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """A per-layer factor (L,) shaped to multiply `tensor` (L, …)."""
+    return scale.reshape(-1, *([1] * (tensor.dim() - 1)))
 
 
 def _as_list(spec) -> list:

@@ -1,7 +1,8 @@
 """The dashboard as a person uses it, in a real headless Chromium: every page opens without an
 error; calibrate in the backend; on the Prune page a click on a plan cell prunes or keeps that
 expert and a second click undoes it, a box flips several, the ratio curve marks the slider;
-evaluate, recover, then compare."""
+evaluate, export (the kind named beside the button, the card with the evaluation), recover, then
+compare."""
 
 import os
 import shutil
@@ -168,6 +169,15 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     page.get_by_text("Evaluated as run").wait_for(timeout=300_000)
     _no_error(page)
     page.screenshot(path=str(tmp_path / "prune.png"), full_page=True)
+
+    page.get_by_text("Exports as expert substitution").wait_for(timeout=30_000)  # MoNE's novices, named first
+    page.get_by_role("button", name="Export checkpoint").click()
+    done = page.get_by_text("Exported to")
+    done.wait_for(timeout=300_000)
+    out = Path(done.inner_text().split("Exported to ")[1].split(" as a ")[0])
+    assert out.name == "demo-mone-novice-25pct" and "expert_substitution" in (out / "config.json").read_text()
+    assert "Evaluated in place" in (out / "README.md").read_text()  # the card has the run just evaluated
+    _no_error(page)
 
     minutes = page.get_by_label("Minutes")  # recover the evaluated run, briefly
     minutes.fill("0.5")

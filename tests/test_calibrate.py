@@ -238,3 +238,53 @@ def test_an_offloaded_model_gives_the_same_stats_and_fingerprint():
         torch.testing.assert_close(stats[name], whole[name])
     # accelerate's wrapper stayed in place throughout, and its inner forward is back
     assert vars(experts)["forward"] is wrapper and vars(experts)["_old_forward"] is inner
+
+
+def _sources(model, config, tokens, splits):
+    adapter = get_adapter(model)
+    meta = model_meta(model, adapter, "fp")
+    return [ExpertStats.from_sums(observe(model, adapter, tokens[a:b], config), meta) for a, b in splits]
+
+
+def _relative(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-300)).item()
+
+
+def test_a_mix_at_token_shares_equals_one_calibration_over_every_source():
+    """Two sources (8 and 16 sequences), mixed at 1:2, are the statistics of one pass over all
+    24 sequences: every tensor, float64, to 1e-9; at share 1, a source's own statistics."""
+    model = tiny_model("qwen2_moe")
+    config = CalibConfig(data="random", num_samples=24, seq_len=16, batch_size=8, probe_tokens=0)
+    tokens = sample_sequences("random", 24, 16, seed=3, vocab_size=128)
+    whole, a, b = _sources(model, config, tokens, [(0, 24), (0, 8), (8, 24)])
+    mixed = ExpertStats.mix({a: 1, b: 2})
+    assert mixed.meta["tokens"] == whole.meta["tokens"] == 24 * 16
+    assert set(mixed.tensors) == set(whole.tensors)
+    for name in whole.tensors:
+        assert whole[name].dtype == mixed[name].dtype == torch.float64
+        assert _relative(mixed[name], whole[name]) < 1e-9, name
+    assert [m["share"] for m in mixed.meta["mix"]] == pytest.approx([1 / 3, 2 / 3])
+    for alone in (ExpertStats.mix({b: 1, a: 0}), ExpertStats.mix([(b, 3.0)])):
+        for name in b.tensors:
+            assert _relative(alone[name], b[name]) < 1e-12, name
+    equal = ExpertStats.mix({a: 1, ExpertStats(dict(a.tensors), dict(a.meta)): 1})  # equal counts, equal shares
+    for name, merged in a.merge(a).tensors.items():
+        assert _relative(equal[name], merged) < 1e-12, name
+
+
+def test_a_mix_scales_the_probe_sums_and_refuses_what_cannot_mix():
+    model = tiny_model("olmoe")
+    config = CalibConfig(data="random", num_samples=8, seq_len=16, batch_size=4, probe_tokens=16)
+    tokens = sample_sequences("random", 8, 16, seed=1, vocab_size=128)
+    a, b = _sources(model, config, tokens, [(0, 4), (4, 8)])
+    mixed = ExpertStats.mix({a: 3, b: 1})  # a's tokens weigh 1, b's 1/3
+    torch.testing.assert_close(mixed["probe_out_sum"], a["probe_out_sum"] + b["probe_out_sum"] / 3, rtol=1e-12, atol=0)
+    torch.testing.assert_close(mixed.probe_similarity, (a["probe_sim_sum"] + b["probe_sim_sum"] / 3)
+                               / (a["probe_tokens"] + b["probe_tokens"] / 3)[:, None, None], rtol=1e-12, atol=0)
+    other = _sources(tiny_model("olmoe", seed=1), config, tokens, [(0, 4)])[0]
+    other.meta["model_fingerprint"] = "another"
+    with pytest.raises(StatsError, match="different models or layouts \\(model_fingerprint differs"):
+        ExpertStats.mix({a: 1, other: 1})
+    for weights in ({a: -1, b: 2}, {a: 0, b: 0}):
+        with pytest.raises(StatsError, match="non-negative and not all zero"):
+            ExpertStats.mix(weights)
