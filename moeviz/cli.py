@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="collect per-expert statistics (cached); prints the stats directory")
     _model_args(cal)
     cal.add_argument("--data", default="demo",
-                     help="demo, demo:DOMAIN[,DOMAIN], a .txt/.jsonl file, a dataset name (c4, wikitext2…) or random")
+                     help="demo, demo:DOMAIN[,DOMAIN], a .txt/.jsonl file, a dataset name (c4, wikitext2…) or random; "
+                          "several sources as NAME=SOURCE,NAME=SOURCE (or demo:each, one per demo domain): the "
+                          "model loads once and each source gets its own cache entry (one line each on stdout)")
     cal.add_argument("--samples", type=_positive, default=64, help="calibration sequences")
     cal.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence")
     cal.add_argument("--batch-size", type=_positive, default=8)
@@ -75,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(func=_calibrate)
 
     plan = sub.add_parser("plan", help="make a pruning plan (JSON) from cached stats")
-    plan.add_argument("--stats", required=True, help="a stats directory (what calibrate printed)")
+    plan.add_argument("--stats", required=True, help="a stats directory (what calibrate printed), or several, "
+                      "comma-separated, mixed at --mix")
+    plan.add_argument("--mix", help="with several --stats (comma-separated): each source's share of the tokens, "
+                     "e.g. 3,1 (normalised; default even)")
     plan.add_argument("--method", required=True, help="cprune, ean, frequency, gate_frequency, moe_pruner, mone, random, reap, soft_usage")
     plan.add_argument("--ratio", type=float, default=0.25,
                       help="fraction pruned: of routed experts; for moe_pruner, of every expert row's weights")
@@ -101,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--model", default="demo", help="'demo', a local checkpoint path or a hub id (its files are read, "
                        "the model is never loaded)")
     prune.add_argument("--plan", help="the plan to export (or --sequential)")
-    prune.add_argument("--stats", help="the stats directory (needed for novices, merges, weight sparsity)")
+    prune.add_argument("--stats", help="the stats directory (needed for novices, merges, weight sparsity; by "
+                       "default the plan's own calibration or mix)")
+    prune.add_argument("--mix", help="with several --stats (comma-separated): each source's share of the tokens, "
+                     "e.g. 3,1 (normalised; default even)")
     prune.add_argument("--sequential", action="store_true",
                        help="MoE-Pruner, layer by layer: each layer scored on the outputs of the pruned layers "
                             "before it (needs --data, --ratio or --nm; no --plan)")
@@ -122,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(ev)
     ev.add_argument("--reference", help="the original model, for KL, top-1 agreement and savings")
     ev.add_argument("--plan", help="evaluate this plan applied to --model, against --model itself")
-    ev.add_argument("--stats", help="the plan's stats directory (novices, merges, weight sparsity)")
+    ev.add_argument("--stats", help="the plan's stats directory (novices, merges, weight sparsity; by default the "
+                    "plan's own calibration or mix)")
+    ev.add_argument("--mix", help="with several --stats (comma-separated): each source's share of the tokens, "
+                     "e.g. 3,1 (normalised; default even)")
     ev.add_argument("--runs", help="also store the report as a run in this SQLite file")
     ev.add_argument("--out", help="write the report as JSON here")
     ev.add_argument("--json", action="store_true", help="print the full report as JSON (default: a summary)")
@@ -157,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="plan, apply, evaluate and store every method × ratio")
     _model_args(sw)
     _eval_args(sw)
-    sw.add_argument("--stats", required=True, help="the stats directory of this model")
+    sw.add_argument("--stats", required=True, help="the stats directory of this model, or several, comma-separated, "
+                    "mixed at --mix")
+    sw.add_argument("--mix", help="with several --stats (comma-separated): each source's share of the tokens, "
+                     "e.g. 3,1 (normalised; default even)")
     sw.add_argument("--methods", default="mone,mone:remove,cprune,reap,frequency,random",
                     help="comma-separated; method:mode overrides a mode, e.g. mone:remove")
     sw.add_argument("--ratios", default="0.25,0.5")
@@ -305,12 +319,23 @@ def _trace(args) -> int:
 
 
 def _plan_and_stats(args):
-    """The plan of `--plan` and the stats of `--stats`, each None when not given."""
+    """The plan of `--plan` and its stats (`--stats`/`--mix`, or what the plan records), each
+    None when there is none."""
     from .plan import PruningPlan
-    from .stats import ExpertStats
 
     plan = PruningPlan.load(args.plan) if args.plan else None
-    return plan, ExpertStats.load(args.stats) if plan is not None and args.stats else None
+    return plan, _stats_of(args, plan) if plan is not None else None
+
+
+def _stats_of(args, plan=None):
+    """`--stats` (mixed at `--mix`), or the calibration the plan records, or None."""
+    from .stats import load_stats, plan_stats
+
+    if args.stats:
+        return load_stats(args.stats, getattr(args, "mix", None))
+    if getattr(args, "mix", None):
+        raise ValueError("--mix needs --stats with the sources it mixes.")
+    return plan_stats(plan) if plan is not None else None
 
 
 def _serve(args) -> int:
@@ -322,14 +347,16 @@ def _serve(args) -> int:
 
 
 def _calibrate(args) -> int:
+    from dataclasses import replace
+
     from .calibrate import CalibConfig, cache_path, calibrate
-    from .data import parse_source
+    from .data import parse_sources
     from .loading import load_model, load_skeleton, load_tokenizer
 
-    parse_source(args.data)  # a bad source fails before the model loads
+    sources = parse_sources(args.data)  # a bad source fails before the model loads
     rank, device = _start_data_parallel(args.device)  # under torchrun: one shard per process
     config = CalibConfig(
-        data=args.data, num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
+        data=sources[0][1], num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
         seed=args.seed, probe_tokens=0 if args.no_probes else args.probe_tokens, cache_dir=args.cache_dir,
         layer_by_layer=args.layer_by_layer or bool(args.sequential_sparsity), device=device,
         sequential_sparsity=args.sequential_sparsity,
@@ -337,17 +364,22 @@ def _calibrate(args) -> int:
     if config.layer_by_layer:  # a skeleton; each decoder layer is read when its turn comes
         model = load_skeleton(args.model, args.trust_remote_code, with_files=True)
         tokenizer = load_tokenizer(model._moeviz_source, args.trust_remote_code)
-    else:
+    else:  # loaded once for every source
         model, tokenizer = load_model(args.model, device=device, dtype=args.dtype,
                                       trust_remote_code=args.trust_remote_code, offload=args.offload)
-
-    cached = cache_path(model, config).exists()
-    with _progress_bar("calibrating", "layer" if config.layer_by_layer else "seq", rank != 0 or cached) as progress:
-        stats, path = calibrate(model, config, tokenizer, progress=progress)
-    if rank == 0:
-        print(f"{'cached: ' if cached else ''}{stats.meta['tokens']} tokens, {stats.num_layers} MoE layers × "
-              f"{stats.num_experts} experts", file=sys.stderr)
-        print(path)
+    for label, source in sources:  # one cache entry per source, each reusable alone
+        config = replace(config, data=source)
+        cached = cache_path(model, config).exists()
+        desc = "calibrating" if len(sources) == 1 else f"calibrating {label}"
+        with _progress_bar(desc, "layer" if config.layer_by_layer else "seq", rank != 0 or cached) as progress:
+            stats, path = calibrate(model, config, tokenizer, progress=progress)
+        if rank == 0:
+            print(f"{label + ': ' if len(sources) > 1 else ''}{'cached: ' if cached else ''}{stats.meta['tokens']} "
+                  f"tokens, {stats.num_layers} MoE layers × {stats.num_experts} experts", file=sys.stderr)
+            print(path)
+    if rank == 0 and len(sources) > 1:
+        print("mix them with: moeviz plan --stats " + ",".join("DIR" for _ in sources) + " --mix "
+              + ",".join("1" for _ in sources) + " …", file=sys.stderr)
     return 0
 
 
@@ -385,9 +417,8 @@ def _start_data_parallel(device: str) -> tuple[int, str]:
 def _plan(args) -> int:
     from .export import export_kind
     from .methods import PlanConfig, make_plan
-    from .stats import ExpertStats
 
-    stats = ExpertStats.load(args.stats)
+    stats = _stats_of(args)
     nm = tuple(int(x) for x in args.nm.split(":")) if args.nm else None
     config = PlanConfig(args.method, args.ratio, args.scope, args.mode, args.seed, nm, args.features, args.linkage,
                         args.representative, args.counts)
@@ -419,13 +450,12 @@ def _weight_features(model_name, stats):
 def _prune(args) -> int:
     from .export import export_kind, export_plan
     from .plan import PruningPlan
-    from .stats import ExpertStats
 
     if args.sequential:
         plan, stats = _sequential_plan(args)
     elif args.plan:
         plan = PruningPlan.load(args.plan)
-        stats = ExpertStats.load(args.stats) if args.stats else None
+        stats = _stats_of(args, plan)
     else:
         raise ValueError("Give --plan, or --sequential for MoE-Pruner layer by layer.")
     runs = args.runs or ("cache/runs.sqlite" if Path("cache/runs.sqlite").is_file() else None)
@@ -578,10 +608,9 @@ def _sweep(args) -> int:
 
     from .loading import load_model
     from .runs import RunStore
-    from .stats import ExpertStats
     from .sweep import paper_table, sweep
 
-    stats = ExpertStats.load(args.stats)
+    stats = _stats_of(args)
     methods, ratios = _sweep_grid(args.methods, args.ratios)  # every argument checked before any work
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
                                   trust_remote_code=args.trust_remote_code)

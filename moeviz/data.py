@@ -67,6 +67,36 @@ def parse_source(spec: str | TextSource) -> TextSource:
     return TextSource("dataset", name, config or None)
 
 
+def parse_sources(spec: str) -> list[tuple[str, str]]:
+    """Several calibration sources in one string, as (name, source) pairs:
+    `NAME=SOURCE,NAME=SOURCE` (a part without `=` continues the source before it, so
+    `a=demo:arithmetic,code` is one source of two domains), `demo:each` (one source per demo
+    domain), or one plain source (named by itself). Every source is parsed (checked) here."""
+    spec = str(spec).strip()
+    if spec == "demo:each":
+        from .demo.corpus import DOMAINS
+
+        pairs = [(d, f"demo:{d}") for d in DOMAINS]
+    elif "=" in spec:
+        pairs = []
+        for part in spec.split(","):
+            if "=" in part:
+                name, _, source = part.partition("=")
+                pairs.append((name.strip(), source.strip()))
+            elif pairs:
+                pairs[-1] = (pairs[-1][0], f"{pairs[-1][1]},{part.strip()}")
+            else:
+                raise ValueError(f"{spec!r}: a source list reads NAME=SOURCE,NAME=SOURCE,…")
+    else:
+        pairs = [(spec, spec)]
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"{spec!r}: every source needs its own non-empty name.")
+    for _, source in pairs:
+        parse_source(source)
+    return pairs
+
+
 def load_texts(source: str | TextSource, n: int, seed: int = 0, split: str = "train") -> list[str]:
     """Up to `n` documents of a source. `split` is `train` or `heldout` (`validation` for datasets)."""
     src = parse_source(source)

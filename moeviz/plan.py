@@ -35,11 +35,12 @@ class PruningPlan:
     scope: str = "layer"
     mode: str = "remove"
     model: dict = field(default_factory=dict)  # fingerprint, architecture, layer_indices, num_experts, top_k, group_count
-    calibration: str | None = None  # the stats directory the plan was made from
+    calibration: str | None = None  # the stats directory the plan was made from (or a mix's, comma-separated)
     pruned: dict[int, list[int]] = field(default_factory=dict)  # decoder layer → experts
     merge_into: dict[int, dict[int, int]] = field(default_factory=dict)  # layer → {pruned: survivor}
     sparsity: float = 0.0  # fraction of weights zeroed in every row of every kept expert
     nm: tuple[int, int] | None = None  # n:m semi-structured sparsity instead, e.g. (2, 4)
+    mix: list[dict] | None = None  # a mix of calibrations: [{"path", "share", "calibration", "tokens"}, …]
 
     def __post_init__(self):
         self.pruned = {int(k): sorted(int(e) for e in v) for k, v in self.pruned.items()}

@@ -120,6 +120,8 @@ def plan_digest(plan) -> str:
     what = dict(mode=plan.mode, pruned=plan.pruned, merge_into=plan.merge_into, sparsity=plan.sparsity, nm=plan.nm)
     if plan.mode in ("novice", "merge") or plan.sparsity or plan.nm:
         what["calibration"] = plan.calibration
+        if plan.mix:
+            what["mix"] = [(m["path"], round(m["share"], 12)) for m in plan.mix]
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

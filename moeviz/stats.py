@@ -231,6 +231,33 @@ class ExpertStats:
         return cls(tensors, meta, str(path))
 
 
+def load_stats(paths: str | list[str], mix: str | list[float] | None = None) -> ExpertStats:
+    """One stats directory, or a mix of several (`"A,B"`) at the shares `mix` (`"3,1"`; even
+    shares when not given): the `--stats`/`--mix` of the command line. A share count that does
+    not match the sources, or a share that is not a number, is refused in one line."""
+    paths = [p.strip() for p in paths.split(",") if p.strip()] if isinstance(paths, str) else list(paths)
+    if isinstance(mix, str):
+        try:
+            mix = [float(w) for w in mix.split(",") if w.strip()]
+        except ValueError:
+            raise StatsError(f"--mix takes numbers separated by commas (one share per source), got {mix!r}.") from None
+    if mix is not None and len(mix) != len(paths):
+        raise StatsError(f"--mix gives {len(mix)} shares for {len(paths)} stats directories: give one share per source.")
+    if len(paths) == 1 and mix is None:
+        return ExpertStats.load(paths[0])
+    return ExpertStats.mix([(ExpertStats.load(p), w) for p, w in zip(paths, mix or [1.0] * len(paths))])
+
+
+def plan_stats(plan) -> ExpertStats | None:
+    """The statistics a plan was made from, from what it records: its mix of calibrations at its
+    shares, or its one calibration directory; None when it records neither."""
+    if plan.mix:
+        return ExpertStats.mix([(ExpertStats.load(m["path"]), m["share"]) for m in plan.mix])
+    if plan.calibration and Path(plan.calibration).is_dir():
+        return ExpertStats.load(plan.calibration)
+    return None
+
+
 # name → (what it is, how to compute it as (L, E)); the app and the CLI show these.
 VIEWS = {
     "frequency": ("share of tokens routed to the expert (count / tokens)", lambda s: s.frequency),

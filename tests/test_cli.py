@@ -165,3 +165,34 @@ def test_sweep_checks_every_argument_before_any_work(args, message, tmp_path, ca
                                                           cache_dir=tmp_path))
     assert main(["sweep", "--model", "./not/loaded", "--stats", str(path), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_plans_from_a_mix_of_calibrations(tiny_dir, tmp_path, capsys):
+    """--stats A,B --mix 1,0 is the plan of A alone; a mix is recorded in the plan and used by
+    prune without --stats; bad mixes are one line each."""
+    from moeviz.calibrate import CalibConfig, calibrate
+    from moeviz.plan import PruningPlan
+
+    model = tiny_model("olmoe")
+    a, b = (str(calibrate(model, CalibConfig(data="random", num_samples=4, seq_len=16, seed=seed,
+                                            cache_dir=tmp_path / "cache"))[1]) for seed in (0, 1))
+    plans = {}
+    for name, args in (("a", ["--stats", a]), ("a10", ["--stats", f"{a},{b}", "--mix", "1,0"]),
+                       ("b", ["--stats", b]), ("even", ["--stats", f"{a},{b}"])):
+        assert main(["plan", *args, "--method", "reap", "--ratio", "0.5", "--out", str(tmp_path / f"{name}.json")]) == 0
+        plans[name] = PruningPlan.load(tmp_path / f"{name}.json")
+    assert plans["a10"].pruned == plans["a"].pruned != plans["b"].pruned
+    assert [m["share"] for m in plans["even"].mix] == [0.5, 0.5] and plans["even"].mix[1]["path"] == b
+    capsys.readouterr()
+    assert main(["plan", "--stats", f"{a},{b}", "--mix", "1,0", "--method", "mone", "--out",
+                 str(tmp_path / "mone.json")]) == 0
+    assert main(["prune", "--model", str(tiny_dir), "--plan", str(tmp_path / "mone.json"),  # its mix, recorded
+                 "--out", str(tmp_path / "pruned")]) == 0
+    capsys.readouterr()
+    for mix, message in (("1,-1", "non-negative and not all zero"), ("0,0", "non-negative and not all zero"),
+                         ("1", "gives 1 shares for 2 stats directories"), ("1,x", "numbers separated by commas")):
+        assert main(["plan", "--stats", f"{a},{b}", "--mix", mix, "--method", "reap", "--out",
+                     str(tmp_path / "bad.json")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "bad.json").exists()

@@ -88,6 +88,7 @@ def make_plan(stats: ExpertStats, config: PlanConfig, weights=None, calibration:
     if plan.mode == "merge" and not plan.merge_into:
         raise PlanError(f"{config.method} has no merge targets; merge works with cprune.")
     plan.calibration = calibration
+    plan.mix = stats.meta.get("mix")
     plan.validate()
     return plan
 
