@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="demo", help="held-out text for perplexity and fidelity")
+    p.add_argument("--data", help="held-out text for perplexity and fidelity (default: demo; for a plan made "
+                                  "from a mix, each of its sources, reported one by one); several as NAME=SOURCE,…")
     p.add_argument("--samples", type=_positive, default=128, help="held-out sequences")
     p.add_argument("--seq-len", type=_positive, default=128)
     p.add_argument("--batch-size", type=_positive, default=8)
@@ -248,7 +249,7 @@ def _eval_config(args):
 
     is_demo = shipped(args.model) or shipped(getattr(args, "reference", None) or "")  # or an export of one
     demo = args.tasks == "demo" or "demo" in names or (args.tasks == "auto" and is_demo)
-    return EvalConfig(data=args.data, num_samples=args.samples, seq_len=args.seq_len,
+    return EvalConfig(data=args.data or "demo", num_samples=args.samples, seq_len=args.seq_len,
                       batch_size=args.batch_size, demo_tasks=demo, task_examples=args.task_examples,
                       lm_eval_tasks=tuple(n for n in names if n != "demo"), throughput=args.throughput)
 
@@ -506,6 +507,12 @@ def _evaluate(args) -> int:
     if args.plan and args.reference:
         raise ValueError("Give --plan (evaluated in place against --model) or --reference, not both.")
     plan, stats = _plan_and_stats(args)
+    if args.data is None and plan is not None and plan.mix:  # each source the plan was calibrated on
+        from dataclasses import replace
+
+        from .data import mix_sources
+
+        config = replace(config, data=mix_sources(plan.mix))
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
                                   trust_remote_code=args.trust_remote_code)
 
@@ -554,7 +561,7 @@ def _distill(args) -> int:
     eval_config = _eval_config(argparse.Namespace(**{**vars(args), "reference": teacher_name}))
     teacher, tokenizer = load_model(teacher_name, device=args.device, dtype=args.dtype,
                                     trust_remote_code=args.trust_remote_code)
-    tokens = sample_sequences(args.data, args.train_samples, args.seq_len, tokenizer, args.seed, split="train",
+    tokens = sample_sequences(eval_config.data, args.train_samples, args.seq_len, tokenizer, args.seed, split="train",
                               vocab_size=teacher.config.vocab_size)
     with tqdm(total=config.steps, unit="step", desc="distilling", file=sys.stderr, mininterval=1.0) as bar:
         def progress(step, steps, row):
@@ -600,6 +607,12 @@ def _summary(report: dict) -> str:
     tasks = [f"{k.removeprefix('task_')} {v:.2f}" for k, v in report.items() if k.startswith("task_") and k != "task_mean"]
     if tasks:
         lines.append(f"{'tasks':>15}: " + ", ".join(tasks))
+    for name, entry in (report.get("sources") or {}).items():
+        parts = [f"perplexity {entry['perplexity']:.4g} ± {entry['perplexity_se']:.2g}"]
+        parts += [f"{k} {entry[k]:.3g}" for k in ("kl", "top1_agreement") if k in entry]
+        if "task" in entry:
+            parts.append(f"task {entry['task']:.2f} ± {entry['task_se']:.2f}")
+        lines.append(f"{name:>15}: " + ", ".join(parts))
     return "\n".join(lines)
 
 

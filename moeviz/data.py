@@ -97,6 +97,19 @@ def parse_sources(spec: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def mix_sources(mix: list[dict]) -> str:
+    """The held-out sources of a mix (a plan's or a stats' `mix`), as one NAME=SOURCE,… string:
+    each named by its demo domain, or by its position."""
+    names, parts = set(), []
+    for i, entry in enumerate(mix):
+        source = (entry.get("calibration") or {}).get("data", "demo")
+        name = source.removeprefix("demo:") if source.startswith("demo:") and "," not in source else f"source{i + 1}"
+        name = name if name not in names else f"{name}{i + 1}"
+        names.add(name)
+        parts.append(f"{name}={source}")
+    return ",".join(parts)
+
+
 def load_texts(source: str | TextSource, n: int, seed: int = 0, split: str = "train") -> list[str]:
     """Up to `n` documents of a source. `split` is `train` or `heldout` (`validation` for datasets)."""
     src = parse_source(source)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from .loading import execution_device
-from .data import sample_sequences
+from .data import parse_sources, sample_sequences
 
 Progress = Callable[[str, int, int], None]  # (step, done, total)
 
@@ -68,42 +68,60 @@ def _perplexity_report(nll: torch.Tensor) -> dict:
     return dict(perplexity=ppl, perplexity_se=ppl * se)
 
 
-def _kl_agreement(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, int]:
-    """Σ KL(ref ‖ logits) over tokens and the count of equal top-1s, (B, L, V) one sequence at a time."""
-    kl = 0.0
+def _kl_agreement(logits: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence (B,): Σ KL(ref ‖ logits) over its tokens and its count of equal top-1s, (B, L, V)
+    one sequence at a time."""
+    kl = []
     for row, ref_row in zip(logits, ref):
         logp, ref_logp = F.log_softmax(row.float(), -1), F.log_softmax(ref_row.float(), -1)
-        kl += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
-    return kl, int((logits.argmax(-1) == ref.argmax(-1)).sum())
+        kl.append(F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item())
+    return torch.tensor(kl, dtype=torch.float64), (logits.argmax(-1) == ref.argmax(-1)).sum(-1).cpu()
+
+
+@torch.inference_mode()
+def _rows(model: PreTrainedModel, tokens: torch.Tensor, batch_size: int, reference: PreTrainedModel | None = None,
+          handle=None) -> dict[str, torch.Tensor]:
+    """Per sequence of (N, L): mean next-token NLL, and against a reference (another model, or
+    the weights without the plan of `applied`'s `handle`) Σ KL and top-1 matches. One batch at a
+    time: no stored logits."""
+    device = execution_device(model)
+    rows = dict(nll=[], kl=[], agree=[])
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start:start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        rows["nll"].append(_rows_nll(logits, batch))
+        ref = None
+        if handle is not None:
+            with handle.original():
+                ref = model(input_ids=batch, use_cache=False).logits
+        elif reference is not None:
+            ref = reference(input_ids=batch.to(execution_device(reference)), use_cache=False).logits.to(logits.device)
+        if ref is not None:
+            kl, agree = _kl_agreement(logits, ref)
+            rows["kl"].append(kl)
+            rows["agree"].append(agree)
+    return {k: torch.cat(v) for k, v in rows.items() if v}
+
+
+def _summary(rows: dict[str, torch.Tensor], seq_len: int, perplexity: bool = True) -> dict:
+    """Perplexity (with its standard error), mean KL per token and top-1 agreement of some rows."""
+    report = _perplexity_report(rows["nll"]) if perplexity else {}
+    if "kl" in rows:
+        n = len(rows["nll"]) * seq_len
+        report.update(kl=max(rows["kl"].sum().item() / n, 0.0), top1_agreement=rows["agree"].sum().item() / n)
+    return report
 
 
 def fidelity(model: PreTrainedModel, reference: PreTrainedModel, tokens: torch.Tensor,
              batch_size: int = 8) -> dict[str, float]:
     """Mean KL(reference ‖ model) of next-token distributions, and top-1 agreement."""
-    kl, agree = 0.0, 0
-    for (batch, logits), (_, ref) in zip(_logits(model, tokens, batch_size), _logits(reference, tokens, batch_size)):
-        k, a = _kl_agreement(logits, ref)
-        kl, agree = kl + k, agree + a
-    return dict(kl=max(kl / tokens.numel(), 0.0), top1_agreement=agree / tokens.numel())
+    return _summary(_rows(model, tokens, batch_size, reference), tokens.shape[1], perplexity=False)
 
 
-@torch.inference_mode()
 def plan_fidelity(handle, tokens: torch.Tensor, batch_size: int = 8) -> dict:
     """Perplexity, KL and top-1 agreement of a plan applied in place (`applied`'s handle),
     against the same weights without it, batch by batch: no second model, no stored logits."""
-    model = handle.model
-    device = execution_device(model)
-    nll, kl, agree = [], 0.0, 0
-    for start in range(0, len(tokens), batch_size):
-        batch = tokens[start:start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        with handle.original():
-            ref = model(input_ids=batch, use_cache=False).logits
-        nll.append(_rows_nll(logits, batch))
-        k, a = _kl_agreement(logits, ref)
-        kl, agree = kl + k, agree + a
-    return dict(_perplexity_report(torch.cat(nll)), kl=max(kl / tokens.numel(), 0.0),
-                top1_agreement=agree / tokens.numel())
+    return _summary(_rows(handle.model, tokens, batch_size, handle=handle), tokens.shape[1])
 
 
 def parameter_counts(model: PreTrainedModel) -> dict[str, int]:
@@ -190,31 +208,33 @@ def evaluate(model: PreTrainedModel, config: EvalConfig = EvalConfig(), tokenize
     place still holds every expert, so its speed says nothing about the pruned model's.
     """
     step = progress or (lambda name, done, total: None)
-    tokens = sample_sequences(config.data, config.num_samples, config.seq_len, tokenizer, config.seed,
-                              split="heldout", vocab_size=model.config.vocab_size)
+    sources = parse_sources(config.data)  # several: each reported on its own too
+    parts = [sample_sequences(source, config.num_samples, config.seq_len, tokenizer, config.seed, split="heldout",
+                              vocab_size=model.config.vocab_size) for _, source in sources]
+    tokens = torch.cat(parts)
     if plan is None:
-        return _evaluate_model(model, config, tokenizer, tokens, reference, step)
+        return _evaluate_model(model, config, tokenizer, tokens, reference, step, sources, parts)
     from .apply import applied
 
     base = parameter_counts(model)
     with applied(model, plan, stats, fingerprint) as handle:
         step("perplexity and fidelity", 0, 1)
-        report = dict(eval=asdict(config), **plan_fidelity(handle, tokens, config.batch_size))
+        rows = _rows(model, tokens, config.batch_size, handle=handle)
+        report = dict(eval=asdict(config), **_summary(rows, config.seq_len))
         report.update(plan_counts(handle))
         report["params_saved"] = 1 - report["params"] / base["params"]
         report["bytes_saved"] = 1 - report["bytes"] / base["bytes"]
         report.update(_tasks(model, config, tokenizer, step))
-    return report
+    return _per_source(report, rows, sources, parts, config.seq_len)
 
 
-def _evaluate_model(model, config, tokenizer, tokens, reference, step) -> dict:
+def _evaluate_model(model, config, tokenizer, tokens, reference, step, sources, parts) -> dict:
     report = dict(eval=asdict(config))
-    step("perplexity", 0, 1)
-    report.update(_perplexity_report(sequence_nll(model, tokens, config.batch_size)))
+    step("perplexity" if reference is None else "perplexity and fidelity", 0, 1)
+    rows = _rows(model, tokens, config.batch_size, reference)
+    report.update(_summary(rows, config.seq_len))
     report.update(parameter_counts(model))
     if reference is not None:
-        step("fidelity", 0, 1)
-        report.update(fidelity(model, reference, tokens, config.batch_size))
         ref_counts = parameter_counts(reference)
         report["params_saved"] = 1 - report["params"] / ref_counts["params"]
         report["bytes_saved"] = 1 - report["bytes"] / ref_counts["bytes"]
@@ -222,6 +242,23 @@ def _evaluate_model(model, config, tokenizer, tokens, reference, step) -> dict:
     if config.throughput:
         step("throughput", 0, 1)
         report["tokens_per_s"] = throughput(model, tokens, config.batch_size)
+    return _per_source(report, rows, sources, parts, config.seq_len)
+
+
+def _per_source(report: dict, rows: dict, sources: list[tuple[str, str]], parts: list, seq_len: int) -> dict:
+    """With several held-out sources, each one's perplexity (± SE), KL and top-1 under
+    report["sources"][name], and its demo task's accuracy (± SE) where it is one demo domain."""
+    if len(sources) < 2:
+        return report
+    report["sources"], start = {}, 0
+    for (name, source), part in zip(sources, parts):
+        piece = {k: v[start:start + len(part)] for k, v in rows.items()}
+        start += len(part)
+        entry = _summary(piece, seq_len)
+        domain = source.removeprefix("demo:") if source.startswith("demo:") else None
+        if domain and f"task_{domain}" in report:
+            entry.update(task=report[f"task_{domain}"], task_se=report.get("se", {}).get(f"task_{domain}"))
+        report["sources"][name] = entry
     return report
 
 

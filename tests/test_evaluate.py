@@ -157,3 +157,27 @@ def test_a_stored_evaluation_is_reused_only_for_the_same_plan_and_statistics():
     c = PruningPlan("frequency", 0.25, pruned={0: [1]}, calibration="cache/one-pass")
     d = PruningPlan("reap", 0.25, pruned={0: [1]}, calibration="cache/other")
     assert plan_digest(c) == plan_digest(d)  # removing the same experts is the same model
+
+
+def test_a_plan_is_evaluated_on_each_held_out_source_of_a_mix(tmp_path):
+    """Several held-out sources: the pooled metrics and each source's, with its demo task."""
+    from moeviz.loading import load_model
+    from moeviz.methods import PlanConfig, make_plan
+
+    model, tokenizer = load_model("demo", device="cpu")
+    stats, _ = calibrate(model, CalibConfig(data="demo", num_samples=8, seq_len=32, cache_dir=tmp_path), tokenizer)
+    plan = make_plan(stats, PlanConfig("mone", ratio=0.25))
+    config = EvalConfig(data="arithmetic=demo:arithmetic,code=demo:code", num_samples=6, seq_len=32,
+                        demo_tasks=True, task_examples=20)
+    report = evaluate(model, config, tokenizer, plan=plan, stats=stats)
+    assert set(report["sources"]) == {"arithmetic", "code"}
+    for name in ("arithmetic", "code"):
+        alone = evaluate(model, EvalConfig(data=f"demo:{name}", num_samples=6, seq_len=32), tokenizer, plan=plan,
+                         stats=stats)
+        entry = report["sources"][name]
+        for key in ("perplexity", "perplexity_se", "kl", "top1_agreement"):
+            assert entry[key] == pytest.approx(alone[key], rel=1e-5), (name, key)  # batched otherwise
+        assert entry["task"] == report[f"task_{name}"] and entry["task_se"] == report["se"][f"task_{name}"]
+    logs = [torch.log(torch.tensor(report["sources"][n]["perplexity"])) for n in ("arithmetic", "code")]
+    assert report["perplexity"] == pytest.approx(torch.exp(sum(logs) / 2).item(), rel=1e-6)  # equal sequence counts
+    assert report["kl"] == pytest.approx(sum(report["sources"][n]["kl"] for n in ("arithmetic", "code")) / 2)
