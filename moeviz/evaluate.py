@@ -315,3 +315,44 @@ def ratio_curve(model: PreTrainedModel, tokenizer, stats, methods: list[str], ra
             if progress is not None:
                 progress(f"{method} at {ratio:.0%}", done, total)
     return out
+
+
+def mix_tradeoff(model: PreTrainedModel, tokenizer, sources: dict[str, object], config, shares: list[float],
+                 data: dict[str, str], num_samples: int = 8, seq_len: int = 128, tasks: bool = False,
+                 task_examples: int = 50, fingerprint: str | None = None, progress: Progress | None = None) -> list[dict]:
+    """Each source's held-out quality as the calibration mix moves from all-A to all-B.
+
+    `sources` is {"A": stats, "B": stats} (two calibrations, or one against the mix of the
+    rest); `config` the `PlanConfig`; at each share s of A (B gets 1 - s) the plan of the mix
+    is applied in place and each held-out source in `data` ({name: source}) is compared with
+    the original: KL and top-1 (cheap) and, with `tasks`, the demo tasks' accuracies.
+    Returns one row per share: {"share", "pruned", "sources": {name: {"kl", "top1_agreement",
+    "perplexity"[, "task"]}}[, "tasks": {domain: accuracy}]}.
+    """
+    from .apply import applied
+    from .methods import make_plan
+    from .stats import ExpertStats
+
+    (name_a, a), (name_b, b) = sources.items()
+    held = {name: sample_sequences(src, num_samples, seq_len, tokenizer, 4321, split="heldout",
+                                   vocab_size=model.config.vocab_size) for name, src in data.items()}
+    rows = []
+    for i, share in enumerate(shares):
+        stats = ExpertStats.mix([(a, share), (b, 1 - share)])
+        plan = make_plan(stats, config)
+        row = dict(share=share, pruned={str(k): v for k, v in plan.pruned.items()}, sources={})
+        with applied(model, plan, stats, fingerprint) as handle:
+            for name, tokens in held.items():
+                row["sources"][name] = plan_fidelity(handle, tokens, batch_size=num_samples)
+            if tasks:
+                from .demo.tasks import task_accuracies
+
+                row["tasks"] = task_accuracies(model, tokenizer, n=task_examples)
+                for name, src in data.items():
+                    domain = src.removeprefix("demo:")
+                    if domain in row["tasks"]:
+                        row["sources"][name]["task"] = row["tasks"][domain]
+        rows.append(row)
+        if progress is not None:
+            progress(f"{name_a} {share:.0%} / {name_b} {1 - share:.0%}", i + 1, len(shares))
+    return rows
