@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.spatial.distance import squareform
-from scipy.stats import spearmanr
 
 from .adapters import Adapter
 from .stats import ExpertStats
@@ -139,6 +136,9 @@ def cluster_layer(sim: np.ndarray, n_clusters: int | None = None, threshold: flo
     distance `threshold` on 1 − similarity. Ward linkage treats √(2(1 − cos)) as a Euclidean
     distance between unit vectors, which it is.
     """
+    from scipy.cluster.hierarchy import fcluster, linkage  # scipy loads when clustering, not at import
+    from scipy.spatial.distance import squareform
+
     dist = np.clip(1.0 - sim, 0.0, 2.0)
     np.fill_diagonal(dist, 0.0)
     if method == "ward":
@@ -167,6 +167,9 @@ def silhouette_by_count(sim: np.ndarray, counts, method: str = "average") -> dic
 
 def cluster_all_layers(features: np.ndarray, n_clusters: int, method: str = "ward") -> np.ndarray:
     """One clustering of every expert of every layer (C-Prune's global stage): labels (L, E)."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
     L, E = features.shape[:2]
     flat = np.asarray(features, dtype=np.float64).reshape(L * E, -1)
     flat = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
@@ -266,6 +269,8 @@ def pruned_overlap(a: dict[int, list[int]], b: dict[int, list[int]]) -> float:
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     """Mean over layers of Spearman's ρ between two (L, E) score arrays."""
+    from scipy.stats import spearmanr
+
     rhos = []
     for x, y in zip(np.asarray(a), np.asarray(b)):
         if np.ptp(x) == 0 or np.ptp(y) == 0:

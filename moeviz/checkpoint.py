@@ -15,13 +15,15 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .adapters import ExpertWeights
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _SAMPLE_ROWS, _SAMPLE_COLS = 8, 8  # per sampled tensor, for the fingerprint
 _SAMPLE_TENSORS = 256  # tensors whose values are sampled (every tensor's name and shape counts)
@@ -292,6 +294,8 @@ def fingerprint(source: str | os.PathLike | PreTrainedModel) -> str:
     moeviz from a directory is hashed from that directory; any other model (built in memory) is
     hashed as `save_pretrained` would write it.
     """
+    from transformers import PreTrainedModel  # here, not at import: it loads transformers' modeling code
+
     if isinstance(source, PreTrainedModel):
         origin = getattr(source, "_moeviz_source", None)
         if origin is None:
@@ -378,6 +382,8 @@ def skeleton(config, name: str = "") -> PreTrainedModel:
 
     Enough for the adapter to list layers, experts and shapes; not for running the model.
     """
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     model.name_or_path = name

@@ -15,9 +15,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress bars only
+    quiet_transformers()
     return_freed_memory()
     if not hasattr(args, "func"):
         parser.print_help()
@@ -28,6 +26,19 @@ def main(argv: list[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # a KeyError's str() is quoted
         print(f"moeviz: error: {message}", file=sys.stderr)
         return 2
+
+
+def quiet_transformers() -> None:
+    """No progress bars of transformers' own (ours only), without importing it: it loads only
+    when a command needs it, and reads the environment then."""
+    import os
+
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
 def return_freed_memory() -> None:
@@ -716,10 +727,10 @@ def _stability(args) -> int:
 def _runs(args) -> int:
     import json
 
-    from .runs import RunStore, delta_table
-
     if not Path(args.runs).exists():
         raise FileNotFoundError(f"No runs stored in {args.runs} yet.")
+    from .runs import RunStore, delta_table
+
     store = RunStore(args.runs)
     if args.delete is not None:
         run = store.get(args.delete)

@@ -101,7 +101,10 @@ class LayerObserver:
         """Keep a uniform sample of all tokens seen (reservoir by random keys)."""
         if self.probe_tokens <= 0:
             return
-        keys = torch.rand(hidden.shape[0], generator=self.generator).to(hidden.device)
+        keys = torch.rand(hidden.shape[0], generator=self.generator)  # on the CPU: the same sample on any device
+        if hidden.device.type == "cuda":  # a copy from pinned memory does not make the host wait for the GPU
+            keys = keys.pin_memory()
+        keys = keys.to(hidden.device, non_blocking=True)
         keys = torch.cat([self.probe_keys, keys])
         pool = torch.cat([self.probe_x, hidden.detach().float()])
         if keys.numel() > self.probe_tokens:
@@ -286,7 +289,8 @@ def _observed_experts(obs: LayerObserver, hidden, top_k_index, top_k_weights) ->
     token = order // k
     x = hidden.index_select(0, token)  # (S, H)
     gates = top_k_weights.reshape(-1).index_select(0, order)  # (S,)
-    counts = torch.bincount(flat, minlength=layer.num_experts)
+    # Not `bincount`: on a GPU its output size depends on the data, so the host would wait for it.
+    counts = flat.new_zeros(layer.num_experts).index_add_(0, flat, torch.ones_like(flat))  # (E,)
     mid, out = layer.experts_forward_sorted(x, expert_ids, counts)
     weighted = out.float() * gates.float()[:, None]
     combined = torch.zeros(T, out.shape[1], device=out.device).index_add_(0, token, weighted)
