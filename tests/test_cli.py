@@ -79,8 +79,13 @@ def test_plan_and_prune_commands(tiny_dir, tmp_path, capsys):
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
     assert "expert_substitution" in config["compression_config"]["transform_config"]
     assert (tmp_path / "pruned" / "README.md").read_text().startswith("---\n")
-    # novices need the stats; an impossible ratio is one line
-    assert main(["prune", "--model", str(tiny_dir), "--plan", str(plan), "--out", str(tmp_path / "p2")]) == 2
+    # without --stats, the calibration the plan records; novices need stats; an impossible ratio is one line
+    assert main(["prune", "--model", str(tiny_dir), "--plan", str(plan), "--out", str(tmp_path / "p2")]) == 0
+    unknown = json.loads(plan.read_text()) | {"calibration": None}
+    (tmp_path / "unknown.json").write_text(json.dumps(unknown))
+    capsys.readouterr()
+    assert main(["prune", "--model", str(tiny_dir), "--plan", str(tmp_path / "unknown.json"), "--out",
+                 str(tmp_path / "p3")]) == 2
     assert "needs its ExpertStats" in capsys.readouterr().err
     assert main(["plan", "--stats", stats_dir, "--method", "cprune", "--features", "weights", "--model", str(tiny_dir),
                  "--out", str(tmp_path / "cw.json")]) == 0  # the weights read from the files, layer by layer
