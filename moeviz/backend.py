@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-JOB_KINDS = ("calibrate", "evaluate", "export", "recover", "stability", "similarity", "curve", "trace")
+JOB_KINDS = ("calibrate", "evaluate", "export", "recover", "stability", "similarity", "curve", "trace", "tradeoff")
 
 
 # ---- the server (runs in the backend process) ---------------------------------------------

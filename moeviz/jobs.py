@@ -8,11 +8,17 @@ from pathlib import Path
 
 
 def calibrate(server, progress, **config) -> dict:
-    """Calibrate (or find cached) stats: {"path", "cached"}. `config` holds CalibConfig's fields."""
+    """Calibrate (or find cached) stats: {"path", "cached", "tokens", "paths"}. `config` holds
+    CalibConfig's fields; its `data` may name several sources (`NAME=SOURCE,…`, `demo:each`):
+    each gets its own cache entry, under one progress bar."""
+    from dataclasses import replace
+
     from .calibrate import CalibConfig, cache_path
     from .calibrate import calibrate as run
+    from .data import parse_sources
 
-    config = CalibConfig(**{"cache_dir": server.cache_dir, **config})
+    sources = parse_sources(config.get("data", "demo"))
+    config = CalibConfig(**{"cache_dir": server.cache_dir, **config, "data": sources[0][1]})
     if config.layer_by_layer:  # read layer by layer from the files, whether or not the model is loaded
         from .loading import load_skeleton, load_tokenizer
 
@@ -20,43 +26,63 @@ def calibrate(server, progress, **config) -> dict:
         tokenizer, fingerprint = load_tokenizer(model._moeviz_source), None
     else:
         model, tokenizer, fingerprint = server.loaded()
-    cached = cache_path(model, config, fingerprint).exists()
-    step = "calibrating, layer by layer" if config.layer_by_layer else "calibrating"
-    stats, path = run(model, config, tokenizer, progress=lambda done, total: progress(step, done, total))
-    return dict(path=str(path), cached=cached, tokens=stats.meta["tokens"])
+    paths, cached, tokens = [], [], 0
+    for i, (label, source) in enumerate(sources):
+        config = replace(config, data=source)
+        cached.append(cache_path(model, config, fingerprint).exists())
+        step = ("calibrating, layer by layer" if config.layer_by_layer else "calibrating") + (
+            f" {label} ({i + 1} of {len(sources)})" if len(sources) > 1 else "")
+        stats, path = run(model, config, tokenizer, progress=lambda done, total: progress(
+            step, i * total + done, len(sources) * total))
+        paths.append(str(path))
+        tokens += stats.meta["tokens"]
+    return dict(path=paths[-1], paths=paths, cached=all(cached), tokens=tokens)
 
 
-def evaluate(server, progress, plan: dict, stats: str | None, runs: str, **config) -> dict:
+def _stats(spec):
+    """A job's `stats`: a directory, or a mix as [[directory, share], …], or None."""
+    from .stats import ExpertStats
+
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        return ExpertStats.load(spec)
+    return ExpertStats.mix([(ExpertStats.load(path), share) for path, share in spec])
+
+
+def _label(spec) -> str | None:
+    """How runs name a job's calibration: the directory, or the mix's directories."""
+    return spec if spec is None or isinstance(spec, str) else ",".join(path for path, _ in spec)
+
+
+def evaluate(server, progress, plan: dict, stats: str | list | None, runs: str, **config) -> dict:
     """Evaluate `plan` (its JSON object) in place against the original; store it (and, once,
     the original as the baseline) in `runs`: {"run_id", "baseline_id"}."""
     from .evaluate import EvalConfig
     from .plan import PruningPlan
     from .runs import RunStore, store_evaluation
-    from .stats import ExpertStats
 
     model, tokenizer, fingerprint = server.loaded()
     plan = PruningPlan(**plan)
-    loaded = ExpertStats.load(stats) if stats else None
     config = EvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     return store_evaluation(RunStore(runs), model, tokenizer, config, server.model_name, fingerprint,
-                            plan, loaded, stats, progress)
+                            plan, _stats(stats), _label(stats), progress)
 
 
-def export(server, progress, plan: dict, stats: str | None, out: str, runs: str | None = None) -> dict:
+def export(server, progress, plan: dict, stats: str | list | None, out: str, runs: str | None = None) -> dict:
     """Write the pruned checkpoint, streamed from the original's files, with its model card (the
     plan's evaluation from `runs` when it holds one): {"path", "kind", "loaders"}."""
     from .export import export_plan
     from .loading import resolve_source
     from .plan import PruningPlan
-    from .stats import ExpertStats
 
-    loaded = ExpertStats.load(stats) if stats else None
+    loaded = _stats(stats)
     kind = export_plan(resolve_source(server.model_name), PruningPlan(**plan), loaded, out,
                        progress=lambda done, total: progress("writing", done, total), runs=runs)
     return dict(path=str(out), kind=kind.name, loaders=kind.loaders)
 
 
-def recover(server, progress, plan: dict, stats: str | None, runs: str, out: str, minutes: float,
+def recover(server, progress, plan: dict, stats: str | list | None, runs: str, out: str, minutes: float,
             lr: float = 1e-4, train_samples: int = 1024, **config) -> dict:
     """Export `plan` to `out`/pruned, distil it from the loaded original for `minutes` into
     `out`/recovered, evaluate it and store it beside the plan's own run:
@@ -68,11 +94,10 @@ def recover(server, progress, plan: dict, stats: str | None, runs: str, out: str
     from .plan import PruningPlan
     from .recover import DistillConfig, recover_checkpoint
     from .runs import RunStore, store_recovery
-    from .stats import ExpertStats
 
     model, tokenizer, fingerprint = server.loaded()
     plan = PruningPlan(**plan)
-    loaded = ExpertStats.load(stats) if stats else None
+    loaded = _stats(stats)
     config = EvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     out = Path(out)
     export_plan(resolve_source(server.model_name), plan, loaded, out / "pruned",
@@ -85,7 +110,7 @@ def recover(server, progress, plan: dict, stats: str | None, runs: str, out: str
                                              f"distilling, step {step}, loss {row['loss']:.3f}",
                                              round(row["seconds"]), round(minutes * 60)))
     ids = store_recovery(RunStore(runs), student, model, tokenizer, config, server.model_name, fingerprint, plan,
-                         loaded, stats, report, progress)
+                         loaded, _label(stats), report, progress)
     return dict(ids, checkpoint=report["checkpoint"])
 
 
@@ -135,28 +160,27 @@ def similarity(server, progress, space: str, out: str) -> dict:
     return dict(out=str(out))
 
 
-def curve(server, progress, stats: str, methods: list[str], ratios: list[float], out: str, mode: str | None = None,
+def curve(server, progress, stats: str | list, methods: list[str], ratios: list[float], out: str, mode: str | None = None,
           scope: str = "layer", num_samples: int = 8, seq_len: int = 128, data: str | None = None) -> dict:
     """A quick fidelity estimate (KL, top-1 agreement) of each method at each ratio, on a small
     held-out batch, every plan applied in place; written to `out` (JSON {method: rows})."""
     import json
 
     from .evaluate import ratio_curve
-    from .stats import ExpertStats
 
     model, tokenizer, fingerprint = server.loaded()
-    loaded = ExpertStats.load(stats)
-    data = data or (loaded.meta.get("calibration") or {}).get("data", "demo")
+    loaded = _stats(stats)
+    calibration = loaded.meta.get("calibration") or {}
+    data = data or (calibration[0] if isinstance(calibration, list) else calibration).get("data", "demo")
     result = ratio_curve(model, tokenizer, loaded, methods, ratios, mode, scope, data, num_samples, seq_len,
                          fingerprint, progress)
     _write(out, lambda tmp: tmp.write_text(json.dumps(result)))
     return dict(out=str(out))
 
 
-def trace(server, progress, text: str, plan: dict | None = None, stats: str | None = None) -> dict:
+def trace(server, progress, text: str, plan: dict | None = None, stats: str | list | None = None) -> dict:
     """`moeviz.trace.trace` of one text on the loaded model (and under `plan`, applied in place)."""
     from .plan import PruningPlan
-    from .stats import ExpertStats
     from .trace import TraceError
     from .trace import trace as route
 
@@ -164,8 +188,25 @@ def trace(server, progress, text: str, plan: dict | None = None, stats: str | No
     if tokenizer is None:
         raise TraceError("This model has no tokenizer: moeviz cannot turn a text into its tokens.")
     progress("tracing", 0, 1)
-    return route(model, tokenizer, text, PruningPlan(**plan) if plan else None,
-                 ExpertStats.load(stats) if stats else None, fingerprint)
+    return route(model, tokenizer, text, PruningPlan(**plan) if plan else None, _stats(stats), fingerprint)
+
+
+def tradeoff(server, progress, a: list, b: list, config: dict, shares: list[float], data: dict[str, str], out: str,
+             num_samples: int = 8, seq_len: int = 128, tasks: bool = False, task_examples: int = 50) -> dict:
+    """`moeviz.evaluate.mix_tradeoff` of two calibrations `a` and `b` (each a directory, or a
+    mix [[directory, share], …]; `a` and `b` are [name, spec]), written to `out` (JSON rows)."""
+    import json
+
+    from .evaluate import mix_tradeoff
+    from .methods import PlanConfig
+
+    model, tokenizer, fingerprint = server.loaded()
+    sources = {a[0]: _stats(a[1]), b[0]: _stats(b[1])}
+    plan_config = PlanConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    rows = mix_tradeoff(model, tokenizer, sources, plan_config, shares, data, num_samples, seq_len, tasks,
+                        task_examples, fingerprint, progress)
+    _write(out, lambda tmp: tmp.write_text(json.dumps(rows)))
+    return dict(out=str(out))
 
 
 def _write(out: str, write) -> None:

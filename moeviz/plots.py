@@ -53,11 +53,12 @@ def layer_expert_heatmap(
 
 
 def plan_heatmap(pruned: dict[int, list[int]], layer_indices: list[int], num_experts: int,
-                 title: str = "Pruning plan", *, toggled=()) -> go.Figure:
+                 title: str = "Pruning plan", *, toggled=(), changed=()) -> go.Figure:
     """The plan as a layer × expert grid in two colours, kept and pruned, with a legend.
 
-    `toggled`: (layer_idx, expert_idx) pairs flipped by hand, marked with a ring. Cells are
-    selectable like `layer_expert_heatmap`'s.
+    `toggled`: (layer_idx, expert_idx) pairs flipped by hand, marked with a ring. `changed`:
+    pairs whose fate differs from a reference plan (the even calibration mix), outlined with a
+    square. Cells are selectable like `layer_expert_heatmap`'s.
     """
     grid = np.zeros((len(layer_indices), num_experts))  # (L, E): 1 = pruned
     for row, layer_idx in enumerate(layer_indices):
@@ -70,6 +71,14 @@ def plan_heatmap(pruned: dict[int, list[int]], layer_indices: list[int], num_exp
     for name, colour in (("kept", KEPT), ("pruned", PRUNED)):  # legend entries only: no data
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, hoverinfo="skip", showlegend=True,
                                  marker=dict(symbol="square", size=12, color=colour)))
+    moved = sorted({(int(layer), int(e)) for layer, e in changed} & set(map(tuple, _cells(layer_indices, num_experts).tolist())))
+    if moved:
+        fig.add_trace(go.Scatter(  # an outline, not a fill: the cell's colour still says kept or pruned
+            x=[e for _, e in moved], y=[str(layer) for layer, _ in moved], mode="markers",
+            name="changed against the even mix", showlegend=True, hoverinfo="skip",
+            marker=dict(symbol="square-open", size=15, color="#000000", line=dict(width=2.5)),
+            selected=dict(marker=dict(opacity=1)), unselected=dict(marker=dict(opacity=1)),
+        ))
     hand = sorted(pair for pair in toggled if pair[0] in layer_indices and 0 <= pair[1] < num_experts)
     if hand:
         fig.add_trace(go.Scatter(  # a white ring: readable on both colours; skip: clicks reach the overlay
@@ -431,4 +440,43 @@ def ratio_curve(curves: dict[str, list[dict]], current_ratio: float | None = Non
                               text=f"current: {current_ratio:.1%}")],
         )
     fig.update_layout(title=title, hovermode="closest", legend=dict(title_text="method"), margin=dict(t=70))
+    return fig
+
+
+def mix_tradeoff(rows: list[dict], a: str, b: str, current: float | None = None, tasks: bool = False) -> go.Figure:
+    """Each held-out source's quality as the calibration mix moves from all-`b` (left) to all-`a`
+    (right): KL to the original (top) and, with `tasks`, the demo tasks' accuracy (bottom), one
+    line per source; `current` (the share of `a` now) as a vertical line and ringed points.
+    Points carry their share as customdata: a click selects that mix."""
+    from plotly.subplots import make_subplots
+
+    panels = [("kl", "KL to the original", ".3f")] + ([("task", "task accuracy", ".2f")] if tasks else [])
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.12)
+    rows = sorted(rows, key=lambda r: r["share"])
+    names = list(rows[0]["sources"]) if rows else []
+    for panel, (key, label, fmt) in enumerate(panels, start=1):
+        for k, name in enumerate(names):
+            values = [r["sources"][name].get(key) for r in rows]
+            fig.add_trace(go.Scatter(
+                x=[r["share"] for r in rows], y=values, customdata=[r["share"] for r in rows], mode="lines+markers",
+                name=f"held-out {name}", legendgroup=name, showlegend=panel == 1, line=dict(color=LINES[k % len(LINES)]),
+                marker=dict(size=10), hoverinfo="none",
+                hovertemplate=f"{a} %{{x:.0%}}<br>{name}: %{{y:{fmt}}}<extra>click: take this mix</extra>",
+                selected=dict(marker=dict(opacity=1)), unselected=dict(marker=dict(opacity=1)),
+            ), row=panel, col=1)
+            if current is not None:
+                here = min(rows, key=lambda r: abs(r["share"] - current))
+                fig.add_trace(go.Scatter(
+                    x=[here["share"]], y=[here["sources"][name].get(key)], mode="markers", name="current mix",
+                    legendgroup="current", showlegend=panel == 1 and k == 0, hoverinfo="skip",
+                    marker=dict(symbol="circle-open", size=18, color="#000000", line=dict(width=2.5)),
+                ), row=panel, col=1)
+        fig.update_yaxes(title_text=label, row=panel, col=1, rangemode="tozero")
+    fig.update_xaxes(tickformat=".0%", range=[-0.04, 1.04])
+    fig.update_xaxes(title_text=f"share of {a} in the calibration (the rest: {b})", row=len(panels), col=1)
+    if current is not None:
+        fig.update_layout(shapes=[dict(type="line", xref="x", yref="paper", x0=current, x1=current, y0=0, y1=1,
+                                       line=dict(color="#000000", width=1.5, dash="dash"))])
+    fig.update_layout(title=f"What each source keeps as the mix moves from {b} to {a}", hovermode="closest",
+                      clickmode="event+select", margin=dict(t=70))
     return fig
