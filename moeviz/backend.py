@@ -220,7 +220,8 @@ def _handler(server: Server, token: str):
             given = self.headers.get("Authorization", "")
             if not given:
                 return 401, "no token: send the backend's token as 'Authorization: Bearer TOKEN'"
-            if not hmac.compare_digest(given.removeprefix("Bearer ").encode(), secret):
+            scheme, _, presented = given.partition(" ")
+            if not (scheme == "Bearer" and hmac.compare_digest(presented.encode(), secret)):  # in constant time
                 return 401, "wrong token"
             if posted and self.headers.get_content_type() != "application/json":
                 return 415, f"Content-Type {self.headers.get_content_type()} is not application/json"
