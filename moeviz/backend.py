@@ -205,8 +205,8 @@ def _handler(server: Server, token: str):
 
         def _refuse(self, code: int, why: str) -> None:
             """Answer `code` and note it in the backend's log (a refusal is rare: someone else tried)."""
-            print(f"refused {self.command} {self.path} from {self.client_address[0]}: {why}", file=sys.stderr,
-                  flush=True)
+            path = self.path[:200].encode("unicode_escape").decode()  # no terminal escapes from a stranger
+            print(f"refused {self.command} {path} from {self.client_address[0]}: {why}", file=sys.stderr, flush=True)
             self._send(code, dict(error=why), {"WWW-Authenticate": "Bearer"} if code == 401 else None)
 
         def _refusal(self, public: bool = False, posted: bool = False) -> tuple[int, str] | None:
