@@ -88,6 +88,29 @@ def test_nothing_but_health_answers_without_the_token(backend):
     assert client.info()["model"] == "demo"  # with the token: what /health said before
 
 
+def test_the_app_reads_the_token_from_a_file_only_its_owner_can_read(backend):
+    client, _ = backend
+    ready = client.log.parent / "ready.json"
+    assert ready.stat().st_mode & 0o777 == 0o600 and ready.parent.stat().st_mode & 0o777 == 0o700
+    assert json.loads(ready.read_text())["token"] == client.token and len(client.token) >= 43  # 32 bytes
+
+
+def test_moeviz_serve_prints_its_token_once_and_leaves_it_for_connect(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moeviz.cli", "serve", "--model", "demo", "--device", "cpu",
+                             "--port", str(port), "--cache-dir", str(tmp_path)], stderr=subprocess.PIPE, text=True)
+    try:
+        token = next((proc.stderr.readline().strip() for line in proc.stderr if line.startswith("token (")), None)
+        saved = tmp_path / f"backend-{port}.token"  # the line after "token (send it as …)"
+        assert token and saved.stat().st_mode & 0o777 == 0o600 and saved.read_text() == token
+        client = Backend.connect(port, cache_dir=tmp_path)
+        assert client.token == token and client.info()["model"] == "demo"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert not saved.exists()  # gone with the backend
+
+
 def test_a_hand_started_backend_is_found_with_its_token_file(backend, tmp_path):
     client, cache = backend
     with pytest.raises(BackendError, match="No token for the backend"):
