@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="a backend that holds the model once and runs the app's jobs")
     _model_args(srv)
     srv.add_argument("--port", type=int, default=0, help="on 127.0.0.1; 0 picks a free one")
-    srv.add_argument("--cache-dir", default="cache")
+    srv.add_argument("--cache-dir", default="cache", help="also where its token is left, for Backend.connect")
     srv.add_argument("--ready-file", help=argparse.SUPPRESS)  # the app learns the port here
     srv.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # exit when this process ends
     srv.set_defaults(func=_serve)

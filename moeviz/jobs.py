@@ -4,6 +4,8 @@ as (step, done, total)."""
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import fields
 from pathlib import Path
 
 
@@ -216,3 +218,84 @@ def _write(out: str, write) -> None:
     tmp = out.with_name(f".tmp.{out.name}")  # the same suffix: np.save adds none
     write(tmp)
     tmp.replace(out)
+
+
+# ---- what a job may be asked to do, checked before it is queued ---------------------------
+OUTPUT_ARGS = ("out", "runs")  # the arguments a job writes to
+# Where, inside the cache directory, the app puts each job's output; the rest of it (calibrations,
+# a backend's token) is moeviz's own. Outside the cache directory any path will do.
+RESULT_DIRS = dict(export="exports", recover="recovered", stability="stability", similarity="similarity",
+                   curve="curves", tradeoff="tradeoffs")
+RUNS_FILE = "runs.sqlite"  # the app's run store, at the top of the cache directory
+NEW_DIRS = ("export", "recover")  # they write a checkpoint directory: it must be new or empty, as for the CLI
+
+
+def check(server, kind: str, args: dict) -> None:
+    """Refuse (ValueError) arguments `kind`'s function does not take or lacks, and outputs in the
+    model's own directory, in the cache directory outside the app's result folders, or in a
+    non-empty export directory."""
+    allowed, required = arg_names(kind)
+    if unknown := sorted(set(args) - allowed):
+        raise ValueError(f"A {kind} job takes no argument {', '.join(map(repr, unknown))}; "
+                         f"its arguments: {', '.join(sorted(allowed))}")
+    if missing := sorted(required - set(args)):
+        raise ValueError(f"A {kind} job needs {', '.join(map(repr, missing))}; its arguments: {', '.join(sorted(allowed))}")
+    for name in OUTPUT_ARGS:
+        if args.get(name) is not None:
+            check_output(server, kind, name, args[name])
+
+
+def arg_names(kind: str) -> tuple[set[str], set[str]]:
+    """(every argument `kind` takes, the required ones), from its function's signature; a
+    `**config` takes its dataclass's fields, but not the cache directory (the backend's own)."""
+    params = list(inspect.signature(globals()[kind]).parameters.values())[2:]  # after server, progress
+    named = [p for p in params if p.kind is not p.VAR_KEYWORD]
+    allowed = {p.name for p in named}
+    if len(named) < len(params):
+        allowed |= {f.name for f in fields(_config_class(kind))} - {"cache_dir"}
+    return allowed, {p.name for p in named if p.default is p.empty}
+
+
+def _config_class(kind: str):
+    """The dataclass a job's `**config` builds."""
+    from .calibrate import CalibConfig
+    from .evaluate import EvalConfig
+
+    return CalibConfig if kind == "calibrate" else EvalConfig
+
+
+def check_output(server, kind: str, name: str, value) -> None:
+    """Refuse an output path (ValueError) that would overwrite what is not the job's to write."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a path, not {value!r}")
+    path = Path(value).expanduser().resolve()
+    for protected, what in _protected(server):
+        if path.is_relative_to(protected):
+            raise ValueError(f"{name} {value!r} is inside {what} ({protected}); choose a path outside it")
+    cache = Path(server.cache_dir).resolve()
+    if path.is_relative_to(cache):
+        if name == "runs":
+            fits, where = path == cache / RUNS_FILE, str(cache / RUNS_FILE)
+        else:  # inside the job's result folder, not the folder itself
+            folder = cache / RESULT_DIRS[kind]
+            fits, where = path.is_relative_to(folder) and path != folder, f"inside {folder}"
+        if not fits:
+            raise ValueError(f"{name} {value!r} is inside the cache directory {cache}, which moeviz manages; "
+                             f"a {kind} job's {name} goes there only {where}")
+    if kind in NEW_DIRS and name == "out" and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{name} {value!r} exists and is not empty; choose a new directory")
+
+
+def _protected(server) -> list[tuple[Path, str]]:
+    """Directories no job writes into: the model's own (for a hub id, the Hugging Face cache)."""
+    from .checkpoint import resolve_source
+
+    try:
+        source = resolve_source(server.model_name)
+    except FileNotFoundError:  # no such directory: nothing there to overwrite
+        return []
+    if Path(source).is_dir():
+        return [(Path(source).resolve(), "the model's own directory")]
+    from huggingface_hub import constants
+
+    return [(Path(constants.HF_HUB_CACHE).resolve(), "the Hugging Face cache, which holds the model")]

@@ -25,7 +25,7 @@ def backend(tmp_path_factory):
 
 def test_two_evaluations_load_the_weights_once_in_one_process(backend):
     client, cache = backend
-    assert client.health()["loaded"] is False  # nothing is read before a job needs the weights
+    assert client.info()["loaded"] is False  # nothing is read before a job needs the weights
     cal = client.wait(client.submit("calibrate", data="demo", num_samples=8, seq_len=64, probe_tokens=32))
     assert cal["state"] == "done", cal
     stats = ExpertStats.load(cal["result"]["path"])
@@ -39,21 +39,21 @@ def test_two_evaluations_load_the_weights_once_in_one_process(backend):
     done = [client.wait(job) for job in ids]
     assert [d["state"] for d in done] == ["done", "done"], done
     assert done[0]["result"]["baseline_id"] == done[1]["result"]["baseline_id"]  # the original, once
-    health = client.health()
-    assert health["loads"] == 1 and health["pid"] == client.process.pid
+    info = client.info()
+    assert info["loads"] == 1 and info["pid"] == client.process.pid
     again = client.wait(client.submit("calibrate", data="demo", num_samples=8, seq_len=64, probe_tokens=32))
     assert again["result"]["cached"] is True
 
     # Recover the MoNE run: exported, distilled from the loaded original (still loaded once),
     # evaluated the same way and stored beside the plan's own run
     job = client.submit("recover", plan=json.loads(plan.to_json()), stats=cal["result"]["path"],
-                        runs=str(cache / "runs.sqlite"), out=str(cache / "recovered"), minutes=0.05, lr=1e-3,
+                        runs=str(cache / "runs.sqlite"), out=str(cache / "recovered" / "run"), minutes=0.05, lr=1e-3,
                         train_samples=16, data="demo", num_samples=4, seq_len=64)
     rec = client.wait(job)
     assert rec["state"] == "done", rec
     assert rec["result"]["parent_id"] == done[1]["result"]["run_id"]
-    assert (cache / "recovered" / "recovered" / "model.safetensors").is_file()
-    assert client.health()["loads"] == 1
+    assert (cache / "recovered" / "run" / "recovered" / "model.safetensors").is_file()
+    assert client.info()["loads"] == 1
 
 
 def test_a_failing_job_is_reported_and_the_backend_goes_on(backend):
