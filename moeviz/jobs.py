@@ -53,8 +53,9 @@ def _stats(spec):
 
 
 def _label(spec) -> str | None:
-    """How runs name a job's calibration: the directory, or the mix's directories."""
-    return spec if spec is None or isinstance(spec, str) else ",".join(path for path, _ in spec)
+    from .stats import mix_label
+
+    return mix_label(spec)
 
 
 def evaluate(server, progress, plan: dict, stats: str | list | None, runs: str, **config) -> dict:

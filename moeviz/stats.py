@@ -248,6 +248,14 @@ def load_stats(paths: str | list[str], mix: str | list[float] | None = None) -> 
     return ExpertStats.mix([(ExpertStats.load(p), w) for p, w in zip(paths, mix or [1.0] * len(paths))])
 
 
+def mix_label(spec: str | list | None) -> str | None:
+    """How runs and plans name a calibration: its directory, or a mix's directories and shares
+    (`DIR@0.5,DIR@0.5`) for a mix given as [[directory, share], …]."""
+    if spec is None or isinstance(spec, str):
+        return spec
+    return ",".join(f"{path}@{share:.4g}" for path, share in spec)
+
+
 def plan_stats(plan) -> ExpertStats | None:
     """The statistics a plan was made from, from what it records: its mix of calibrations at its
     shares, or its one calibration directory; None when it records neither."""

@@ -16,12 +16,20 @@ st.caption(
 
 
 def settings_ui() -> CalibConfig:
-    sources = ["demo", *[f"demo:{d}" for d in DOMAINS], "random", "a file or dataset…"]
+    sources = ["demo", *[f"demo:{d}" for d in DOMAINS], "demo:each", "random", "a file or dataset…",
+               "several sources…"]
+    labels = {"demo:each": "demo:each (one calibration per domain, to mix on the Prune page)"}
     data = persistent(st.selectbox, "Text", options=sources, key="cal_data", default="demo",
-                      help="demo domains, random token ids, or your own text")
+                      format_func=lambda s: labels.get(s, s),
+                      help="demo domains, random token ids, or your own text; several sources are calibrated one "
+                           "by one (the model loads once) and can be mixed at any shares on the Prune page")
     if data == "a file or dataset…":
         data = persistent(st.text_input, "Path to a .txt/.jsonl file, or a dataset name (c4, wikitext2, …)",
                           key="cal_custom", default="c4")
+    elif data == "several sources…":
+        data = persistent(st.text_input, "Sources as NAME=SOURCE, comma-separated", key="cal_several",
+                          default="math=demo:arithmetic,code=demo:code",
+                          help="each SOURCE as above: demo:DOMAIN, a .txt/.jsonl path or a dataset name")
     c1, c2, c3 = st.columns(3)
     samples = persistent(c1.number_input, "Sequences", 1, 100_000, key="cal_samples", default=64)
     seq_len = persistent(c2.number_input, "Tokens per sequence", 8, 32_768, key="cal_seq_len", default=128)
@@ -42,9 +50,15 @@ if st.button("Calibrate", type="primary"):
 if st.session_state.get("calibration_job"):
     poll(name, "calibration_job", "Calibration")
 if done := finished("calibration_job", "Calibration"):  # shown once, then gone; the list below has it
-    st.success(f"{'Found in the cache' if done['cached'] else 'Calibrated'}: {done['tokens']:,} tokens "
-               f"in {done['path']}. The other pages use it now.")
-    st.session_state["stats_choice"] = done["path"]
+    paths = done.get("paths") or [done["path"]]
+    if len(paths) > 1:
+        st.success(f"{'Found in the cache' if done['cached'] else 'Calibrated'}: {len(paths)} sources, "
+                   f"{done['tokens']:,} tokens in all, one cache entry each. Mix them on the Prune page.")
+        st.session_state["mix_choice"] = paths
+    else:
+        st.success(f"{'Found in the cache' if done['cached'] else 'Calibrated'}: {done['tokens']:,} tokens "
+                   f"in {done['path']}. The other pages use it now.")
+    st.session_state["stats_choice"] = paths[0]
 
 st.subheader("Cached calibrations of this model")
 rows = [dict(directory=str(path), **{k: meta["calibration"].get(k) for k in ("data", "num_samples", "seq_len", "seed",

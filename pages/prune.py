@@ -11,7 +11,7 @@ from moeviz.export import export_kind, export_name
 from moeviz.methods import PlanConfig, get_method, make_plan, method_names
 from moeviz.plan import PlanError
 from moeviz.runs import RunStore, plan_digest, recovery_pairs, run_name
-from moeviz.stats import list_stats
+from moeviz.stats import ExpertStats, list_stats, mix_label
 from pages.common import (cache_dir, current_model, finished, job_status, load_stats, persistent, poll, progress_ui,
                           stats_ui, submit)
 
@@ -22,6 +22,7 @@ if stats is None:
     st.stop()
 STATS_DIR = st.session_state["stats_choice"]
 RUNS = Path(cache_dir()).resolve() / "runs.sqlite"
+SHARES = [i / 10 for i in range(11)]  # the trade-off view's mixes, share of the first source
 CURVE_RATIOS = [i / 16 for i in range(0, 15)]
 
 
@@ -57,6 +58,50 @@ def settings_ui() -> PlanConfig:
                       counts=counts)
 
 
+# ---- the calibration mix ----------------------------------------------------------------
+def mix_ui(stats):
+    """Other calibrations to mix with the chosen one: one slider per source (its share of the
+    tokens, normalised); moving one re-plans at once from the cached sums, no job.
+    Returns (stats, the jobs' spec: a directory or [[directory, share], …], the even mix or None)."""
+    found = {str(path): meta for path, meta in list_stats(cache_dir(), fingerprint)
+             if not (meta.get("calibration") or {}).get("sequential")}
+    others = [p for p in found if p != STATS_DIR and found[p].get("stats_version") == stats.meta.get("stats_version")]
+    if not others:
+        return stats, STATS_DIR, None
+    remembered_mix = [p for p in st.session_state.get("mix_choice", []) if p in others]
+    chosen = st.multiselect("Mix with other calibrations", others, default=remembered_mix, key="mix_with",
+                            format_func=lambda p: _source(found[p]),
+                            help="What survives pruning depends on the calibration text: mix sources at any "
+                                 "shares without calibrating again (the statistics are sums over tokens)")
+    st.session_state["mix_choice"] = chosen
+    if not chosen:
+        return stats, STATS_DIR, None
+    paths = [STATS_DIR, *chosen]
+    for key, value in st.session_state.pop("pending_mix", {}).items():  # a mix taken from the trade-off view
+        st.session_state[key] = value
+    columns = st.columns(len(paths))
+    weights = [col.slider(_source(found.get(p, stats.meta)), 0.0, 1.0, step=0.05, key=f"mix_{Path(p).name}",
+                          **({} if f"mix_{Path(p).name}" in st.session_state else dict(value=1.0)))
+               for col, p in zip(columns, paths)]
+    if sum(weights) == 0:
+        st.error("Every share is zero: give at least one source a share.")
+        st.stop()
+    shares = [w / sum(weights) for w in weights]
+    st.caption("Shares of the calibration tokens: " + ", ".join(f"{_source(found.get(p, stats.meta))} {s:.0%}"
+                                                               for p, s in zip(paths, shares))
+               + ". Outlined cells change fate against the even mix.")
+    mixed = ExpertStats.mix([(load_stats(p), w) for p, w in zip(paths, shares)])
+    even = ExpertStats.mix([(load_stats(p), 1.0) for p in paths])
+    return mixed, [[p, s] for p, s in zip(paths, shares)], even
+
+
+def _source(meta: dict) -> str:
+    cal = meta.get("calibration") or {}
+    return cal.get("data", "?") if isinstance(cal, dict) else "a mix"
+
+
+stats, STATS, EVEN = mix_ui(stats)
+STATS_LABEL = mix_label(STATS)
 config = settings_ui()
 if st.session_state.get("plan_settings") != config:  # new settings: forget the clicks
     st.session_state.update(plan_settings=config, toggles=set(), history=[], last_selection=())
@@ -65,7 +110,7 @@ if st.session_state.get("plan_settings") != config:  # new settings: forget the 
 def sequential_ui():
     """MoE-Pruner's sequential mode: statistics calibrated layer by layer, each layer pruned before
     the next sees it (a calibration of its own, at this ratio). Returns (stats, directory) or None."""
-    if config.method != "moe_pruner" or not persistent(
+    if config.method != "moe_pruner" or EVEN is not None or not persistent(
             st.toggle, "Sequential: score each layer on the outputs of the pruned layers before it", key="sequential",
             default=False, help="MoE-Pruner as fusion_bench and Wanda's code run it; calibrates again, layer by layer"):
         return None
@@ -87,7 +132,8 @@ def sequential_ui():
 
 
 if (sequential := sequential_ui()) is not None:
-    stats, STATS_DIR = sequential  # the plan's masks come from the sequential statistics
+    stats, STATS = sequential  # the plan's masks come from the sequential statistics
+    STATS_LABEL = STATS
 
 
 # ---- the ratio curve ------------------------------------------------------------------
@@ -110,7 +156,7 @@ def curve_ui() -> None:
                                                                 "held-out batch, each ratio's plan applied in place "
                                                                 "in the backend"):
                 st.session_state["curve_jobs"] = [submit(
-                    name, "curve", stats=STATS_DIR, methods=[method], ratios=CURVE_RATIOS, mode=config.mode,
+                    name, "curve", stats=STATS, methods=[method], ratios=CURVE_RATIOS, mode=config.mode,
                     scope=config.scope, out=str(_curve_file(method))) for method in missing]
                 st.rerun()
         else:
@@ -118,7 +164,7 @@ def curve_ui() -> None:
     if curves:
         points = [dict(method=r["method"], ratio=r["ratio"], kl=r.get("kl"), top1_agreement=r.get("top1_agreement"),
                        label=run_name(r)) for r in _stored_runs()
-                  if r["method"] in curves and r.get("calibration") == STATS_DIR]  # the same calibration only
+                  if r["method"] in curves and r.get("calibration") == STATS_LABEL]  # the same calibration only
         st.plotly_chart(plots.ratio_curve(curves, config.ratio, points), key="ratio_curve")
         st.caption("What am I looking at: how far the model under each ratio's plan drifts from the original "
                    "(KL, lower is better; top-1 agreement, higher is better) on a small held-out batch. Look for "
@@ -127,7 +173,7 @@ def curve_ui() -> None:
 
 
 def _curve_file(method: str) -> Path:
-    key = json.dumps(dict(stats=STATS_DIR, method=method, mode=config.mode, scope=config.scope,
+    key = json.dumps(dict(stats=STATS, method=method, mode=config.mode, scope=config.scope,
                           ratios=CURVE_RATIOS), sort_keys=True)
     return Path(cache_dir()).resolve() / "curves" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
@@ -153,7 +199,12 @@ def _stored_runs() -> list[dict]:
 
 # ---- the plan, clickable ---------------------------------------------------------------
 try:
-    plan = make_plan(stats, config, calibration=STATS_DIR)
+    plan = make_plan(stats, config, calibration=STATS_LABEL)
+    changed = set()  # against the even mix: what the mix decides
+    if EVEN is not None:
+        even = make_plan(EVEN, config)
+        changed = {(layer, e) for layer in stats.layer_indices
+                   for e in set(plan.pruned.get(layer, [])) ^ set(even.pruned.get(layer, []))}
     for layer_idx, expert_idx in st.session_state["toggles"]:
         plan.pruned[layer_idx] = sorted(set(plan.pruned.get(layer_idx, [])) ^ {expert_idx})
     if st.session_state["toggles"]:
@@ -177,7 +228,7 @@ with left:
                    "by hand." + sparsity)
         fig = plots.plan_heatmap(plan.pruned, stats.layer_indices, stats.num_experts,
                                  f"{plan.method}: {plan.num_pruned} experts pruned ({plan.mode})",
-                                 toggled=st.session_state["toggles"])
+                                 toggled=st.session_state["toggles"], changed=changed)
         event = st.plotly_chart(fig, key="plan_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
         selection = tuple(plots.selected_cells(event))
         if not selection:  # the figure changed, which clears the chart's selection: the same cell may come again
@@ -200,7 +251,72 @@ with left:
 
 if plan is None:
     st.stop()
-st.session_state.update(current_plan=json.loads(plan.to_json()), current_plan_stats=STATS_DIR)  # for the Trace page
+st.session_state.update(current_plan=json.loads(plan.to_json()), current_plan_stats=STATS)  # for the Trace page
+
+
+# ---- the trade-off between sources ---------------------------------------------------------
+def tradeoff_ui() -> None:
+    """Each source's held-out quality at this method and ratio, along mixes from all of one
+    source (or the rest) to all of another: computed in the backend once, cached; the current
+    mix is marked; a click on a point takes that mix."""
+    st.subheader("Trade-off between sources")
+    finished("tradeoff_job", "The trade-off")  # a failure is shown; a result is the file below
+    paths = [p for p, _ in STATS]
+    found = {str(path): meta for path, meta in list_stats(cache_dir(), fingerprint)}
+    names = [_source(found[p]) for p in paths]
+    first = st.selectbox("Trade off", range(len(paths)), format_func=lambda i: names[i], key="tradeoff_source",
+                         help="this source against the others (mixed at their current relative shares)")
+    rest = [i for i in range(len(paths)) if i != first]
+    weights = [STATS[i][1] for i in rest]
+    weights = [w / sum(weights) for w in weights] if sum(weights) else [1 / len(rest)] * len(rest)
+    b_name = names[rest[0]] if len(rest) == 1 else "the rest"
+    a_spec, b_spec = [[paths[first], 1.0]], [[paths[i], w] for i, w in zip(rest, weights)]
+    tasks = is_demo(name) and st.toggle("With the demo tasks' accuracy (slower)", key="tradeoff_tasks")
+    data = {names[first]: _heldout([found[paths[first]]]), b_name: _heldout([found[paths[i]] for i in rest])}
+    args = dict(a=[names[first], a_spec], b=[b_name, b_spec], config=_jsonable(config), shares=SHARES, data=data,
+                tasks=tasks, num_samples=8, seq_len=int((stats.meta.get("calibration") or [{}])[0].get("seq_len", 128)),
+                task_examples=50)
+    out = Path(cache_dir()).resolve() / "tradeoffs" / (hashlib.sha256(json.dumps(args, sort_keys=True).encode())
+                                                      .hexdigest()[:16] + ".json")
+    current = STATS[first][1]
+    if out.exists():
+        rows = json.loads(out.read_text())
+        event = st.plotly_chart(plots.mix_tradeoff(rows, names[first], b_name, current, tasks), key="tradeoff_chart",
+                                on_select="rerun", selection_mode="points")
+        picked = [p["x"] for p in (event or {}).get("selection", {}).get("points", []) if "x" in p]
+        if picked and abs(picked[0] - current) > 1e-9 and picked[0] != st.session_state.get("tradeoff_picked"):
+            st.session_state["tradeoff_picked"] = picked[0]
+            share = picked[0]  # this source's share; the others keep their proportions
+            st.session_state["pending_mix"] = {f"mix_{Path(paths[first]).name}": share, **{
+                f"mix_{Path(paths[i]).name}": round((1 - share) * w, 4) for i, w in zip(rest, weights)}}
+            st.rerun()
+        st.caption(f"What am I looking at: the plan of {config.method} at {config.ratio:.1%} made from each mix of "
+                   f"{names[first]} and {b_name}, applied in place in the backend; each held-out source's KL to "
+                   "the original (lower is better)" + (" and its demo task's accuracy" if tasks else "")
+                   + ". The ring is the current mix; click a point to take that mix.")
+    elif st.session_state.get("tradeoff_job"):
+        poll(name, "tradeoff_job", "Trade-off")
+    elif st.button(f"Compute the trade-off ({len(SHARES)} mixes, in the backend)"):
+        st.session_state["tradeoff_job"] = submit(name, "tradeoff", out=str(out), **args)
+        st.rerun()
+
+
+def _heldout(metas: list[dict]) -> str:
+    """One held-out source for calibrations: their union when they are demo domains."""
+    data = [(m.get("calibration") or {}).get("data", "demo") for m in metas]
+    if all(d.startswith("demo:") for d in data):
+        return "demo:" + ",".join(sorted({x for d in data for x in d.removeprefix("demo:").split(",") if x}))
+    return data[0]
+
+
+def _jsonable(config) -> dict:
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+if EVEN is not None:
+    tradeoff_ui()
 
 
 # ---- evaluate and export, in the backend -------------------------------------------------
@@ -224,7 +340,7 @@ def eval_settings_ui() -> dict:
 eval_config = eval_settings_ui()
 c1, c2 = st.columns(2)
 if c1.button("Apply and evaluate", type="primary"):
-    job = submit(name, "evaluate", plan=json.loads(plan.to_json()), stats=STATS_DIR, runs=str(RUNS),
+    job = submit(name, "evaluate", plan=json.loads(plan.to_json()), stats=STATS, runs=str(RUNS),
                  **eval_config)
     if job:
         st.session_state["eval_job"] = job
@@ -233,7 +349,7 @@ out_dir = c2.text_input("Export to", value=str(Path(cache_dir()) / "exports" / e
                         key=f"export_dir_{plan_digest(plan)}")  # follows the plan; a typed path stays with it
 c2.caption(f"Exports as **{kind.name}**: {kind.reason}. Loads with {kind.loaders}.")
 if c2.button("Export checkpoint"):
-    job = submit(name, "export", plan=json.loads(plan.to_json()), stats=STATS_DIR, out=str(Path(out_dir).resolve()),
+    job = submit(name, "export", plan=json.loads(plan.to_json()), stats=STATS, out=str(Path(out_dir).resolve()),
                  runs=str(RUNS))
     if job:
         st.session_state["export_job"] = job
@@ -271,7 +387,7 @@ def recover_ui(run) -> None:
     if c3.button(f"Recover run {run.id}"):
         out = Path(cache_dir()).resolve() / "recovered" / f"run-{run.id}-{int(time.time())}"
         setting = {k: v for k, v in run.metrics["eval"].items() if k in eval_config}  # as the run was evaluated
-        job = submit(name, "recover", plan=json.loads(plan.to_json()), stats=STATS_DIR, runs=str(RUNS), out=str(out),
+        job = submit(name, "recover", plan=json.loads(plan.to_json()), stats=STATS, runs=str(RUNS), out=str(out),
                      minutes=float(minutes), lr=float(lr), **{**eval_config, **setting})
         if job:
             st.session_state["recover_job"] = job
