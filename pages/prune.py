@@ -7,6 +7,7 @@ import streamlit as st
 
 from moeviz import plots
 from moeviz.checkpoint import is_demo
+from moeviz.data import mix_sources
 from moeviz.export import export_kind, export_name
 from moeviz.methods import PlanConfig, get_method, make_plan, method_names
 from moeviz.plan import PlanError
@@ -321,12 +322,15 @@ if EVEN is not None:
 
 # ---- evaluate and export, in the backend -------------------------------------------------
 def eval_settings_ui() -> dict:
-    data = (stats.meta.get("calibration") or {}).get("data", "demo")  # held-out text of the same source
+    calibration = stats.meta.get("calibration") or {}
+    calibration = calibration[0] if isinstance(calibration, list) else calibration  # a mix: its first source's
+    mixed = [m for m in stats.meta.get("mix") or [] if m["share"] > 0]
+    data = mix_sources(mixed) if mixed else calibration.get("data", "demo")  # held-out text of the same source(s)
     c1, c2, c3 = st.columns(3)
     samples = persistent(c1.number_input, "Held-out sequences", 4, 10_000, key="eval_samples", default=32,
                               help="more give a tighter perplexity (its standard error is shown)")
     seq_len = persistent(c2.number_input, "Tokens per sequence", 16, 32_768, key="eval_seq_len",
-                         default=int((stats.meta.get("calibration") or {}).get("seq_len", 128)))
+                         default=int(calibration.get("seq_len", 128)))
     demo = is_demo(name)
     tasks = persistent(c3.text_input, "Tasks", key="eval_tasks", default="demo" if demo else "",
                           help="'demo' (the demo model's five tasks), lm-eval task names (comma-separated), or empty")

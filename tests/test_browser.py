@@ -4,6 +4,7 @@ expert and a second click undoes it, a box flips several, the ratio curve marks 
 evaluate, export (the kind named beside the button, the card with the evaluation), recover, then
 compare."""
 
+import json
 import os
 import shutil
 import socket
@@ -25,6 +26,9 @@ pytestmark = [
 ]
 
 
+CACHE = {}  # the app's cache directory, once the server runs
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,7 +38,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = _free_port()
-    cache = tmp_path_factory.mktemp("cache")
+    cache = CACHE["dir"] = tmp_path_factory.mktemp("cache")
     cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
            "--server.port", str(port), "--server.address", "127.0.0.1", "--", "--model", "demo"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "MOEVIZ_CACHE_DIR": str(cache)},
@@ -221,3 +225,68 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     page.locator("code", has_text="olmoe").first.wait_for(timeout=60_000)  # "… — `olmoe`, 2 MoE layers …"
     assert box.input_value() == str(tmp_path / "olmoe")
     _no_error(page)
+
+
+def _plan_grid(page) -> list:
+    return _plan_chart(page).evaluate(
+        "el => Array.from(el.querySelector('.js-plotly-plot')._fullData[0].z, r => Array.from(r))")
+
+
+def test_a_calibration_mix_moves_the_plan_at_once(server, page):
+    """Two sources calibrated as one job; on the Prune page a share slider re-plans without any
+    calibration; the trade-off view draws a point per mix, rings the current one, and a click on
+    a point takes that mix."""
+    page = page.context.browser.new_page(viewport={"width": 1400, "height": 1100})  # a session of its own
+    page.goto(server)
+    _idle(page)
+    _open(page, "Calibrate")
+    page.get_by_label("Sequences").fill("16")
+    page.get_by_label("Sequences").press("Enter")
+    _idle(page)
+    page.get_by_role("combobox", name="Text").click()
+    page.get_by_role("option", name="several sources…").click()
+    _idle(page)
+    page.get_by_role("button", name="Calibrate").click()
+    page.get_by_text("2 sources").wait_for(timeout=240_000)  # one job, one cache entry each
+    _no_error(page)
+    entries = sorted(p.parent.name for p in CACHE["dir"].glob("*/meta.json"))
+
+    _open(page, "Prune")
+    page.get_by_text("Shares of the calibration tokens").wait_for(timeout=60_000)
+    sliders = page.get_by_role("slider")
+    assert sliders.count() >= 3  # the ratio, and one per source
+    before = _plan_grid(page)
+    math = page.get_by_role("slider", name="demo:arithmetic")
+    math.focus()
+    page.keyboard.press("Home")  # all of the other source
+    _idle(page)
+    page.wait_for_function("g => JSON.stringify(Array.from(document.querySelectorAll('[data-testid=stPlotlyChart]'))"
+                           ".find(el => el.innerText.includes('experts pruned')).querySelector('.js-plotly-plot')"
+                           "._fullData[0].z.map(r => Array.from(r))) !== g", arg=json.dumps(before), timeout=60_000)
+    assert _plan_grid(page) != before  # the pruned cells moved
+    assert _plan_chart(page).evaluate("el => el.querySelector('.js-plotly-plot').data.some("
+                                      "t => t.name === 'changed against the even mix' && t.x.length > 0)")
+    assert sorted(p.parent.name for p in CACHE["dir"].glob("*/meta.json")) == entries  # no calibration ran
+    assert page.get_by_text("Calibration:").count() == 0
+    _no_error(page)
+
+    page.get_by_role("button", name="Compute the trade-off").click()
+    chart = page.locator("[data-testid='stPlotlyChart']").filter(has_text="as the mix moves")
+    chart.wait_for(timeout=300_000)
+    data = chart.evaluate("el => el.querySelector('.js-plotly-plot').data.map(t => [t.name, t.x.length, t.x[0]])")
+    lines = [d for d in data if d[0].startswith("held-out")]
+    ring = [d for d in data if d[0] == "current mix"]
+    assert len(lines) == 2 and all(n == 11 for _, n, _ in lines)  # a point per mix, per held-out source
+    assert ring and ring[0][2] == 0  # the current mix: none of demo:arithmetic
+    x, y = chart.evaluate("""el => { const gd = el.querySelector('.js-plotly-plot'), l = gd._fullLayout;
+        const t = gd.data.find(t => t.name.startsWith('held-out')), box = gd.getBoundingClientRect();
+        return [box.x + l.xaxis._offset + l.xaxis.d2p(t.x[10]), box.y + l.yaxis._offset + l.yaxis.d2p(t.y[10])]; }""")
+    page.mouse.click(x, y)  # all of demo:arithmetic
+    _idle(page)
+    page.wait_for_function("() => { const el = Array.from(document.querySelectorAll('[data-testid=stPlotlyChart]'))"
+                           ".find(el => el.innerText.includes('as the mix moves'));"
+                           "return el && el.querySelector('.js-plotly-plot').data.some("
+                           "t => t.name === 'current mix' && t.x[0] === 1); }", timeout=60_000)
+    page.get_by_text("Shares of the calibration tokens: demo:arithmetic 100%").wait_for(timeout=30_000)  # the sliders
+    _no_error(page)
+    page.close()
