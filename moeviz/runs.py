@@ -245,3 +245,26 @@ def delta_table(runs: list[Run], originals: list[Run] | None = None) -> pd.DataF
                 row[f"Δ {key}"] = f"{m[key] - baseline.metrics[key]:+.3g}"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def source_table(runs: list[Run]) -> pd.DataFrame:
+    """One row per run and held-out source, for runs evaluated on several sources (a mix's):
+    each source's perplexity, KL, top-1 and demo task (± SE where known), and the change of
+    perplexity and task against the original evaluated the same way."""
+    originals = [r for r in runs if r.method == "original"]
+    rows = []
+    for run in runs:
+        sources = run.metrics.get("sources") or {}
+        base = (baseline_of(run, originals) or Run("", "", 0.0)).metrics.get("sources") or {}
+        for name, m in sources.items():
+            row = dict(id=run.id, run=run_name(vars(run)), source=name,
+                       perplexity=f"{m['perplexity']:.4g} ± {m.get('perplexity_se', float('nan')):.2g}")
+            if name in base and run.method != "original":
+                row["Δ perplexity"] = f"{m['perplexity'] - base[name]['perplexity']:+.3g}"
+            row.update({k: round(m[k], 4) for k in ("kl", "top1_agreement") if k in m})
+            if "task" in m:
+                row["task"] = f"{m['task']:.3g}" + (f" ± {m['task_se']:.2g}" if m.get("task_se") else "")
+                if name in base and "task" in base[name] and run.method != "original":
+                    row["Δ task"] = f"{m['task'] - base[name]['task']:+.3g}"
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -3,7 +3,7 @@ from pathlib import Path
 import streamlit as st
 
 from moeviz import plots
-from moeviz.runs import RunStore, delta_table, recovery_pairs, run_name
+from moeviz.runs import RunStore, delta_table, recovery_pairs, run_name, source_table
 from pages.common import cache_dir, current_model
 
 name, skeleton, adapter, fingerprint = current_model()
@@ -37,6 +37,13 @@ chosen = c2.selectbox("Evaluated on", settings, key="compare_setting",
                       help="runs evaluated on other text or sizes are not comparable: one setting at a time")
 st.plotly_chart(plots.ratio_curves(full[full["evaluated_on"] == chosen], metric, f"{metric} against pruning ratio"),
                 key="curves")
+
+per_source = source_table(runs)
+if not per_source.empty:
+    st.subheader("Per held-out source")
+    st.caption("Runs of a plan made from a calibration mix are evaluated on each of its sources: what each "
+               "source keeps, against the original evaluated on the same text.")
+    st.dataframe(per_source, hide_index=True)
 
 pairs = recovery_pairs(runs)
 if not pairs.empty:

@@ -181,3 +181,20 @@ def test_a_plan_is_evaluated_on_each_held_out_source_of_a_mix(tmp_path):
     logs = [torch.log(torch.tensor(report["sources"][n]["perplexity"])) for n in ("arithmetic", "code")]
     assert report["perplexity"] == pytest.approx(torch.exp(sum(logs) / 2).item(), rel=1e-6)  # equal sequence counts
     assert report["kl"] == pytest.approx(sum(report["sources"][n]["kl"] for n in ("arithmetic", "code")) / 2)
+
+
+def test_the_runs_of_a_mix_are_tabled_per_source():
+    from moeviz.runs import source_table
+
+    setting = dict(data="a=demo:arithmetic,b=demo:code")
+    base = Run("demo", "original", 0.0, dict(eval=setting, sources=dict(
+        a=dict(perplexity=2.0, perplexity_se=0.1, task=0.9, task_se=0.02), b=dict(perplexity=3.0, perplexity_se=0.2))),
+        fingerprint="f", id=1)
+    run = Run("demo", "mone", 0.25, dict(eval=setting, sources=dict(
+        a=dict(perplexity=2.5, perplexity_se=0.1, kl=0.2, top1_agreement=0.9, task=0.6, task_se=0.03),
+        b=dict(perplexity=3.1, perplexity_se=0.2, kl=0.05, top1_agreement=0.97))), mode="novice", fingerprint="f", id=2)
+    table = source_table([base, run, Run("demo", "frequency", 0.5, dict(eval=setting), fingerprint="f", id=3)])
+    assert list(table["source"]) == ["a", "b", "a", "b"]
+    row = table[(table["id"] == 2) & (table["source"] == "a")].iloc[0]
+    assert row["Δ perplexity"] == "+0.5" and row["Δ task"] == "-0.3" and row["task"] == "0.6 ± 0.03"
+    assert row["kl"] == 0.2
