@@ -35,7 +35,8 @@ def model_card(plan: PruningPlan, kind, stats, parent: str, src: Path, adapter, 
     name = Path(parent).name if Path(parent).exists() else parent
     sections = [
         f"# {name}, pruned by moeviz ({_summary(plan)})",
-        f"`{parent}` with {_what(plan, adapter)}, by moeviz (method `{plan.method}`). The original's fingerprint is `{fingerprint}`; `moeviz_lineage.json` holds the whole plan.",
+        f"`{parent}` with {_what(plan, adapter)}, by moeviz (method `{plan.method}`). The original's "
+        f"fingerprint is `{fingerprint}`; `moeviz_lineage.json` holds the whole plan.",
         "## What was pruned\n\n" + _table([("method", plan.method), ("ratio", _ratio(plan)),
                                             ("mode", MODES.get(plan.mode, plan.mode) if plan.num_pruned else "—"),
                                             ("scope", "global (one threshold across layers)" if plan.scope == "global"

@@ -483,7 +483,8 @@ def read_substitution(config) -> dict[int, tuple[int | None, dict[int, str]]]:
     here; no count). Anything else is refused."""
     block = substitution_block(config)
     if block is None:
-        approximate = config.get("approximate_experts") if isinstance(config, dict) else getattr(config, "approximate_experts", None)
+        approximate = (config.get("approximate_experts") if isinstance(config, dict)
+                       else getattr(config, "approximate_experts", None))
         return {int(layer): (None, {int(e): "" for e in experts}) for layer, experts in (approximate or {}).items()}
     if block.get("version") != 1:
         raise ValueError(f"Unsupported expert substitution version {block.get('version')!r}: moeviz reads version 1.")

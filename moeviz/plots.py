@@ -71,7 +71,8 @@ def plan_heatmap(pruned: dict[int, list[int]], layer_indices: list[int], num_exp
     for name, colour in (("kept", KEPT), ("pruned", PRUNED)):  # legend entries only: no data
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, hoverinfo="skip", showlegend=True,
                                  marker=dict(symbol="square", size=12, color=colour)))
-    moved = sorted({(int(layer), int(e)) for layer, e in changed} & set(map(tuple, _cells(layer_indices, num_experts).tolist())))
+    cells = set(map(tuple, _cells(layer_indices, num_experts).tolist()))
+    moved = sorted({(int(layer), int(e)) for layer, e in changed} & cells)
     if moved:
         fig.add_trace(go.Scatter(  # an outline, not a fill: the cell's colour still says kept or pruned
             x=[e for _, e in moved], y=[str(layer) for layer, _ in moved], mode="markers",
