@@ -348,6 +348,7 @@ if c1.button("Apply and evaluate", type="primary"):
                  **eval_config)
     if job:
         st.session_state["eval_job"] = job
+        st.session_state.pop("eval_job_error", None)
 kind = export_kind(plan)
 out_dir = c2.text_input("Export to", value=str(Path(cache_dir()) / "exports" / export_name(name, plan)),
                         key=f"export_dir_{plan_digest(plan)}")  # follows the plan; a typed path stays with it
@@ -357,6 +358,10 @@ if c2.button("Export checkpoint"):
                  runs=str(RUNS))
     if job:
         st.session_state["export_job"] = job
+        st.session_state.pop("export_job_error", None)
+if result := st.session_state.pop("export_job_result", None):  # beside the button that asked for it
+    c2.success(f"Exported to {result['path']} as a {result['kind']} checkpoint, with its model card "
+               f"(README.md). Loads with {result['loaders']}.")
 
 
 @st.fragment(run_every=1)
@@ -367,9 +372,10 @@ def jobs_ui():
         if job is None:
             continue
         status = job_status(name, job)
-        if status["state"] == "failed":
-            st.error(f"{label} failed: {status.get('error')}")
+        if status["state"] == "failed":  # kept on the page (below) until a job of that kind starts again
             st.session_state.pop(key)
+            st.session_state[f"{key}_error"] = f"{label} failed: {status.get('error')}"
+            st.rerun()  # a whole run: the polling stops with the last job
         elif status["state"] == "done":
             st.session_state.pop(key)
             st.session_state[f"{key}_result"] = status["result"]
@@ -395,11 +401,15 @@ def recover_ui(run) -> None:
                      minutes=float(minutes), lr=float(lr), **{**eval_config, **setting})
         if job:
             st.session_state["recover_job"] = job
+            st.session_state.pop("recover_job_error", None)
             st.rerun()  # to poll it: the jobs' fragment ran above
 
 
 if any(st.session_state.get(k) for k in ("eval_job", "export_job", "recover_job")):
     jobs_ui()
+for key in ("eval_job", "export_job", "recover_job"):
+    if error := st.session_state.get(f"{key}_error"):
+        st.error(error)
 if result := st.session_state.get("eval_job_result"):
     store = RunStore(RUNS)
     run, baseline = store.get(result["run_id"]), store.get(result["baseline_id"])
@@ -414,6 +424,4 @@ if result := st.session_state.get("recover_job_result"):
     st.success(f"Recovered as run {result['run_id']}, saved to {result['checkpoint']}.")
     st.dataframe(recovery_pairs(store.list(fingerprint=fingerprint)).query(f"run == {result['run_id']}"),
                  hide_index=True)
-if result := st.session_state.pop("export_job_result", None):
-    st.success(f"Exported to {result['path']} as a {result['kind']} checkpoint, with its model card "
-               f"(README.md). Loads with {result['loaders']}.")
+

@@ -182,6 +182,12 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     assert out.name == "demo-mone-novice-25pct" and "expert_substitution" in (out / "config.json").read_text()
     assert "Evaluated in place" in (out / "README.md").read_text()  # the card has the run just evaluated
     _no_error(page)
+    page.get_by_role("button", name="Export checkpoint").click()  # again, to the same directory: refused
+    refused = page.get_by_text("exists and is not empty")
+    refused.wait_for(timeout=60_000)
+    page.wait_for_timeout(3000)
+    assert refused.is_visible()  # the message stays until the user acts
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # nothing else written
 
     minutes = page.get_by_label("Minutes")  # recover the evaluated run, briefly
     minutes.fill("0.5")
