@@ -73,6 +73,11 @@ def resolve_source(name_or_path: str | os.PathLike) -> str:
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
     if looks_local:
         raise FileNotFoundError(f"No such model directory: {path}")
+    import difflib
+
+    close = difflib.get_close_matches(name, demo_names(), n=1, cutoff=0.75)
+    if close and "/" not in name:  # a typo of a shipped name, not a hub id
+        raise FileNotFoundError(f"No model {name!r}: did you mean {close[0]!r}? (shipped: {', '.join(demo_names())})")
     return name
 
 

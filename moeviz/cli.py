@@ -366,6 +366,7 @@ def _calibrate(args) -> int:
     from .loading import load_model, load_skeleton, load_tokenizer
 
     sources = parse_sources(args.data)  # a bad source fails before the model loads
+    _check_fraction(args.sequential_sparsity, "--sequential-sparsity")
     rank, device = _start_data_parallel(args.device)  # under torchrun: one shard per process
     config = CalibConfig(
         data=sources[0][1], num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -463,7 +464,9 @@ def _prune(args) -> int:
     from .export import export_kind, export_plan
     from .plan import PruningPlan
 
+    _check_new_dir(args.out)  # before any work, and before a progress bar
     if args.sequential:
+        _check_fraction(args.ratio, "--ratio")
         plan, stats = _sequential_plan(args)
     elif args.plan:
         plan = PruningPlan.load(args.plan)
@@ -480,6 +483,18 @@ def _prune(args) -> int:
     print(f"{what}; model card in {Path(args.out) / 'README.md'}", file=sys.stderr)
     print(args.out)
     return 0
+
+
+def _check_new_dir(path) -> None:
+    """Refuse, before any work, an output directory that exists and is not empty (or is a file)."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new directory.")
+
+
+def _check_fraction(value: float, name: str) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} is a fraction of the weights in [0, 1), got {value}.")
 
 
 def _quantization(model: str) -> dict | None:
@@ -559,6 +574,10 @@ def _distill(args) -> int:
 
     if args.model is None:
         raise ValueError("Give --model: the pruned checkpoint `moeviz prune` wrote.")
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"No such directory: {args.model} (--model is the pruned checkpoint `moeviz prune` "
+                                "wrote).")
+    _check_new_dir(args.out)
     lineage = read_lineage(args.model) or {}
     teacher_name = args.teacher or lineage.get("teacher") or lineage.get("parent")  # a recovered one's, or the export's
     if teacher_name is None:

@@ -15,6 +15,22 @@ __all__ = ["DEMO", "load_model", "load_skeleton", "load_config", "load_tokenizer
            "resolve_device", "resolve_source", "execution_device"]
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers at all (one TCP connection), so that an offline
+    machine fails at once instead of after the hub client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """`auto` is CUDA when present, else the CPU."""
     if device == "auto":
@@ -27,6 +43,15 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):
     source = resolve_source(name_or_path)
+    if not Path(source).is_dir():  # a hub id: the local cache first, then the hub only if it answers
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
+        except OSError:
+            if not hub_reachable():
+                raise OSError(f"{name_or_path!r} is not a local checkpoint, not in the Hugging Face cache, and the "
+                              "Hub cannot be reached from here (offline?).") from None
     try:
         return read_config(source, trust_remote_code=trust_remote_code)
     except OSError as err:

@@ -201,3 +201,25 @@ def test_plans_from_a_mix_of_calibrations(tiny_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_bad_arguments_are_refused_before_any_work_in_one_line(tiny_dir, tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("mine")
+    cases = [
+        (["prune", "--model", str(tiny_dir), "--sequential", "--ratio", "1.5", "--data", "random",
+          "--out", str(tmp_path / "p")], "--ratio is a fraction"),
+        (["calibrate", "--model", str(tiny_dir), "--data", "random", "--sequential-sparsity", "1.5"],
+         "--sequential-sparsity is a fraction"),
+        (["distill", "--model", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "d")], "No such directory"),
+        (["distill", "--model", str(tiny_dir), "--teacher", str(tiny_dir), "--out", str(tmp_path / "full")],
+         "exists and is not empty"),
+        (["prune", "--model", str(tiny_dir), "--plan", str(tmp_path / "none.json"), "--out", str(tmp_path / "full")],
+         "exists and is not empty"),
+        (["info", "--model", "demo_fine"], "did you mean 'demo-fine'"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (argv, err)  # no traceback, no progress bar
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
