@@ -44,7 +44,7 @@ def model_card(plan: PruningPlan, kind, stats, parent: str, src: Path, adapter, 
                                             ("weight sparsity", _sparsity(plan)),
                                             ("experts kept per layer", _kept(plan, adapter))]),
         "## Calibration\n\n" + _calibration(plan, stats),
-        f"## How to load it\n\nThis is **{kind.name}** checkpoint: {kind.reason}. It loads with {kind.loaders}.\n\n"
+        f"## How to load it\n\nKind: **{kind.name}** ({kind.reason}). It loads with {kind.loaders}.\n\n"
         + _loading(kind),
         "## Evaluation\n\n" + _evaluation(plan, fingerprint, runs),
     ]
@@ -104,8 +104,10 @@ def _calibration(plan: PruningPlan, stats) -> str:
     meta = stats.meta
     calib = meta.get("calibration") or {}
     rows = calib if isinstance(calib, list) else [calib]
+    shares = [m["share"] for m in meta.get("mix") or [] if m["share"] > 0] or [None] * len(rows)
     lines = [f"- `{c.get('data', '?')}`: {c.get('num_samples', '?')} sequences × {c.get('seq_len', '?')} tokens "
-             f"(seed {c.get('seed', 0)})" for c in rows]
+             f"(seed {c.get('seed', 0)})" + (f", {share:.0%} of the mix" if share is not None and len(rows) > 1 else "")
+             for c, share in zip(rows, shares)]
     return "\n".join(lines) + f"\n\n{meta.get('tokens', '?')} tokens in all; statistics in `{plan.calibration or '?'}`."
 
 
@@ -120,11 +122,13 @@ def _loading(kind) -> str:
         return ("Its layers keep different numbers of experts, which no architecture's config can say: its model type "
                 "is `moeviz_pruned`, so transformers and serving engines refuse it by name rather than load it "
                 "wrongly. The original architecture is recorded under `moeviz` in `config.json`.\n\n" + moeviz)
+    serve = ("Serve it with a vLLM that supports expert substitution (`vllm serve PATH`), or load it with moeviz"
+             if "vLLM with" in kind.loaders else "Load it with moeviz (vLLM's expert substitution does not take "
+                                                  "quantized experts yet)")
     return ("`config.json` keeps the original architecture and adds "
             "`compression_config.transform_config.expert_substitution` (version 1): per MoE layer, the router's "
             "logical experts, the retained experts' weights (stored under their original ids) and one constant "
-            "vector per substituted expert (`…expert_replacements.<id>.value`). Serve it with a vLLM that supports "
-            "expert substitution (`vllm serve PATH`), or load it with moeviz:\n\n" + moeviz
+            f"vector per substituted expert (`…expert_replacements.<id>.value`). {serve}:\n\n" + moeviz
             + "\n\nStock transformers does not read the block: it would warn that the substituted experts are "
               "missing and fill them with random weights.")
 

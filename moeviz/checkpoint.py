@@ -201,15 +201,23 @@ def scale_key(ckpt: Checkpoint, key: str) -> str | None:
     return next((key + s for s in ("_scale_inv", "_scale") if key + s in ckpt.file_of), None)
 
 
-def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An FP8 weight (O, I) times its scale: one per block of a (O/b₀, I/b₁) grid, per row
-    (O, 1) or per tensor; computed in float32 and cast to `dtype`, as transformers does."""
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, block=None) -> torch.Tensor:
+    """An FP8 weight (…, O, I) times its scale: one per `block` (b₀, b₁) of a ⌈O/b₀⌉ × ⌈I/b₁⌉
+    grid (the last blocks may be partial, as DeepSeek-V3's 576-row projections have; without
+    `block`, the grid's cells are ⌈O/rows⌉ × ⌈I/cols⌉), per row (O,) or (O, 1), or per tensor;
+    computed in float32 and cast to `dtype`, as transformers does."""
     w = weight.float()
-    s = scale.float().reshape(scale.shape[-2:] if scale.dim() >= 2 else (1, 1))
     rows, cols = w.shape[-2:]
-    if rows % s.shape[0] or cols % s.shape[1]:
-        raise ValueError(f"An FP8 weight of shape {tuple(w.shape)} does not divide into its scale grid {tuple(s.shape)}.")
-    s = s.repeat_interleave(rows // s.shape[0], 0).repeat_interleave(cols // s.shape[1], 1)
+    s = scale.float()
+    if s.dim() == 1 and s.numel() == rows:  # per output row
+        s = s[:, None]
+    elif s.dim() < 2:  # per tensor
+        s = s.reshape(1, 1)
+    block_rows, block_cols = block or (-(-rows // s.shape[-2]), -(-cols // s.shape[-1]))
+    if s.shape[-2] * block_rows < rows or s.shape[-1] * block_cols < cols:
+        raise ValueError(f"An FP8 weight of shape {tuple(w.shape)} is not covered by its {tuple(s.shape)} scales "
+                         f"of blocks {block_rows} × {block_cols}.")
+    s = s.repeat_interleave(block_rows, -2).repeat_interleave(block_cols, -1)[..., :rows, :cols]
     return (w * s).to(dtype)
 
 

@@ -339,6 +339,14 @@ def _plan_and_stats(args):
     return plan, _stats_of(args, plan) if plan is not None else None
 
 
+def _calibration(args, stats) -> str | None:
+    """How plans and runs name the statistics: the directory, or a mix's directories and shares."""
+    from .stats import mix_label
+
+    mix = (stats.meta.get("mix") if stats is not None else None) or None
+    return mix_label([[m["path"], m["share"]] for m in mix]) if mix else args.stats
+
+
 def _stats_of(args, plan=None):
     """`--stats` (mixed at `--mix`), or the calibration the plan records, or None."""
     from .stats import load_stats, plan_stats
@@ -438,7 +446,7 @@ def _plan(args) -> int:
     weights = None
     if args.features == "weights" and args.method == "cprune":
         weights = _weight_features(args.model, stats)
-    plan = make_plan(stats, config, weights=weights, calibration=str(args.stats))
+    plan = make_plan(stats, config, weights=weights, calibration=_calibration(args, stats))
     plan.save(args.out)
     counts = [len(plan.pruned.get(i, ())) for i in stats.layer_indices]
     print(f"{args.method}: {plan.num_pruned} experts pruned ({plan.mode}), per layer {counts}"
@@ -549,7 +557,8 @@ def _evaluate(args) -> int:
         from .runs import RunStore, store_evaluation
 
         ids = store_evaluation(RunStore(args.runs), model, tokenizer, config, args.model, model_fingerprint(model),
-                               plan, stats, args.stats, progress)
+                               plan, stats, _calibration(args, stats) or (plan.calibration if plan else None),
+                               progress)
         report = RunStore(args.runs).get(ids["run_id"]).metrics
         print(f"stored as run {ids['run_id']}" + (" (already stored)" if ids["cached"] else ""), file=sys.stderr)
     else:
@@ -597,18 +606,19 @@ def _distill(args) -> int:
         def progress(step, steps, row):
             bar.set_postfix(loss=f"{row['loss']:.3f}", mse=f"{row['mse']:.3f}", refresh=False)
             bar.update(step - bar.n)
+        check = sample_sequences(eval_config.data, 8, args.seq_len, tokenizer, args.seed + 7, split="heldout",
+                                 vocab_size=teacher.config.vocab_size)  # it must beat the pruned model on these
         student, report = recover_checkpoint(args.model, teacher, teacher_name, tokens, config, args.out, args.device,
-                                             progress)
+                                             progress, check)
     print(f"{report['steps']} steps, {report['tokens']:,} tokens, {report['minutes']:.1f} min; "
-          f"loss {report['first']['loss']:.3f} → {report['last']['loss']:.3f}", file=sys.stderr)
+          f"loss {report['first']['loss']:.3f} → {report['last']['loss']:.3f}; {report['why']}", file=sys.stderr)
     if not args.no_evaluate:
         from .runs import RunStore, store_recovery
-        from .stats import ExpertStats
 
         plan = plan_of(student)
         stats_dir = args.stats or plan.calibration
         needs_stats = plan.mode in ("novice", "merge") or plan.sparsity or plan.nm
-        stats = ExpertStats.load(stats_dir) if stats_dir and needs_stats and Path(stats_dir).is_dir() else None
+        stats = _stats_of(args, plan) if needs_stats else None
         if needs_stats and stats is None:
             raise ValueError(f"Evaluating the plan before recovery needs its stats ({stats_dir}): give --stats, "
                              "or --no-evaluate.")
@@ -663,7 +673,7 @@ def _sweep(args) -> int:
             bar.set_postfix_str(label)
             bar.update(done - bar.n)
         frame = sweep(model, tokenizer, stats, methods, ratios, _eval_config(args), args.scope,
-                      RunStore(args.runs), str(args.stats), progress, args.random_seeds)
+                      RunStore(args.runs), _calibration(args, stats), progress, args.random_seeds)
     table = paper_table(frame)
     if args.out:
         table.to_csv(args.out, index=False)

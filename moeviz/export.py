@@ -132,7 +132,7 @@ def export_plan(source, plan: PruningPlan, stats: ExpertStats | None, out_dir,
     out = Path(out_dir).expanduser().absolute()
     src = Path(local_dir(source))
     config = json.loads((src / "config.json").read_text())
-    if (src / PLAN_FILE).is_file() or config.get("model_type") == MOEVIZ_MODEL_TYPE or substitution_block(config):
+    if (src / PLAN_FILE).is_file() or is_pruned_export(src):
         raise ValueError(f"{src} is a pruned export (its experts are cut already): export from the original.")
     adapter = get_adapter(skeleton(read_config(src), str(src)))
     parent_fingerprint = fingerprint(src)
@@ -261,6 +261,7 @@ class _Rewriter:
         self.num_experts = {layer.layer_idx: layer.num_experts for layer in adapter.layers}
         self.sparse = bool(plan.sparsity or plan.nm)
         self.renumber = kind.name != SUBSTITUTION  # the substitution format keeps logical ids
+        self.block = (quantization or {}).get("weight_block_size")  # FP8 scales' blocks
         self.dtype = ckpt.main_dtype  # the compute dtype (FP8 weights dequantize to it)
         self.expert_keys: dict[tuple[int, int], dict[str, str]] = {}  # (layer, expert) → {name: key}
         self.fused: set[int] = set()  # layers whose files hold fused (E, …) tensors
@@ -278,7 +279,7 @@ class _Rewriter:
         self._check_layout(quantization)
         self.replacement_names: dict[int, dict[int, str]] = {}  # layer → {pruned expert: tensor name}
         if kind.name == SUBSTITUTION:
-            for layer_idx, experts in plan.pruned.items():
+            for layer_idx, experts in ((i, e) for i, e in plan.pruned.items() if e):  # layers with novices
                 base = self.heads[layer_idx].removesuffix(".").removesuffix("experts")
                 self.replacement_names[layer_idx] = {e: f"{base}expert_replacements.{e}.value" for e in experts}
 
@@ -385,7 +386,7 @@ class _Rewriter:
         if ek is None or not (self.plan.pruned.get(ek.layer_idx) or self.sparse):
             return key, self.ckpt.tensor(key)
         keep = self.plan.kept(ek.layer_idx, self.num_experts[ek.layer_idx])
-        if ek.expert_idx is None:  # fused (E, …): only removal-like plans reach here; compact rows
+        if ek.expert_idx is None:  # fused (E, …), GPT-OSS: no sparsity or merge here; kept rows, compact
             return key, self.ckpt.tensor(key).index_select(0, torch.tensor(keep))
         if ek.expert_idx not in keep:
             return None
@@ -416,8 +417,8 @@ class _Rewriter:
             raise NotImplementedError(f"Weight sparsity: unknown expert tensor {name!r} in layer {layer_idx}.")
         norm = self.stats["mid_sqnorm" if role == "down" else "in_sqnorm"][self.row[layer_idx], e]
         if self._is_fp8(key):
-            mask = pruning_mask(dequantize(tensor, self.ckpt.tensor(scale_key(self.ckpt, key)), self.dtype), norm,
-                                self.plan.sparsity, self.plan.nm)
+            weight = dequantize(tensor, self.ckpt.tensor(scale_key(self.ckpt, key)), self.dtype, self.block)
+            mask = pruning_mask(weight, norm, self.plan.sparsity, self.plan.nm)
             return tensor.view(torch.uint8).masked_fill(mask, 0).view(tensor.dtype)  # +0 in FP8 is all-zero bits
         return tensor.masked_fill(pruning_mask(tensor, norm, self.plan.sparsity, self.plan.nm), 0)
 
@@ -566,6 +567,9 @@ class ExportLayout:
     def __init__(self, path: Path, config):
         self.path = path
         self.substituted = read_substitution(config)  # layer → (logical count, {expert: value name})
+        quantization = getattr(config, "quantization_config", None) or {}
+        self.block = (quantization.get("weight_block_size") if isinstance(quantization, dict)
+                      else getattr(quantization, "weight_block_size", None))
         plan_file = path / PLAN_FILE
         self.plan = PruningPlan.load(plan_file) if not self.substituted and plan_file.is_file() else None
 
@@ -620,7 +624,7 @@ class ExportLayout:
         """The file tensor for `key`, dequantized to `dtype` when it is FP8 with a scale beside it."""
         tensor = ckpt.tensor(key)
         scale = scale_key(ckpt, key)
-        return dequantize(tensor, ckpt.tensor(scale), dtype) if scale is not None else tensor
+        return dequantize(tensor, ckpt.tensor(scale), dtype, self.block) if scale is not None else tensor
 
 
 def _copy_into(target: torch.Tensor, value: torch.Tensor, written: Counter) -> None:

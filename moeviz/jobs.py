@@ -89,7 +89,8 @@ def recover(server, progress, plan: dict, stats: str | list | None, runs: str, o
             lr: float = 1e-4, train_samples: int = 1024, **config) -> dict:
     """Export `plan` to `out`/pruned, distil it from the loaded original for `minutes` into
     `out`/recovered, evaluate it and store it beside the plan's own run:
-    {"run_id", "parent_id", "baseline_id", "checkpoint"}."""
+    {"run_id", "parent_id", "baseline_id", "checkpoint", "kept", "why"}: the recovered model, or
+    the pruned one when recovery made it worse on held-out text."""
     from .data import sample_sequences
     from .evaluate import EvalConfig
     from .export import export_plan
@@ -107,14 +108,16 @@ def recover(server, progress, plan: dict, stats: str | list | None, runs: str, o
                 progress=lambda done, total: progress("writing the pruned checkpoint", done, total))
     tokens = sample_sequences(config.data, train_samples, config.seq_len, tokenizer, 0, split="train",
                               vocab_size=model.config.vocab_size)
+    check = sample_sequences(config.data, 8, config.seq_len, tokenizer, 7, split="heldout",
+                             vocab_size=model.config.vocab_size)  # the result must beat the pruned model on these
     budget = DistillConfig(steps=None, max_minutes=minutes, lr=lr)
     student, report = recover_checkpoint(out / "pruned", model, server.model_name, tokens, budget, out / "recovered",
                                          server.device, lambda step, steps, row: progress(
                                              f"distilling, step {step}, loss {row['loss']:.3f}",
-                                             round(row["seconds"]), round(minutes * 60)))
+                                             round(row["seconds"]), round(minutes * 60)), check)
     ids = store_recovery(RunStore(runs), student, model, tokenizer, config, server.model_name, fingerprint, plan,
                          loaded, _label(stats), report, progress)
-    return dict(ids, checkpoint=report["checkpoint"])
+    return dict(ids, checkpoint=report["checkpoint"], kept=report.get("kept"), why=report.get("why"))
 
 
 def stability(server, progress, config: dict, chunks: int, methods: list[str], ratio: float, out: str,

@@ -170,10 +170,10 @@ def select(scores: np.ndarray, ratio: float, scope: str, info: dict, counts: str
     if multiple is None:
         raise PlanError(f"counts must be 'free', 'equal' or a positive number of experts, got {counts!r}.")
     E = scores.shape[1]
-    floor = -(-top_k // multiple) * multiple  # the fewest kept: top-k, rounded up to a multiple
-    if floor > E:
+    floor, ceiling = -(-top_k // multiple) * multiple, E // multiple * multiple  # kept counts that can be
+    if floor > ceiling:
         raise PlanError(f"No layer can keep a multiple of {multiple} experts with at least top-k = {top_k} of {E}.")
-    keep = {i: min(E, max(floor, int(round((E - len(v)) / multiple)) * multiple)) for i, v in pruned.items()}
+    keep = {i: min(ceiling, max(floor, int(round((E - len(v)) / multiple)) * multiple)) for i, v in pruned.items()}
     return {i: sorted(np.argsort(scores[row], kind="stable")[:E - keep[i]].tolist()) for row, i in enumerate(layers)}
 
 

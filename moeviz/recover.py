@@ -318,19 +318,23 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel, tokens: torch.Te
 
 
 # ---- saving -----------------------------------------------------------------------------
+def _refuse_quantized(ckpt: Checkpoint) -> None:
+    if any(scale_key(ckpt, key) for key in ckpt.keys()):
+        raise NotImplementedError(f"{ckpt.path} holds FP8 weights: a recovered model trains in {ckpt.main_dtype}, "
+                                  "and moeviz does not quantize it back. Recover an export of a bf16 checkpoint.")
+
+
 def save_recovered(student: PreTrainedModel, pruned_dir, out_dir, lineage: dict | None = None) -> Path:
     """Write `student` as the pruned checkpoint `pruned_dir` it was loaded from is written (the
     same files, keys and dtypes, the same plan and config), into the new directory `out_dir`,
     atomically; it reloads with `moeviz.loading.load_model` like the export."""
-    from .export import ExportLayout
+    from .export import CARD_FILE, ExportLayout
 
     src, out = Path(pruned_dir), Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; choose a new directory.")
     ckpt = Checkpoint(src)
-    if any(scale_key(ckpt, key) for key in ckpt.keys()):
-        raise NotImplementedError(f"{src} holds FP8 weights: a recovered model is trained in {ckpt.main_dtype}, and "
-                                  "moeviz does not quantize it back. Recover a bf16 export.")
+    _refuse_quantized(ckpt)
     layout = ExportLayout(src, read_config(src))
     layout.bind(get_adapter(student))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -346,8 +350,8 @@ def save_recovered(student: PreTrainedModel, pruned_dir, out_dir, lineage: dict 
                 shutil.copy2(file, tmp / file.name)
         if lineage is not None:
             (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
-            if (tmp / "README.md").is_file() and (recovery := lineage.get("recovery")):
-                with open(tmp / "README.md", "a") as card:
+            if (tmp / CARD_FILE).is_file() and (recovery := lineage.get("recovery")):
+                with open(tmp / CARD_FILE, "a") as card:
                     card.write(f"\n## Recovery\n\nAfter pruning, distilled from `{lineage.get('teacher')}` for "
                                f"{recovery.get('steps')} steps ({recovery.get('minutes')} min) by `moeviz distill`; "
                                "the evaluation above is the pruned model's, before recovery.\n")
@@ -361,15 +365,35 @@ def save_recovered(student: PreTrainedModel, pruned_dir, out_dir, lineage: dict 
 
 def recover_checkpoint(pruned_dir, teacher: PreTrainedModel, teacher_name: str, tokens: torch.Tensor,
                        config: DistillConfig, out_dir, device: str = "auto",
-                       progress: Progress | None = None) -> tuple[PreTrainedModel, dict]:
+                       progress: Progress | None = None, check: torch.Tensor | None = None) -> tuple[PreTrainedModel, dict]:
     """Load the pruned checkpoint `pruned_dir` (what `moeviz prune` wrote), distil it against
     `teacher` and write it to `out_dir` with its lineage (parent, teacher, plan, recovery).
-    Returns (the recovered model, the training report)."""
+
+    With `check` (held-out token sequences), the result is compared with the pruned model it
+    started from on them (KL to the teacher): when training made it worse, the pruned model is
+    kept instead, nothing is written, and the report says so (`kept`, `why`, `checkpoint` the
+    pruned one). Returns (the model kept, the training report)."""
+    from .evaluate import fidelity
+
+    _refuse_quantized(Checkpoint(pruned_dir))  # before any training
     student, _ = load_model(pruned_dir, device=device)  # in the checkpoint's dtype, the teacher's
     plan = plan_of(student)
     teacher_fingerprint = model_fingerprint(teacher)
     plan.validate(model_info(teacher, fingerprint=teacher_fingerprint))  # the teacher is its original
+    before = fidelity(student, teacher, check)["kl"] if check is not None else None
     report = distill(student, teacher, tokens, config, plan, progress)
+    if check is not None:
+        after = fidelity(student, teacher, check)["kl"]
+        report["check"] = dict(kl_before=before, kl_after=after, sequences=len(check))
+        if after > before:  # recovery made it worse: the pruned model stays what it was
+            del student
+            student, _ = load_model(pruned_dir, device=device)
+            report.update(kept="pruned", checkpoint=str(Path(pruned_dir).resolve()),
+                          why=f"on {len(check)} held-out sequences the KL to the original rose from {before:.4g} to "
+                              f"{after:.4g}: the pruned model is kept")
+            return student, report
+        report.update(kept="recovered", why=f"on {len(check)} held-out sequences the KL to the original fell from "
+                                            f"{before:.4g} to {after:.4g}")
     lineage = dict(parent=str(Path(pruned_dir).resolve()), teacher=teacher_name,
                    teacher_fingerprint=teacher_fingerprint, plan=json.loads(plan.to_json()), recovery=report)
     out = save_recovered(student, pruned_dir, out_dir, lineage)

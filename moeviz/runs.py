@@ -243,6 +243,8 @@ def delta_table(runs: list[Run], originals: list[Run] | None = None) -> pd.DataF
             row[key] = f"{m[key]:.4g}" + (f" ± {err:.2g}" if err else "")
             if baseline is not None and key in baseline.metrics and key in ("perplexity", "task_mean"):
                 row[f"Δ {key}"] = f"{m[key] - baseline.metrics[key]:+.3g}"
+                if key == "perplexity" and m.get("recovery"):  # it was trained on text of this source
+                    row[f"Δ {key}"] = "not comparable (trained on this source)"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -260,7 +262,8 @@ def source_table(runs: list[Run]) -> pd.DataFrame:
             row = dict(id=run.id, run=run_name(vars(run)), source=name,
                        perplexity=f"{m['perplexity']:.4g} ± {m.get('perplexity_se', float('nan')):.2g}")
             if name in base and run.method != "original":
-                row["Δ perplexity"] = f"{m['perplexity'] - base[name]['perplexity']:+.3g}"
+                row["Δ perplexity"] = ("not comparable (trained on this source)" if run.metrics.get("recovery")
+                                       else f"{m['perplexity'] - base[name]['perplexity']:+.3g}")
             row.update({k: round(m[k], 4) for k in ("kl", "top1_agreement") if k in m})
             if "task" in m:
                 row["task"] = f"{m['task']:.3g}" + (f" ± {m['task_se']:.2g}" if m.get("task_se") else "")

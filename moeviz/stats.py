@@ -151,7 +151,9 @@ class ExpertStats:
         """The stats of a calibration in which each source gives the share (weight, normalised) of
         the tokens: every sum of source i scaled by s_i = w_i · T / T_i, with T = min T_i / w_i
         over the weighted sources, the largest token count at which no source's token weighs more
-        than once. Exact for every statistic (means and variances pooled as `merge` pools them).
+        than once. Exact for every statistic (means and variances pooled as `merge` pools them);
+        the probes, a fixed sample of each calibration's tokens, are mixed the same way over their
+        own counts P_i (the sample of the mix holds w_i of source i's probe tokens).
 
         One source at weight 1 gives its own stats; shares proportional to the token counts give
         `merge` of them all. Sources of different models or layouts are refused."""
@@ -175,8 +177,13 @@ class ExpertStats:
         scaled = [(stats, w * total / stats["tokens"]) for stats, w in used]  # (stats, s_i (L,))
         tensors = {}
         for key in ADDITIVE:
-            if key in first.tensors:
+            if key in first.tensors and not key.startswith("probe_"):
                 tensors[key] = sum(stats[key] * _expand(scale, stats[key]) for stats, scale in scaled)
+        if first.has_probes:  # a fixed sample of tokens per calibration: the shares apply to the samples
+            probes = torch.stack([stats["probe_tokens"].clamp(min=1e-300) / w for stats, w in used]).amin(0)
+            for key in ("probe_out_sum", "probe_sim_sum", "probe_tokens"):
+                tensors[key] = sum(stats[key] * _expand(w * probes / stats["probe_tokens"].clamp(min=1e-300), stats[key])
+                                   for stats, w in used)
         counts = [stats["count"] * scale[:, None] for stats, scale in scaled]  # weighted tokens per expert
         n = sum(counts).clamp(min=1e-300)[..., None]
         mean = sum(c[..., None] * stats["out_mean"] for c, (stats, _) in zip(counts, scaled)) / n

@@ -12,7 +12,7 @@ from moeviz.export import export_kind, export_name
 from moeviz.methods import PlanConfig, get_method, make_plan, method_names
 from moeviz.plan import PlanError
 from moeviz.runs import RunStore, plan_digest, recovery_pairs, run_name
-from moeviz.stats import ExpertStats, list_stats, mix_label
+from moeviz.stats import ExpertStats, StatsError, list_stats, mix_label
 from pages.common import (cache_dir, current_model, finished, job_status, load_stats, persistent, poll, progress_ui,
                           stats_ui, submit)
 
@@ -66,7 +66,8 @@ def mix_ui(stats):
     Returns (stats, the jobs' spec: a directory or [[directory, share], …], the even mix or None)."""
     found = {str(path): meta for path, meta in list_stats(cache_dir(), fingerprint)
              if not (meta.get("calibration") or {}).get("sequential")}
-    others = [p for p in found if p != STATS_DIR and found[p].get("stats_version") == stats.meta.get("stats_version")]
+    others = [p for p in found if p != STATS_DIR and found[p].get("stats_version") == stats.meta.get("stats_version")
+              and bool((found[p].get("calibration") or {}).get("probe_tokens")) == stats.has_probes]  # mixable
     if not others:
         return stats, STATS_DIR, None
     remembered_mix = [p for p in st.session_state.get("mix_choice", []) if p in others]
@@ -91,8 +92,12 @@ def mix_ui(stats):
     st.caption("Shares of the calibration tokens: " + ", ".join(f"{_source(found.get(p, stats.meta))} {s:.0%}"
                                                                for p, s in zip(paths, shares))
                + ". Outlined cells change fate against the even mix.")
-    mixed = ExpertStats.mix([(load_stats(p), w) for p, w in zip(paths, shares)])
-    even = ExpertStats.mix([(load_stats(p), 1.0) for p in paths])
+    try:
+        mixed = ExpertStats.mix([(load_stats(p), w) for p, w in zip(paths, shares)])
+        even = ExpertStats.mix([(load_stats(p), 1.0) for p in paths])
+    except StatsError as err:
+        st.error(str(err))
+        st.stop()
     return mixed, [[p, s] for p, s in zip(paths, shares)], even
 
 
@@ -265,12 +270,14 @@ def tradeoff_ui() -> None:
     paths = [p for p, _ in STATS]
     found = {str(path): meta for path, meta in list_stats(cache_dir(), fingerprint)}
     names = [_source(found[p]) for p in paths]
+    names = [n if names.count(n) == 1 else f"{n} #{i + 1}" for i, n in enumerate(names)]  # unique keys
     first = st.selectbox("Trade off", range(len(paths)), format_func=lambda i: names[i], key="tradeoff_source",
                          help="this source against the others (mixed at their current relative shares)")
     rest = [i for i in range(len(paths)) if i != first]
     weights = [STATS[i][1] for i in rest]
     weights = [w / sum(weights) for w in weights] if sum(weights) else [1 / len(rest)] * len(rest)
     b_name = names[rest[0]] if len(rest) == 1 else "the rest"
+    b_name = b_name if b_name != names[first] else f"{b_name} (other)"
     a_spec, b_spec = [[paths[first], 1.0]], [[paths[i], w] for i, w in zip(rest, weights)]
     tasks = is_demo(name) and st.toggle("With the demo tasks' accuracy (slower)", key="tradeoff_tasks")
     data = {names[first]: _heldout([found[paths[first]]]), b_name: _heldout([found[paths[i]] for i in rest])}
@@ -349,7 +356,7 @@ if c1.button("Apply and evaluate", type="primary"):
     if job:
         st.session_state["eval_job"] = job
         st.session_state.pop("eval_job_error", None)
-kind = export_kind(plan)
+kind = export_kind(plan, getattr(skeleton.config, "quantization_config", None))
 out_dir = c2.text_input("Export to", value=str(Path(cache_dir()) / "exports" / export_name(name, plan)),
                         key=f"export_dir_{plan_digest(plan)}")  # follows the plan; a typed path stays with it
 c2.caption(f"Exports as **{kind.name}**: {kind.reason}. Loads with {kind.loaders}.")
@@ -421,7 +428,12 @@ if result := st.session_state.get("eval_job_result"):
         recover_ui(run)
 if result := st.session_state.get("recover_job_result"):
     store = RunStore(RUNS)
-    st.success(f"Recovered as run {result['run_id']}, saved to {result['checkpoint']}.")
+    if result.get("kept") == "pruned":
+        st.warning(f"Recovery made the model worse ({result['why']}). Stored as run {result['run_id']}: the "
+                   f"pruned model, unchanged, at {result['checkpoint']}.")
+    else:
+        st.success(f"Recovered as run {result['run_id']}, saved to {result['checkpoint']}"
+                   + (f" ({result['why']})." if result.get("why") else "."))
     st.dataframe(recovery_pairs(store.list(fingerprint=fingerprint)).query(f"run == {result['run_id']}"),
                  hide_index=True)
 

@@ -8,6 +8,7 @@ from moeviz.apply import apply_plan, model_info
 from moeviz.calibrate import CalibConfig, calibrate
 from moeviz.checkpoint import fingerprint
 from moeviz.cli import main
+from moeviz.data import sample_sequences
 from moeviz.export import export_plan
 from moeviz.loading import load_model
 from moeviz.methods import PlanConfig, make_plan
@@ -169,3 +170,35 @@ def test_bf16_weights_train_through_float32_masters_and_drops_stay_dropped(tmp_p
     distill(student, teacher, TOKENS, DistillConfig(**{**ONE_STEP, "steps": 3, "lr": 1e-3}), plan)
     assert layer.experts.down_proj.dtype == torch.bfloat16 and not torch.equal(layer.experts.down_proj, before)
     assert torch.all(layer.novices == 0)  # a drop plan's answer for its pruned experts is zero, and stays so
+
+
+def test_recovery_that_makes_the_model_worse_keeps_the_pruned_one(tmp_path):
+    """Checked on held-out text against the pruned model it started from: a learning rate that
+    wrecks the student keeps the pruned model, writes nothing, and says why; a sane one keeps
+    the recovered model."""
+    teacher = tiny_model("qwen3_moe")
+    teacher.save_pretrained(tmp_path / "original")
+    stats = _stats(teacher, tmp_path / "cache")
+    plan = make_plan(stats, PlanConfig("mone", ratio=0.25))
+    export_plan(tmp_path / "original", plan, stats, tmp_path / "pruned")
+    teacher, _ = load_model(str(tmp_path / "original"), device="cpu")
+    check = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(11))
+    wrecked = DistillConfig(**{**ONE_STEP, "steps": 3, "lr": 5.0, "warmup_steps": 0})
+    student, report = recover_checkpoint(tmp_path / "pruned", teacher, "original", TOKENS, wrecked,
+                                         tmp_path / "recovered", device="cpu", check=check)
+    assert report["kept"] == "pruned" and report["check"]["kl_after"] > report["check"]["kl_before"]
+    assert "rose from" in report["why"] and report["checkpoint"] == str((tmp_path / "pruned").resolve())
+    assert not (tmp_path / "recovered").exists()
+    pruned, _ = load_model(str(tmp_path / "pruned"), device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(student(TOKENS).logits, pruned(TOKENS).logits, rtol=0, atol=0)
+    teacher, tokenizer = load_model("demo", device="cpu")  # a trained model, far from its pruned copy
+    stats, _ = calibrate(teacher, CalibConfig(data="demo", num_samples=8, seq_len=32, cache_dir=tmp_path / "c"),
+                         tokenizer)
+    export_plan("demo", make_plan(stats, PlanConfig("frequency", ratio=0.5)), stats, tmp_path / "demo-pruned")
+    train = sample_sequences("demo", 32, 32, tokenizer, 0, split="train")
+    check = sample_sequences("demo", 8, 32, tokenizer, 7, split="heldout")
+    student, report = recover_checkpoint(tmp_path / "demo-pruned", teacher, "demo", train,
+                                         DistillConfig(steps=8, batch_size=8, lr=1e-3), tmp_path / "recovered",
+                                         device="cpu", check=check)
+    assert report["kept"] == "recovered" and "fell from" in report["why"] and (tmp_path / "recovered").is_dir()

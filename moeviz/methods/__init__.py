@@ -75,7 +75,7 @@ def make_plan(stats: ExpertStats, config: PlanConfig, weights=None, calibration:
     method = get_method(config.method)
     mode = config.mode or method.default_mode
     info = plan_info(stats)
-    if config.counts not in ("free", "equal") and (config.scope != "global" or method.makes_plan):
+    if config.counts != "free" and (method.makes_plan or (config.scope != "global" and config.counts != "equal")):
         raise PlanError(f"counts={config.counts!r} shapes global scope's per-layer counts of a score-based method; "
                         f"{config.method} with scope {config.scope!r} decides its own.")
     if method.makes_plan:
