@@ -1,12 +1,13 @@
 """What the calibration mix keeps on a demo model: the arithmetic task against the rest.
 
-    python bench/mix.py [--model demo-fine] [--ratio 0.25] [--methods mone,reap] [--shares 0:1:0.1]
+    python bench/mix.py [--model demo-fine] [--ratio 0.25] [--methods mone,reap] [--shares 0:1:0.1,0.95,0.99]
                         [--task-examples 200] [--heldout 32] [--out DIR] [--figure docs/mix-fine.png]
 
 Calibrates the model once per demo domain (256 × 128 tokens each, as the README's demo-fine
 sweep, cached under cache/), mixes the four domains other than arithmetic at equal shares into
 "the rest", and for each method (its default mode: MoNE novices, REAP removal) runs
-`moeviz.evaluate.mix_tradeoff` as arithmetic's share of the calibration goes from 0 to 1: the
+`moeviz.evaluate.mix_tradeoff` as arithmetic's share of the calibration goes from 0 to 1 (steps
+of 0.1, and finer past 0.9, where MoNE's and REAP's arithmetic comes back): the
 plan of each mix applied in place, the five demo tasks scored (--task-examples items each, the
 same items for every mix and for the original) and KL / top-1 against the original on --heldout
 held-out sequences of arithmetic and of the rest. Share 0.2 is the even mix of all five domains.
@@ -16,8 +17,9 @@ experts), prints a markdown table per method, and draws --figure: arithmetic and
 the other four tasks, as fractions of the original, against arithmetic's share (a plotly
 figure screenshotted by headless Chromium; skipped with --figure '').
 
-Time on the 2-core machine (shared with other jobs): about 3 minutes to calibrate the five
-domains, then about 5 s a mix per method at 200 task items: about 5 minutes in all.
+Time on the 2-core machine, shared with other jobs: about 75 s to calibrate the five domains
+(once; cached), then 15 s a mix per method at 200 task items and 32 held-out sequences per
+source: about 9 minutes in all for 16 shares × 2 methods.
 """
 
 from __future__ import annotations
@@ -148,13 +150,16 @@ def screenshot(fig, png: Path) -> None:
 
 
 def parse_shares(spec: str) -> list[float]:
-    """`0:1:0.1` (a range, both ends included) or `0,0.2,0.5`; the even mix is always added."""
-    if ":" in spec:
-        lo, hi, step = (float(x) for x in spec.split(":"))
-        shares = [lo + i * step for i in range(round((hi - lo) / step) + 1)]
-    else:
-        shares = [float(x) for x in spec.split(",")]
-    return sorted({round(s, 4) for s in [*shares, 1 / len(DOMAINS)]})
+    """Shares of the task, comma-separated: numbers or LO:HI:STEP ranges (both ends included),
+    as `0:1:0.1,0.95,0.99`; the even mix is always added."""
+    shares = [1 / len(DOMAINS)]
+    for part in spec.split(","):
+        if ":" in part:
+            lo, hi, step = (float(x) for x in part.split(":"))
+            shares += [lo + i * step for i in range(round((hi - lo) / step) + 1)]
+        else:
+            shares.append(float(part))
+    return sorted({round(s, 4) for s in shares})
 
 
 def main() -> None:
@@ -162,7 +167,8 @@ def main() -> None:
     parser.add_argument("--model", choices=demo_names(), default="demo-fine")
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--methods", default="mone,reap", help="comma-separated; each in its default mode")
-    parser.add_argument("--shares", default="0:1:0.1", help="shares of arithmetic: LO:HI:STEP or a list")
+    parser.add_argument("--shares", default="0:1:0.1,0.95,0.97,0.98,0.99,0.995",
+                        help="shares of arithmetic: numbers and LO:HI:STEP ranges, comma-separated")
     parser.add_argument("--samples", type=int, default=256, help="calibration sequences per domain")
     parser.add_argument("--task-examples", type=int, default=200, help="items per demo task")
     parser.add_argument("--heldout", type=int, default=32, help="held-out sequences per source, for KL")
