@@ -91,7 +91,7 @@ def markdown(method: str, rows: list[dict], even: float) -> str:
     lines = [f"**{method}** (fractions of the original ± SE)", "", head]
     for r in rows:
         mark = " (even)" if math.isclose(r["share"], even) else ""
-        cells = [f"{r['share']:.2f}{mark}", f"**{r['task']:.2f}** ± {r['task_se']:.2f}",
+        cells = [f"{r['share']:g}{mark}", f"**{r['task']:.2f}** ± {r['task_se']:.2f}",
                  f"**{r['rest_mean']:.2f}** ± {r['rest_mean_se']:.2f}",
                  *(f"{r['tasks'][d]:.2f} ± {r['tasks_se'][d]:.2f}" for d in OTHERS),
                  f"{r['kl'][TASK]:.2f}", f"{r['kl']['rest']:.2f}"]
@@ -211,8 +211,8 @@ def main() -> None:
     for method, s in summary.items():
         best = s["best"]
         print(f"{method}: even mix {TASK} {s['even']['task']:.2f}, other four {s['even']['rest_mean']:.2f}; "
-              + (f"best mix (share {best['share']:.2f}) {TASK} {best['task']:.2f}, other four {best['rest_mean']:.2f}"
-                 if best else f"no share keeps {TASK} at {KEEP}"))
+              + (f"best mix (share {best['share']:g}) {TASK} {best['task']:.2f}, other four {best['rest_mean']:.2f}"
+                 if best else f"no share keeps {TASK} at {KEEP} of the original"))
     if args.figure:
         screenshot(figure(results, even, args.ratio, args.model), Path(args.figure))
         print(f"figure: {args.figure}", file=sys.stderr)
