@@ -23,7 +23,8 @@ if stats is None:
     st.stop()
 STATS_DIR = st.session_state["stats_choice"]
 RUNS = Path(cache_dir()).resolve() / "runs.sqlite"
-SHARES = [i / 10 for i in range(11)]  # the trade-off view's mixes, share of the first source
+SHARES = [0.0, 0.05, *(i / 10 for i in range(1, 10)), 0.95, 1.0]  # the trade-off view's mixes: the first
+# source's share; finer at the ends, where a few percent of the other source changes most (demo-fine)
 CURVE_RATIOS = [i / 16 for i in range(0, 15)]
 
 

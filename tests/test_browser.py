@@ -282,11 +282,11 @@ def test_a_calibration_mix_moves_the_plan_at_once(server, page):
     data = chart.evaluate("el => el.querySelector('.js-plotly-plot').data.map(t => [t.name, t.x.length, t.x[0]])")
     lines = [d for d in data if d[0].startswith("held-out")]
     ring = [d for d in data if d[0] == "current mix"]
-    assert len(lines) == 2 and all(n == 11 for _, n, _ in lines)  # a point per mix, per held-out source
+    assert len(lines) == 2 and all(n == 13 for _, n, _ in lines)  # a point per mix, per held-out source
     assert ring and ring[0][2] == 0  # the current mix: none of demo:arithmetic
     x, y = chart.evaluate("""el => { const gd = el.querySelector('.js-plotly-plot'), l = gd._fullLayout;
         const t = gd.data.find(t => t.name.startsWith('held-out')), box = gd.getBoundingClientRect();
-        return [box.x + l.xaxis._offset + l.xaxis.d2p(t.x[10]), box.y + l.yaxis._offset + l.yaxis.d2p(t.y[10])]; }""")
+        return [box.x + l.xaxis._offset + l.xaxis.d2p(t.x[12]), box.y + l.yaxis._offset + l.yaxis.d2p(t.y[12])]; }""")
     page.mouse.click(x, y)  # all of demo:arithmetic
     _idle(page)
     page.wait_for_function("() => { const el = Array.from(document.querySelectorAll('[data-testid=stPlotlyChart]'))"
