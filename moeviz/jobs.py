@@ -43,13 +43,9 @@ def calibrate(server, progress, **config) -> dict:
 
 def _stats(spec):
     """A job's `stats`: a directory, or a mix as [[directory, share], …], or None."""
-    from .stats import ExpertStats
+    from .stats import load_mix
 
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        return ExpertStats.load(spec)
-    return ExpertStats.mix([(ExpertStats.load(path), share) for path, share in spec])
+    return load_mix(spec)
 
 
 def _label(spec) -> str | None:

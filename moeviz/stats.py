@@ -252,7 +252,15 @@ def load_stats(paths: str | list[str], mix: str | list[float] | None = None) -> 
         raise StatsError(f"--mix gives {len(mix)} shares for {len(paths)} stats directories: give one share per source.")
     if len(paths) == 1 and mix is None:
         return ExpertStats.load(paths[0])
-    return ExpertStats.mix([(ExpertStats.load(p), w) for p, w in zip(paths, mix or [1.0] * len(paths))])
+    return load_mix(list(zip(paths, mix or [1.0] * len(paths))))
+
+
+def load_mix(spec) -> ExpertStats | None:
+    """A stats directory (a string), or the mix of directories at shares [[directory, share], …]
+    (as jobs, plans and runs record them); None for None."""
+    if spec is None or isinstance(spec, str):
+        return None if spec is None else ExpertStats.load(spec)
+    return ExpertStats.mix([(ExpertStats.load(path), share) for path, share in spec])
 
 
 def mix_label(spec: str | list | None) -> str | None:
@@ -267,7 +275,7 @@ def plan_stats(plan) -> ExpertStats | None:
     """The statistics a plan was made from, from what it records: its mix of calibrations at its
     shares, or its one calibration directory; None when it records neither."""
     if plan.mix:
-        return ExpertStats.mix([(ExpertStats.load(m["path"]), m["share"]) for m in plan.mix])
+        return load_mix([(m["path"], m["share"]) for m in plan.mix])
     if plan.calibration and Path(plan.calibration).is_dir():
         return ExpertStats.load(plan.calibration)
     return None
