@@ -124,7 +124,7 @@ def test_a_hand_started_backend_is_found_with_its_token_file(backend, tmp_path):
 @pytest.mark.parametrize("kind, args, why", [
     ("format_disk", {}, "Unknown job kind"),
     ("export", dict(plan={}, stats=None, out="OUT", overwrite=True), "takes no argument 'overwrite'; its arguments: "
-                                                                     "out, plan, stats"),
+                                                                     "out, plan, runs, stats"),
     ("calibrate", dict(data="demo", cache_dir="/tmp/elsewhere"), "takes no argument 'cache_dir'"),
     ("export", dict(plan={}, stats=None), "needs 'out'"),
     ("export", dict(plan={}, stats=None, out="MODEL/pruned"), "inside the model's own directory"),
@@ -162,7 +162,7 @@ def test_the_apps_own_result_paths_and_paths_outside_are_accepted(tmp_path):
 
 
 def test_a_jobs_arguments_come_from_its_function_and_its_config():
-    assert arg_names("export") == ({"plan", "stats", "out"}, {"plan", "stats", "out"})
+    assert arg_names("export") == ({"plan", "stats", "out", "runs"}, {"plan", "stats", "out"})  # runs: optional
     allowed, required = arg_names("calibrate")
     assert {"data", "num_samples", "layer_by_layer"} <= allowed and "cache_dir" not in allowed and not required
     allowed, required = arg_names("recover")
