@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: the plan's own calibration)")
     di.add_argument("--runs", default="cache/runs.sqlite", help="store the evaluation here, beside the plan's")
     di.add_argument("--no-evaluate", action="store_true", help="only train and save")
+    di.add_argument("--no-check", action="store_true",
+                    help="keep the trained model even when it is worse than the pruned one on held-out text")
     di.add_argument("--out", required=True, help="a new directory for the recovered checkpoint")
     di.set_defaults(func=_distill)
 
@@ -606,12 +608,14 @@ def _distill(args) -> int:
         def progress(step, steps, row):
             bar.set_postfix(loss=f"{row['loss']:.3f}", mse=f"{row['mse']:.3f}", refresh=False)
             bar.update(step - bar.n)
-        check = sample_sequences(eval_config.data, 8, args.seq_len, tokenizer, args.seed + 7, split="heldout",
-                                 vocab_size=teacher.config.vocab_size)  # it must beat the pruned model on these
+        check = None if args.no_check else sample_sequences(  # it must beat the pruned model on these
+            eval_config.data, 8, args.seq_len, tokenizer, args.seed + 7, split="heldout",
+            vocab_size=teacher.config.vocab_size)
         student, report = recover_checkpoint(args.model, teacher, teacher_name, tokens, config, args.out, args.device,
                                              progress, check)
     print(f"{report['steps']} steps, {report['tokens']:,} tokens, {report['minutes']:.1f} min; "
-          f"loss {report['first']['loss']:.3f} → {report['last']['loss']:.3f}; {report['why']}", file=sys.stderr)
+          f"loss {report['first']['loss']:.3f} → {report['last']['loss']:.3f}"
+          + (f"; {report['why']}" if report.get("why") else ""), file=sys.stderr)
     if not args.no_evaluate:
         from .runs import RunStore, store_recovery
 

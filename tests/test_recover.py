@@ -129,6 +129,7 @@ def test_cli_distill_trains_saves_and_stores_the_pair(tmp_path, capsys):
     assert read_lineage(tmp_path / "pruned")["parent"] == str((tmp_path / "original").resolve())
     db = tmp_path / "runs.sqlite"
     main(["distill", "--model", str(tmp_path / "pruned"), "--steps", "2", "--data", "random", "--seq-len", "16",
+          "--no-check",  # a random tiny model: 2 steps may move the KL either way (test_recovery_that_makes… checks)
           "--samples", "4", "--train-samples", "8", "--device", "cpu", "--runs", str(db), "--out", str(tmp_path / "rec")])
     assert capsys.readouterr().out.strip().endswith(str(tmp_path / "rec"))
     runs = {r.id: r for r in RunStore(db).list()}
