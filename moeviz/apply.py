@@ -78,7 +78,7 @@ def apply_plan(model: PreTrainedModel, plan: PruningPlan, stats: ExpertStats | N
                 view.copy_(merged)
         keep = plan.kept(layer.layer_idx, layer.num_experts)
         if plan.mode in ("novice", "drop"):
-            install_novices(layer, keep, experts, _novices(layer, plan, stats, row, experts))
+            install_novices(layer, keep, experts, novices_of(layer, plan, stats, row, experts))
         else:
             remove_experts(layer, keep)
     if plan.mode in ("remove", "merge") and plan.num_pruned and plan.is_uniform():
@@ -124,7 +124,7 @@ class AppliedPlan:
                                _merged_tensors(layer, plan.merge_into.get(layer.layer_idx, {}), stats.frequency[row])]
             if plan.mode in ("novice", "drop"):
                 keep = plan.kept(layer.layer_idx, layer.num_experts)
-                wrapper = NoviceExperts(layer.experts, keep, experts, _novices(layer, plan, stats, row, experts),
+                wrapper = NoviceExperts(layer.experts, keep, experts, novices_of(layer, plan, stats, row, experts),
                                         sliced=False)
                 self.edits.append(_ModuleSwap(layer.block, "experts", wrapper))
             else:
@@ -241,10 +241,10 @@ def _unpack(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return ((bits[:, None] & _BITS.to(bits.device)) > 0).reshape(-1)[:n].view(shape)
 
 
-def _novices(layer: MoELayer, plan: PruningPlan, stats, row: int, experts: list[int]) -> torch.Tensor:
+def novices_of(layer: MoELayer, plan: PruningPlan, stats, row: int, experts: list[int], dtype=None) -> torch.Tensor:
     """(P, H): MoNE's novices, the pruned experts' mean outputs; zeros for `drop`. In the experts'
-    dtype, as an export stores them: the plan in place gives the exported model's outputs."""
-    dtype = layer.expert_weights(0).down.dtype
+    dtype (or `dtype`), as an export stores them: the plan in place gives the exported model's outputs."""
+    dtype = dtype or layer.expert_weights(0).down.dtype
     if plan.mode == "novice":
         return stats["out_mean"][row, experts].float().to(dtype)
     return torch.zeros(len(experts), layer.hidden_size, dtype=dtype)

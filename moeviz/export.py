@@ -43,8 +43,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from .adapters import Adapter, ExpertWeights, MoELayer, get_adapter
-from .apply import align_neurons, check_plan, install_novices, remove_experts
+from .adapters import Adapter, ExpertWeights, get_adapter
+from .apply import align_neurons, check_plan, install_novices, novices_of, remove_experts
 from .checkpoint import (MOEVIZ_MODEL_TYPE, ROLES, Checkpoint, ExpertKey, dequantize, fingerprint, local_dir,
                          parse_expert_key, read_config, readable, scale_key, skeleton)
 from .methods.moe_pruner import pruning_mask
@@ -189,15 +189,6 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     except OSError as err:
         raise OSError(f"Could not move the finished export into {out}: {err.strerror or err}. Nothing was "
                       "left behind; choose a directory you can write.") from err
-
-
-def novice_vectors(layer: MoELayer, plan: PruningPlan, stats: ExpertStats | None, row: int, dtype) -> torch.Tensor:
-    """(P, H): the layer's pruned experts' constants, as `apply_plan` takes them: MoNE's mean
-    outputs μ_e for novices, zeros for drops."""
-    experts = plan.pruned[layer.layer_idx]
-    if plan.mode == "novice":
-        return stats["out_mean"][row, experts].float().to(dtype)
-    return torch.zeros(len(experts), layer.hidden_size, dtype=dtype)
 
 
 def _write_config(src: Path, out: Path, config: dict, adapter: Adapter, plan: PruningPlan, kind: ExportKind,
@@ -372,7 +363,7 @@ class _Rewriter:
             constants = {}
             for layer_idx, names in self.replacement_names.items():
                 layer = self.adapter.layer(layer_idx)
-                values = novice_vectors(layer, self.plan, self.stats, self.row[layer_idx], self.dtype)
+                values = novices_of(layer, self.plan, self.stats, self.row[layer_idx], list(names), self.dtype)
                 constants.update({name: v.contiguous() for name, v in zip(names.values(), values)})  # (H,) each
             save(constants, REPLACEMENTS_FILE)
         index = dict(metadata=dict(total_size=total_size), weight_map=dict(sorted(weight_map.items())))
