@@ -374,7 +374,8 @@ def stability_curves(rows: list[dict], title: str = "") -> go.Figure:
 
 def ratio_curves(frame, metric: str, title: str = "") -> go.Figure:
     """`metric` against pruning ratio, one line per method (and mode), the original as a dashed
-    line; recovered runs as a dotted line of their own beside the method's."""
+    line; recovered runs as a dotted line of their own beside the method's; ± one standard error
+    as error bars where the runs have one (`{metric}_se`)."""
     fig = go.Figure()
     base = frame[frame["method"] == "original"]
     frame = frame.assign(recovered=frame["recovered"] if "recovered" in frame else False)
@@ -382,9 +383,11 @@ def ratio_curves(frame, metric: str, title: str = "") -> go.Figure:
     for (method, mode, recovered), group in pruned.groupby(["method", "mode", "recovered"], dropna=False):
         group = group.sort_values("ratio")
         name = method if mode is None or mode != mode else f"{method} ({mode})"
+        se = group[f"{metric}_se"] if f"{metric}_se" in group else None
         fig.add_trace(go.Scatter(x=group["ratio"], y=group[metric], mode="lines+markers",
                                  name=f"{name} + recovery" if recovered else name,
-                                 line=dict(dash="dot") if recovered else None))
+                                 line=dict(dash="dot") if recovered else None,
+                                 error_y=None if se is None else dict(type="data", array=se, visible=True)))
     if len(base) and metric in base:
         fig.add_hline(y=float(base[metric].iloc[-1]), line_dash="dash", annotation_text="original")
     top = float(frame["ratio"].max()) if len(frame) else 1.0

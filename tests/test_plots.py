@@ -212,6 +212,10 @@ def test_embedding_depth_stability_and_run_curves():
     assert [t.name for t in fig.data] == ["mone (novice)", "random (remove)"] and fig.layout.showlegend
     assert list(fig.data[0].x) == [0.25, 0.5] and list(fig.data[0].y) == [0.47, 0.2]  # sorted by ratio
     assert fig.layout.shapes[0].y0 == 0.99 and fig.layout.xaxis.range[0] < 0 < 0.5 < fig.layout.xaxis.range[1]
+    assert fig.data[0].error_y.array is None  # no standard errors in these runs
+    runs["task_mean_se"] = [0.01, 0.03, 0.04, 0.035]
+    fig = plots.ratio_curves(runs, "task_mean")
+    assert list(fig.data[0].error_y.array) == [0.04, 0.03] and fig.data[0].error_y.visible  # ± SE, in ratio order
     fig = plots.depth_curves([0, 1], {"mean similarity": [0.1, 0.2]})
     assert fig.layout.xaxis.title.text == "decoder layer" and list(fig.layout.xaxis.tickvals) == [0, 1]
     fig = plots.stability_curves([dict(tokens=10, overlap=0.5, rank_correlation=0.7)])
