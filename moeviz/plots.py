@@ -348,13 +348,16 @@ def embedding_scatter(xy: np.ndarray, layer_indices: list[int], color: np.ndarra
 
 
 def depth_curves(layer_indices: list[int], curves: dict[str, np.ndarray], title: str = "",
-                 yaxis: str = "value") -> go.Figure:
-    """One line per named curve across decoder layers (homogeneity, entropy, …)."""
+                 yaxis: str = "value", y_range: tuple[float, float] | None = None) -> go.Figure:
+    """One line per named curve across decoder layers (homogeneity, entropy, …); `y_range` fixes
+    the axis to the quantity's whole range (so that a 0.03-bit ripple does not look like a cliff)."""
     fig = go.Figure([
         go.Scatter(x=layer_indices, y=np.asarray(v), mode="lines+markers", name=name) for name, v in curves.items()
     ])
     fig.update_layout(title=title, xaxis_title="decoder layer", yaxis_title=yaxis, showlegend=True,
                       xaxis=dict(tickmode="array", tickvals=list(layer_indices)) if len(layer_indices) <= 24 else None)
+    if y_range is not None:
+        fig.update_yaxes(range=list(y_range))
     return fig
 
 

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import streamlit as st
@@ -27,7 +28,8 @@ st.plotly_chart(plots.depth_curves(stats.layer_indices, {"mean similarity": h["m
                                                          "half-mass fraction": h["half_mass_fraction"]},
                                    "Homogeneity across depth", "value"), key="homogeneity")
 st.plotly_chart(plots.depth_curves(stats.layer_indices, {"usage entropy": h["usage_entropy"]},
-                                   "Router usage entropy", "bits"), key="entropy")
+                                   "Router usage entropy (0 to log₂ E: all tokens to one expert, to all evenly)",
+                                   "bits", y_range=(0, math.log2(stats.num_experts) * 1.02)), key="entropy")
 layer_sim = analysis.layer_similarity(stats)
 st.plotly_chart(plots.similarity_heatmap(layer_sim, None, "Layer × layer similarity of mean expert outputs",
                                          "cosine", axis="decoder layer", names=stats.layer_indices),

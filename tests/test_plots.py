@@ -218,6 +218,9 @@ def test_embedding_depth_stability_and_run_curves():
     assert list(fig.data[0].error_y.array) == [0.04, 0.03] and fig.data[0].error_y.visible  # ± SE, in ratio order
     fig = plots.depth_curves([0, 1], {"mean similarity": [0.1, 0.2]})
     assert fig.layout.xaxis.title.text == "decoder layer" and list(fig.layout.xaxis.tickvals) == [0, 1]
+    assert fig.layout.yaxis.range is None
+    fig = plots.depth_curves([0, 1], {"usage entropy": [3.98, 3.95]}, y_range=(0, 4))
+    assert list(fig.layout.yaxis.range) == [0, 4]  # the whole range of the entropy, not its ripple
     fig = plots.stability_curves([dict(tokens=10, overlap=0.5, rank_correlation=0.7)])
     assert [t.name for t in fig.data] == ["pruned-set overlap", "rank correlation"]
 
