@@ -201,6 +201,8 @@ def similarity_heatmap(sim: np.ndarray, labels: np.ndarray | None = None, title:
         tickaxis.update(tickmode="array", tickvals=ticks, ticktext=ticktext)
     fig.update_layout(title=title, shapes=shapes, margin=dict(l=60, r=20, t=60, b=60),
                       xaxis=dict(title=axis, **tickaxis), yaxis=dict(title=axis, autorange="reversed", **tickaxis))
+    if len(ticks) > 32:  # one label per row: each row as tall as its label (9 px type needs about 12 px)
+        fig.update_layout(height=min(12 * len(ticks), 900) + 140)
     return fig
 
 

@@ -101,6 +101,9 @@ def test_similarity_heatmap_follows_the_dendrogram_and_outlines_clusters(planted
     # the same from the linkage alone, and an explicit order wins
     _, link = analysis.cluster_layer(sim, n_clusters=5)
     assert len(plots.similarity_heatmap(sim, link=link, n_clusters=5).layout.shapes) == 5
+    assert plots.similarity_heatmap(sim[:16, :16]).layout.height is None  # Streamlit's default height
+    tall = plots.similarity_heatmap(np.eye(64)).layout.height
+    assert tall >= 64 * 12  # 64 labels, each with a row tall enough for its 9 px type
     assert list(plots.similarity_heatmap(sim, link=link, order=np.arange(40)[::-1]).data[0].x)[0] == "39"
     # alike experts sit together: the planted groups are contiguous in the leaf order
     order = plots.leaf_order(link)
