@@ -331,13 +331,16 @@ def embedding_scatter(xy: np.ndarray, layer_indices: list[int], color: np.ndarra
     L, E = xy.shape[:2]
     layers = np.repeat(np.asarray(layer_indices), E)
     experts = np.tile(np.arange(E), L)
+    if color is None and L <= len(QUALITATIVE):  # layers are categories: a colour and a legend entry each
+        color, categories = np.repeat(np.arange(L), E), [str(i) for i in layer_indices]
     values = layers if color is None else np.asarray(color).reshape(-1)
     x, y, ids = xy[..., 0].reshape(-1), xy[..., 1].reshape(-1), np.stack([layers, experts], axis=1)
     scatter = go.Scattergl if L * E > 1000 else go.Scatter
     hover = "layer %{customdata[0]}, expert %{customdata[1]}<br>"
     if categories is None:
+        bar = dict(title=color_name, **(dict(tickformat="d") if color is None else {}))  # layers: whole numbers
         traces = [scatter(x=x, y=y, mode="markers", customdata=ids,
-                          marker=dict(color=values, colorscale=SEQUENTIAL, size=7, colorbar=dict(title=color_name)),
+                          marker=dict(color=values, colorscale=SEQUENTIAL, size=7, colorbar=bar),
                           hovertemplate=hover + color_name + ": %{marker.color:.4g}<extra></extra>")]
     else:
         traces = [scatter(x=x[values == code], y=y[values == code], mode="markers", name=name,

@@ -204,8 +204,11 @@ def test_ratio_curve_marks_the_current_ratio():
 
 def test_embedding_depth_stability_and_run_curves():
     xy = np.random.default_rng(0).standard_normal((2, 8, 2))
-    fig = plots.embedding_scatter(xy, [0, 1])
-    assert len(fig.data[0].x) == 16 and list(fig.data[0].customdata[9]) == [1, 1]
+    fig = plots.embedding_scatter(xy, [0, 1])  # coloured by layer: a category each
+    assert [t.name for t in fig.data] == ["0", "1"] and [len(t.x) for t in fig.data] == [8, 8]
+    assert list(fig.data[1].customdata[1]) == [1, 1] and fig.data[0].marker.color != fig.data[1].marker.color
+    many = plots.embedding_scatter(np.zeros((40, 4, 2)), list(range(40)))  # too many layers for categories
+    assert len(many.data) == 1 and many.data[0].marker.colorbar.tickformat == "d"
     codes = np.array([[0] * 8, [1] * 4 + [0] * 4])
     fig = plots.embedding_scatter(np.zeros((2, 8, 2)), [0, 1], codes, "main source", categories=["a", "b"])
     assert [t.name for t in fig.data] == ["a", "b"] and [len(t.x) for t in fig.data] == [12, 4]
