@@ -260,16 +260,21 @@ def test_a_calibration_mix_moves_the_plan_at_once(server, page):
 
     _open(page, "Prune")
     page.get_by_text("Shares of the calibration tokens").wait_for(timeout=60_000)
-    sliders = page.get_by_role("slider")
-    assert sliders.count() >= 3  # the ratio, and one per source
+    _idle(page)
+    math = page.get_by_role("slider", name="demo:arithmetic")  # one slider per source
+    math.wait_for(timeout=60_000)
+    page.get_by_role("slider", name="demo:code").wait_for(timeout=60_000)
+    _plan_chart(page).locator(".js-plotly-plot").wait_for(timeout=60_000)
     before = _plan_grid(page)
-    math = page.get_by_role("slider", name="demo:arithmetic")
     math.focus()
     page.keyboard.press("Home")  # all of the other source
     _idle(page)
-    page.wait_for_function("g => JSON.stringify(Array.from(document.querySelectorAll('[data-testid=stPlotlyChart]'))"
-                           ".find(el => el.innerText.includes('experts pruned')).querySelector('.js-plotly-plot')"
-                           "._fullData[0].z.map(r => Array.from(r))) !== g", arg=json.dumps(before), timeout=60_000)
+    page.wait_for_function("g => { const el = Array.from(document.querySelectorAll('[data-testid=stPlotlyChart]'))"
+                           ".find(el => el.innerText.includes('experts pruned'));"
+                           "const gd = el && el.querySelector('.js-plotly-plot');"  # absent while the page reruns
+                           "return !!(gd && gd._fullData) && JSON.stringify(gd._fullData[0].z.map(r => Array.from(r)))"
+                           " !== g; }", arg=json.dumps(before), timeout=60_000)
+    _idle(page)
     assert _plan_grid(page) != before  # the pruned cells moved
     assert _plan_chart(page).evaluate("el => el.querySelector('.js-plotly-plot').data.some("
                                       "t => t.name === 'changed against the even mix' && t.x.length > 0)")
