@@ -21,9 +21,8 @@ Every plan exports as one of three kinds, named by `export_kind` before anything
   cannot describe. The config's model type is `moeviz_pruned`, so stock loaders refuse it
   naming moeviz; `moeviz.load_model` reads the original architecture from it.
 
-`load_exported` rebuilds the last two (also substitution checkpoints another tool wrote)
-without a random init or a float32 copy: a meta skeleton restructured by the layout,
-materialised once, filled tensor by tensor (FP8 tensors dequantized to the model's dtype).
+`moeviz.reload.load_exported` reads the last two back (also substitution checkpoints another
+tool wrote).
 """
 
 from __future__ import annotations
@@ -33,22 +32,20 @@ import os
 import re
 import shutil
 import tempfile
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
-from transformers import PreTrainedModel
 
 from .adapters import Adapter, ExpertWeights, get_adapter
-from .apply import align_neurons, check_plan, install_novices, novices_of, remove_experts
-from .checkpoint import (MOEVIZ_MODEL_TYPE, ROLES, Checkpoint, ExpertKey, dequantize, fingerprint, local_dir,
+from .apply import align_neurons, check_plan, novices_of
+from .checkpoint import (MOEVIZ_MODEL_TYPE, ROLES, Checkpoint, dequantize, fingerprint, local_dir,
                          parse_expert_key, read_config, readable, scale_key, skeleton)
 from .methods.moe_pruner import pruning_mask
 from .plan import LINEAGE_FILE, PLAN_FILE, PruningPlan
+from .reload import ROUTER_SEMANTICS, file_tensors, is_pruned_export
 from .stats import ExpertStats
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -56,8 +53,6 @@ CARD_FILE = "README.md"
 REPLACEMENTS_FILE = "model-expert-replacements.safetensors"  # the substitution's constant vectors
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
                     "spiece.model", "*.tiktoken", "chat_template*")
-_ROUTER_SEMANTICS = dict(preserve_logical_expert_ids=True, preserve_router_weights=True,
-                         renormalize_after_substitution=False)  # the only semantics version 1 defines
 Progress = Callable[[int, int], None]  # (done, total) in source tensors
 
 
@@ -211,7 +206,7 @@ def _write_config(src: Path, out: Path, config: dict, adapter: Adapter, plan: Pr
         block.setdefault("producer", dict(name="moeviz", version=__version__))
         block.setdefault("provenance", dict(algorithm=plan.method, mode=plan.mode))
         block.setdefault("transform_config", {})["expert_substitution"] = dict(
-            version=1, router_semantics=dict(_ROUTER_SEMANTICS), targets=targets)
+            version=1, router_semantics=dict(ROUTER_SEMANTICS), targets=targets)
     elif kind.name == MOEVIZ_ONLY:
         config["moeviz"] = dict(
             note="Pruned by moeviz with a different number of experts per layer; load with moeviz.load_model.",
@@ -448,184 +443,3 @@ class _Rewriter:
             tensor = self.ckpt.tensor(key)
             found[ROLES[name]] = (self._sparsified(layer_idx, e, key, name, tensor) if sparsify else tensor).float()
         return ExpertWeights(**{"gate": None, **found})
-
-
-def file_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """The model's tensors other than routed experts, under the names its files give them
-    (as `save_pretrained` writes them; the same tensor objects, renamed)."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    model = adapter.model
-    experts = {id(p) for layer in adapter.layers for p in layer.block.experts.parameters()}  # with novices
-    state = {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) not in experts}
-    return revert_weight_conversion(model, state)
-
-
-# ---- the expert-substitution block --------------------------------------------------------
-def substitution_block(config) -> dict | None:
-    """`compression_config.transform_config.expert_substitution` of a config (object or dict)."""
-    block = config.get("compression_config") if isinstance(config, dict) else getattr(config, "compression_config", None)
-    return ((block or {}).get("transform_config") or {}).get("expert_substitution")
-
-
-def read_substitution(config) -> dict[int, tuple[int | None, dict[int, str]]]:
-    """{decoder layer: (logical expert count, {substituted expert: its constant's tensor name})}
-    of an expert-substitution config (version 1, whoever wrote it), or of vLLM's older
-    `approximate_experts` form (constants named `….experts.<e>.approx_value`, an empty name
-    here; no count). Anything else is refused."""
-    block = substitution_block(config)
-    if block is None:
-        approximate = (config.get("approximate_experts") if isinstance(config, dict)
-                       else getattr(config, "approximate_experts", None))
-        return {int(layer): (None, {int(e): "" for e in experts}) for layer, experts in (approximate or {}).items()}
-    if block.get("version") != 1:
-        raise ValueError(f"Unsupported expert substitution version {block.get('version')!r}: moeviz reads version 1.")
-    if block.get("router_semantics") != _ROUTER_SEMANTICS:
-        raise ValueError(f"Unsupported expert substitution router semantics {block.get('router_semantics')!r}.")
-    found = {}
-    for path, target in (block.get("targets") or {}).items():
-        layers = re.findall(r"(?:^|\.)layers\.(\d+)\.", path)
-        if len(layers) != 1:
-            raise ValueError(f"Expert substitution target {path!r} must name exactly one decoder layer.")
-        if target.get("weight_layout") != "compact_retained_experts":
-            raise ValueError(f"Unsupported expert substitution weight layout {target.get('weight_layout')!r}.")
-        values = {}
-        for e, replacement in (target.get("replacements") or {}).items():
-            if replacement.get("format") != "constant-v1" or set(replacement.get("tensors") or {}) != {"value"}:
-                raise ValueError(f"Unsupported expert substitution for expert {e} of {path!r}: {replacement!r}.")
-            values[int(e)] = replacement["tensors"]["value"]
-        found[int(layers[0])] = (target.get("num_logical_experts"), values)
-    return found
-
-
-# ---- reloading ----------------------------------------------------------------------------
-def is_pruned_export(path) -> bool:
-    """Whether a checkpoint directory needs `load_exported` (substitution or moeviz-only)."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        return False
-    config = json.loads(file.read_text())
-    return (config.get("model_type") == MOEVIZ_MODEL_TYPE or substitution_block(config) is not None
-            or bool(config.get("approximate_experts")))
-
-
-@torch.no_grad()
-def load_exported(path, config=None, dtype=None, device="cpu") -> PreTrainedModel:
-    """Rebuild an expert-substitution or moeviz-only checkpoint from its files: the original
-    architecture restructured by its layout (kept experts only, novices installed), in the
-    checkpoint's dtype (or `dtype`), with no random init and no second copy. FP8 weights are
-    dequantized to that dtype. Raises if any parameter or persistent buffer of the model is
-    not in the files, or a file tensor has no place in it."""
-    path = Path(path)
-    ckpt = Checkpoint(path)
-    config = config if config is not None else read_config(path)
-    config = type(config).from_dict(config.to_dict())  # a copy
-    if isinstance(dtype, str):
-        dtype = None if dtype == "auto" else getattr(torch, dtype)
-    config.dtype = dtype or ckpt.main_dtype
-    layout = ExportLayout(path, config)
-    for attr in ("quantization_config", "compression_config"):  # weights are dequantized; novices installed
-        if hasattr(config, attr):
-            delattr(config, attr)
-    model = skeleton(config, str(path))
-    adapter = get_adapter(model)  # before any wrapping: its layers keep the inner experts
-    layout.restructure(adapter)
-    model.to_empty(device=device)
-    model.tie_weights()  # to_empty gave tied parameters separate storage
-    for module in model.modules():  # rotary frequencies and the like, as from_pretrained does
-        if module._non_persistent_buffers_set:
-            model._init_weights(module)
-    layout.bind(adapter)
-    written = Counter()
-    for key in sorted(ckpt.keys(), key=lambda k: ckpt.file_of[k]):  # file by file
-        if (target := layout.target(key)) is not None:
-            _copy_into(target, layout.value(ckpt, key, target.dtype), written)
-    transient = {name for name, _ in model.named_non_persistent_buffers()}
-    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n not in transient)]
-    missing = [name for name, t in tensors if written[id(t)] < t.numel()]
-    if missing:
-        raise ValueError(f"{path} does not hold {len(missing)} of the model's tensors, e.g. {missing[:3]}.")
-    model._moeviz_source = str(path)
-    model.name_or_path = str(path)
-    return model.eval()
-
-
-class ExportLayout:
-    """Where each tensor of a pruned checkpoint's files goes in the restructured model: kept
-    experts (renumbered 0…K-1 in a moeviz-only export, under their logical ids in an expert
-    substitution), constants, and everything else under its usual name."""
-
-    def __init__(self, path: Path, config):
-        self.path = path
-        self.substituted = read_substitution(config)  # layer → (logical count, {expert: value name})
-        quantization = getattr(config, "quantization_config", None) or {}
-        self.block = (quantization.get("weight_block_size") if isinstance(quantization, dict)
-                      else getattr(quantization, "weight_block_size", None))
-        plan_file = path / PLAN_FILE
-        self.plan = PruningPlan.load(plan_file) if not self.substituted and plan_file.is_file() else None
-
-    def restructure(self, adapter: Adapter) -> None:
-        """Cut every pruned layer (on the meta device) to its kept experts, as `apply_plan` does."""
-        for layer in adapter.layers:
-            if layer.layer_idx in self.substituted:
-                logical, values = self.substituted[layer.layer_idx]
-                if logical not in (None, layer.num_experts):
-                    raise ValueError(f"{self.path}: layer {layer.layer_idx} has {layer.num_experts} experts, its "
-                                     f"expert substitution says {logical}.")
-                pruned = sorted(values)
-                keep = [e for e in range(layer.num_experts) if e not in values]
-                install_novices(layer, keep, pruned, torch.empty(len(pruned), layer.hidden_size, device="meta"))
-            elif self.plan is not None and self.plan.pruned.get(layer.layer_idx):
-                remove_experts(layer, self.plan.kept(layer.layer_idx, layer.num_experts))
-
-    def bind(self, adapter: Adapter) -> None:
-        """Map the files' keys onto a model already restructured by this layout (and materialised)."""
-        self.adapter = adapter
-        self.layers = {layer.layer_idx: layer for layer in adapter.layers}
-        self.named = file_tensors(adapter)
-        self.physical: dict[int, dict[int, int]] = {}  # layer → {logical expert: index among the kept}
-        self.values: dict[str, tuple[nn.Module, int]] = {}  # constant's name → (its novice wrapper, row)
-        for layer_idx, (_, values) in self.substituted.items():
-            wrapper = self.layers[layer_idx].block.experts
-            self.physical[layer_idx] = {e: i for i, e in enumerate(wrapper.keep)}
-            self.values.update({values[e] or f"{layer_idx}:{e}": (wrapper, row) for row, e in enumerate(wrapper.pruned)})
-
-    def target(self, key: str) -> torch.Tensor | None:
-        """The model tensor (or view) a file key fills; None for a quantization scale (consumed
-        with its weight)."""
-        if key in self.named:
-            return self.named[key]
-        ek = parse_expert_key(key, self.layers)
-        if ek is not None and ek.name == "approx_value":
-            key = f"{ek.layer_idx}:{ek.expert_idx}"
-        if key in self.values:
-            wrapper, row = self.values[key]
-            return wrapper.novices[row]
-        if key.endswith(("_scale_inv", "weight_scale")):
-            return None
-        if ek is None:
-            raise ValueError(f"{self.path}: {key} has no place in this {self.adapter.model.config.model_type} model.")
-        if ek.layer_idx in self.physical and ek.expert_idx is not None:
-            if ek.expert_idx not in self.physical[ek.layer_idx]:
-                raise ValueError(f"{self.path}: {key} is an expert its expert substitution replaces.")
-            ek = ek._replace(expert_idx=self.physical[ek.layer_idx][ek.expert_idx])
-        return expert_target(self.layers[ek.layer_idx], ek)
-
-    def value(self, ckpt: Checkpoint, key: str, dtype: torch.dtype) -> torch.Tensor:
-        """The file tensor for `key`, dequantized to `dtype` when it is FP8 with a scale beside it."""
-        tensor = ckpt.tensor(key)
-        scale = scale_key(ckpt, key)
-        return dequantize(tensor, ckpt.tensor(scale), dtype, self.block) if scale is not None else tensor
-
-
-def _copy_into(target: torch.Tensor, value: torch.Tensor, written: Counter) -> None:
-    target.copy_(value)
-    written[id(target if target._base is None else target._base)] += target.numel()
-
-
-def expert_target(layer, ek: ExpertKey) -> torch.Tensor:
-    if ek.expert_idx is None:  # a fused tensor in the file is the parameter itself (GPT-OSS)
-        return getattr(layer.experts, ek.name)
-    if ek.name not in ROLES:
-        raise ValueError(f"Unknown expert tensor {ek.name!r} in layer {ek.layer_idx}.")
-    return getattr(layer.expert_weights(ek.expert_idx), ROLES[ek.name])  # a view into the fused tensor

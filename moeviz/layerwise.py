@@ -41,7 +41,7 @@ class LayerwiseModel:
     """A skeleton whose parts are read from the files on demand and freed after use."""
 
     def __init__(self, model, ckpt: Checkpoint, device: torch.device):
-        from .export import file_tensors
+        from .reload import file_tensors
 
         self.model, self.ckpt, self.device = model, ckpt, device
         self.adapter = get_adapter(model)
@@ -82,7 +82,7 @@ class LayerwiseModel:
 
     @torch.no_grad()
     def _fill(self, index: int | None) -> None:
-        from .export import expert_target
+        from .reload import expert_target
 
         for key in self.keys_of.get(index, []):
             ek = parse_expert_key(key, self.moe)

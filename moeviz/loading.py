@@ -88,7 +88,7 @@ def load_model(
     if device_map is None:
         needed = model_bytes(skeleton(config), None if dtype == "auto" else dtype)
         check_fits(needed, torch.device("cpu") if offload else dev, f"{name_or_path} ({needed / 2**30:.1f} GiB)")
-    from .export import is_pruned_export, load_exported
+    from .reload import is_pruned_export, load_exported
 
     if is_pruned_export(source):  # expert substitution (moeviz's or another tool's), or moeviz-only
         model = load_exported(source, config, dtype=None if dtype == "auto" else dtype,

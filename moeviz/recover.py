@@ -328,7 +328,8 @@ def save_recovered(student: PreTrainedModel, pruned_dir, out_dir, lineage: dict 
     """Write `student` as the pruned checkpoint `pruned_dir` it was loaded from is written (the
     same files, keys and dtypes, the same plan and config), into the new directory `out_dir`,
     atomically; it reloads with `moeviz.loading.load_model` like the export."""
-    from .export import CARD_FILE, ExportLayout
+    from .export import CARD_FILE
+    from .reload import ExportLayout
 
     src, out = Path(pruned_dir), Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
