@@ -293,6 +293,8 @@ def tradeoff_ui() -> None:
         event = st.plotly_chart(plots.mix_tradeoff(rows, names[first], b_name, current, tasks), key="tradeoff_chart",
                                 on_select="rerun", selection_mode="points")
         picked = [p["x"] for p in (event or {}).get("selection", {}).get("points", []) if "x" in p]
+        if not picked:  # the figure changed (the ring moved): the same point may be picked again
+            st.session_state.pop("tradeoff_picked", None)
         if picked and abs(picked[0] - current) > 1e-9 and picked[0] != st.session_state.get("tradeoff_picked"):
             st.session_state["tradeoff_picked"] = picked[0]
             share = picked[0]  # this source's share; the others keep their proportions
