@@ -229,7 +229,8 @@ def recovery_pairs(runs: list[Run], keys=("task_mean", "perplexity", "kl", "top1
 
 def delta_table(runs: list[Run], originals: list[Run] | None = None) -> pd.DataFrame:
     """One row per run: its name, what it was evaluated on, each main metric with its standard
-    error where known, and the change against the original evaluated the same way."""
+    error where known, the change against the original evaluated the same way, and each demo
+    task's accuracy (where pruning's damage often shows first)."""
     originals = [r for r in runs if r.method == "original"] if originals is None else originals
     rows = []
     for run in runs:
@@ -245,6 +246,8 @@ def delta_table(runs: list[Run], originals: list[Run] | None = None) -> pd.DataF
                 row[f"Δ {key}"] = f"{m[key] - baseline.metrics[key]:+.3g}"
                 if key == "perplexity" and m.get("recovery"):  # it was trained on text of this source
                     row[f"Δ {key}"] = "not comparable (trained on this source)"
+        for key in sorted(k for k in m if k.startswith("task_") and k != "task_mean"):  # each demo task
+            row[key.removeprefix("task_")] = f"{m[key]:.3g}" + (f" ± {se[key]:.2g}" if se.get(key) else "")
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -198,3 +198,18 @@ def test_the_runs_of_a_mix_are_tabled_per_source():
     row = table[(table["id"] == 2) & (table["source"] == "a")].iloc[0]
     assert row["Δ perplexity"] == "+0.5" and row["Δ task"] == "-0.3" and row["task"] == "0.6 ± 0.03"
     assert row["kl"] == 0.2
+
+
+def test_the_delta_table_shows_each_task_beside_the_change_against_the_original():
+    from moeviz.runs import delta_table
+
+    setting = dict(data="demo")
+    base = Run("demo", "original", 0.0, dict(eval=setting, perplexity=14.0, perplexity_se=0.5, task_mean=0.9,
+                                              task_arithmetic=1.0, task_code=0.8, se=dict(task_arithmetic=0.0)),
+               fingerprint="f", id=1)
+    run = Run("demo", "mone", 0.25, dict(eval=setting, perplexity=15.0, perplexity_se=0.6, task_mean=0.6,
+                                          task_arithmetic=0.47, task_code=0.73, se=dict(task_arithmetic=0.035)),
+              mode="novice", fingerprint="f", id=2)
+    table = delta_table([base, run]).set_index("id")
+    assert table.loc[2, "arithmetic"] == "0.47 ± 0.035" and table.loc[2, "code"] == "0.73"
+    assert table.loc[2, "Δ perplexity"] == "+1" and table.loc[2, "Δ task_mean"] == "-0.3"
