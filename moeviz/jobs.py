@@ -48,24 +48,19 @@ def _stats(spec):
     return load_mix(spec)
 
 
-def _label(spec) -> str | None:
-    from .stats import mix_label
-
-    return mix_label(spec)
-
-
 def evaluate(server, progress, plan: dict, stats: str | list | None, runs: str, **config) -> dict:
     """Evaluate `plan` (its JSON object) in place against the original; store it (and, once,
     the original as the baseline) in `runs`: {"run_id", "baseline_id"}."""
     from .evaluate import EvalConfig
     from .plan import PruningPlan
     from .runs import RunStore, store_evaluation
+    from .stats import mix_label
 
     model, tokenizer, fingerprint = server.loaded()
     plan = PruningPlan(**plan)
     config = EvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     return store_evaluation(RunStore(runs), model, tokenizer, config, server.model_name, fingerprint,
-                            plan, _stats(stats), _label(stats), progress)
+                            plan, _stats(stats), mix_label(stats), progress)
 
 
 def export(server, progress, plan: dict, stats: str | list | None, out: str, runs: str | None = None) -> dict:
@@ -94,6 +89,7 @@ def recover(server, progress, plan: dict, stats: str | list | None, runs: str, o
     from .plan import PruningPlan
     from .recover import DistillConfig, recover_checkpoint
     from .runs import RunStore, store_recovery
+    from .stats import mix_label
 
     model, tokenizer, fingerprint = server.loaded()
     plan = PruningPlan(**plan)
@@ -112,7 +108,7 @@ def recover(server, progress, plan: dict, stats: str | list | None, runs: str, o
                                              f"distilling, step {step}, loss {row['loss']:.3f}",
                                              round(row["seconds"]), round(minutes * 60)), check)
     ids = store_recovery(RunStore(runs), student, model, tokenizer, config, server.model_name, fingerprint, plan,
-                         loaded, _label(stats), report, progress)
+                         loaded, mix_label(stats), report, progress)
     return dict(ids, checkpoint=report["checkpoint"], kept=report.get("kept"), why=report.get("why"))
 
 
