@@ -17,12 +17,20 @@ def _model_changed() -> None:
     st.session_state["model_name"] = st.session_state["model_input"].strip() or "demo"
 
 
+def _take(model: str) -> None:
+    st.session_state.update(model_name=model, model_input=model)
+
+
+st.session_state.setdefault("model_input", st.session_state["model_name"])
 st.sidebar.text_input(  # a callback, not the return value: st.navigation reruns would reset it
-    "Model", value=st.session_state["model_name"], key="model_input", on_change=_model_changed,
+    "Model", key="model_input", on_change=_model_changed,
     help="a shipped demo model (offline: " + ", ".join(DEMO_MODELS) + "), a local checkpoint path "
          "or a Hugging Face id",
 )
-st.sidebar.caption("\n\n".join(f"[{name}](?model={name}): {demo.teaches}" for name, demo in DEMO_MODELS.items()))
+for name, demo in DEMO_MODELS.items():  # buttons, not links: a link opens a new tab (and a new session)
+    st.sidebar.button(name, key=f"demo_{name}", type="tertiary", on_click=_take, args=(name,),
+                      disabled=name == st.session_state["model_name"])
+    st.sidebar.caption(demo.teaches)
 st.query_params["model"] = st.session_state["model_name"]
 
 page = st.navigation([

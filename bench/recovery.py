@@ -72,9 +72,8 @@ def main() -> None:
                                              args.out / name / "recovered", device="cpu")
         ids = store_recovery(store, student, teacher, tokenizer, eval_config, args.model, fingerprint, plan, stats,
                              str(stats_dir), report)
-        row = recovery_pairs(store.list()).set_index("run").loc[ids["run_id"]]
-        t = [row[f"task_mean {k}"] for k in ("original", "pruned", "recovered")]
-        p = [row[f"perplexity {k}"] for k in ("original", "pruned", "recovered")]
+        rows = recovery_pairs(store.list()).query(f"run == {ids['run_id']}").set_index("metric")
+        t, p = (rows.loc[key, ["original", "pruned", "recovered"]].tolist() for key in ("task_mean", "perplexity"))
         print(f"| {method} | {mode or 'sparsity'} | {ratio:g} | {t[0]:.2f} → {t[1]:.2f} → **{t[2]:.2f}** | "
               f"{p[0]:.1f} → {p[1]:.1f} → {p[2]:.1f} | {report['steps']} | {report['minutes']:.1f} |", flush=True)
         del student

@@ -78,6 +78,7 @@ class Server:
         self.cache_dir = str(Path(cache_dir).resolve())  # jobs' output paths are checked against it
         self.model = self.tokenizer = self.fingerprint = None
         self.loads = 0  # how many times the weights were read (once, unless something is wrong)
+        self.running: Job | None = None
         self.jobs: dict[str, Job] = {}
         self.queue: queue.Queue[Job] = queue.Queue()
         self.lock = threading.Lock()
@@ -102,6 +103,9 @@ class Server:
         if self.model is None:
             from .loading import load_model, model_fingerprint
 
+            if self.running is not None:  # what the first job waits for, on its progress bar
+                self.running.step = "loading the model's weights"
+
             self.model, self.tokenizer = load_model(self.model_name, device=self.device, dtype=self.dtype)
             self.loads += 1
             self.fingerprint = model_fingerprint(self.model)
@@ -111,7 +115,7 @@ class Server:
         from . import jobs
 
         while True:
-            job = self.queue.get()
+            job = self.running = self.queue.get()
             job.state, job.started = "running", time.time()
 
             def progress(step: str, done: float, total: float) -> None:

@@ -762,7 +762,7 @@ def _runs(args) -> int:
 
     if not Path(args.runs).exists():
         raise FileNotFoundError(f"No runs stored in {args.runs} yet.")
-    from .runs import RunStore, delta_table
+    from .runs import RunStore, delta_table, task_table
 
     store = RunStore(args.runs)
     if args.delete is not None:
@@ -785,6 +785,8 @@ def _runs(args) -> int:
         print(store.table(**where).to_csv(index=False), end="")
         return 0
     table = delta_table(runs, store.list(method="original"))
+    if len(tasks := task_table(runs)):  # a terminal line may be as wide as it takes
+        table = table.merge(tasks.drop(columns="run"), on="id", how="left")
     table.insert(1, "model", [r.model for r in runs])
     print(table.to_string(index=False) if len(table) else "no runs")
     return 0

@@ -207,8 +207,9 @@ def baseline_of(run: Run, originals: list[Run]) -> Run | None:
 
 
 def recovery_pairs(runs: list[Run], keys=("task_mean", "perplexity", "kl", "top1_agreement")) -> pd.DataFrame:
-    """One row per recovered run: its plan, and each metric for the original, the plan before
-    recovery and after it (all evaluated the same way), with the steps and minutes it took."""
+    """One row per recovered run and metric (long, so it fits a page): the run, its plan, what
+    recovery took, and the metric for the original, the plan before recovery and after it, all
+    evaluated the same way."""
     by_id = {run.id: run for run in runs}
     originals = [r for r in runs if r.method == "original"]
     rows = []
@@ -217,38 +218,69 @@ def recovery_pairs(runs: list[Run], keys=("task_mean", "perplexity", "kl", "top1
         if not recovery or (parent := by_id.get(recovery.get("parent_run"))) is None:
             continue
         base = baseline_of(run, originals)
-        row = dict(run=run.id, plan=run_name(vars(parent)), evaluated_on=setting(run),
-                   steps=recovery.get("steps"), minutes=recovery.get("minutes"))
-        for key in keys:
-            if key in run.metrics:
-                row.update({f"{key} original": base.metrics.get(key) if base else None,
-                            f"{key} pruned": parent.metrics.get(key), f"{key} recovered": run.metrics[key]})
-        rows.append(row)
-    return pd.DataFrame(rows)
+        took = f"{recovery.get('steps', '?')} steps, {recovery.get('minutes') or 0:.1f} min"
+        rows += [dict(run=run.id, plan=run_name(vars(parent)), recovery=took, metric=key,
+                      original=base.metrics.get(key) if base else None, pruned=parent.metrics.get(key),
+                      recovered=run.metrics[key]) for key in keys if key in run.metrics]
+    return pd.DataFrame(rows, columns=["run", "plan", "recovery", "metric", "original", "pruned", "recovered"])
+
+
+def _shown(run: Run, key: str) -> str | None:
+    """A metric as the tables show it: its value, ± its standard error where known."""
+    m, se = run.metrics, run.metrics.get("se") or {}
+    if key not in m:
+        return None
+    err = m.get(f"{key}_se", se.get(key))
+    return f"{m[key]:.4g}" + (f" ± {err:.2g}" if err else "")
+
+
+def _tasks(run: Run) -> list[str]:
+    """The run's per-task accuracies (`task_arithmetic`, …), not their mean."""
+    return sorted(k for k in run.metrics if k.startswith("task_") and k != "task_mean" and not k.endswith("_se"))
 
 
 def delta_table(runs: list[Run], originals: list[Run] | None = None) -> pd.DataFrame:
     """One row per run: its name, what it was evaluated on, each main metric with its standard
-    error where known, the change against the original evaluated the same way, and each demo
-    task's accuracy (where pruning's damage often shows first)."""
+    error where known, and the change against the original evaluated the same way (each demo
+    task's accuracy is in `task_table`, so that both fit a page)."""
     originals = [r for r in runs if r.method == "original"] if originals is None else originals
     rows = []
     for run in runs:
-        m, se = run.metrics, run.metrics.get("se") or {}
         baseline = baseline_of(run, originals)
         row = dict(id=run.id, run=run_name(vars(run)), evaluated_on=setting(run))
         for key in SUMMARY:
-            if key not in m:
+            if key not in run.metrics:
                 continue
-            err = m.get(f"{key}_se", se.get(key))
-            row[key] = f"{m[key]:.4g}" + (f" ± {err:.2g}" if err else "")
+            row[key] = _shown(run, key)
             if baseline is not None and key in baseline.metrics and key in ("perplexity", "task_mean"):
-                row[f"Δ {key}"] = f"{m[key] - baseline.metrics[key]:+.3g}"
-                if key == "perplexity" and m.get("recovery"):  # it was trained on text of this source
-                    row[f"Δ {key}"] = "not comparable (trained on this source)"
-        for key in sorted(k for k in m if k.startswith("task_") and k != "task_mean"):  # each demo task
-            row[key.removeprefix("task_")] = f"{m[key]:.3g}" + (f" ± {se[key]:.2g}" if se.get(key) else "")
+                row[f"Δ {key}"] = f"{run.metrics[key] - baseline.metrics[key]:+.3g}"
+                if key == "perplexity" and run.metrics.get("recovery"):  # trained on text of this source
+                    row[f"Δ {key}"] = "not comparable"
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def task_table(runs: list[Run]) -> pd.DataFrame:
+    """One row per run evaluated on tasks: each task's accuracy ± its standard error (the demo
+    model's five tasks, or lm-eval's), where pruning's damage often shows first."""
+    return pd.DataFrame([dict(id=run.id, run=run_name(vars(run)),
+                              **{key.removeprefix("task_"): _shown(run, key) for key in _tasks(run)})
+                         for run in runs if _tasks(run)])
+
+
+def against_original(run: Run, baseline: Run) -> pd.DataFrame:
+    """One row per metric (the main ones, then each task): the original's value, the run's, and
+    the change, both evaluated the same way."""
+    rows = []
+    for key in [k for k in SUMMARY if k != "params_saved"] + _tasks(run) + ["params_saved"]:
+        if key not in run.metrics:
+            continue
+        change = run.metrics[key] - baseline.metrics[key] if key in baseline.metrics else None
+        if key == "perplexity" and run.metrics.get("recovery"):
+            change = None  # trained on text of this source: not comparable with the original's
+        rows.append(dict(metric=key.removeprefix("task_") if key != "task_mean" else key,
+                         original=_shown(baseline, key), **{run_name(vars(run)): _shown(run, key)},
+                         change=None if change is None else f"{change:+.3g}"))
     return pd.DataFrame(rows)
 
 
@@ -265,7 +297,7 @@ def source_table(runs: list[Run]) -> pd.DataFrame:
             row = dict(id=run.id, run=run_name(vars(run)), source=name,
                        perplexity=f"{m['perplexity']:.4g} ± {m.get('perplexity_se', float('nan')):.2g}")
             if name in base and run.method != "original":
-                row["Δ perplexity"] = ("not comparable (trained on this source)" if run.metrics.get("recovery")
+                row["Δ perplexity"] = ("not comparable" if run.metrics.get("recovery")
                                        else f"{m['perplexity'] - base[name]['perplexity']:+.3g}")
             row.update({k: round(m[k], 4) for k in ("kl", "top1_agreement") if k in m})
             if "task" in m:

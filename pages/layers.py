@@ -85,11 +85,11 @@ def stability_ui() -> None:
     )
     cal = stats.meta.get("calibration") or {}
     scored = [m for m in method_names() if not get_method(m).makes_plan]
-    c1, c2, c3, c4 = st.columns(4)
-    methods = c1.multiselect("Methods", scored, default=[m for m in ("mone", "reap", "frequency") if m in scored])
-    ratio = c2.slider("Ratio", 0.0625, 0.75, 0.25, 0.0625, key="stability_ratio")
-    samples = c3.number_input("Sequences", 4, 100_000, max(4, int(cal.get("num_samples", 64))), key="stability_samples")
-    chunks = c4.number_input("Chunks", 2, 64, min(16, int(samples)), key="stability_chunks")
+    methods = st.multiselect("Methods", scored, default=[m for m in ("mone", "reap", "frequency") if m in scored])
+    c1, c2, c3 = st.columns(3)
+    ratio = c1.slider("Ratio", 0.0625, 0.75, 0.25, 0.0625, key="stability_ratio")
+    samples = c2.number_input("Sequences", 4, 100_000, max(4, int(cal.get("num_samples", 64))), key="stability_samples")
+    chunks = c3.number_input("Chunks", 2, 64, min(16, int(samples)), key="stability_chunks")
     config = CalibConfig(data=cal.get("data", "demo"), num_samples=int(samples), seq_len=int(cal.get("seq_len", 128)),
                          seed=int(cal.get("seed", 0)))
     settings = dict(model=fingerprint, data=config.data, samples=config.num_samples, seq_len=config.seq_len,

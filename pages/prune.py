@@ -11,7 +11,7 @@ from moeviz.data import mix_sources
 from moeviz.export import export_kind, export_name
 from moeviz.methods import PlanConfig, get_method, make_plan, method_names
 from moeviz.plan import PlanError
-from moeviz.runs import RunStore, plan_digest, recovery_pairs, run_name
+from moeviz.runs import RunStore, against_original, plan_digest, recovery_pairs, run_name, setting
 from moeviz.stats import ExpertStats, StatsError, list_stats, mix_label
 from pages.common import (cache_dir, current_model, finished, job_status, load_stats, persistent, poll, progress_ui,
                           stats_ui, submit)
@@ -32,7 +32,7 @@ def settings_ui() -> PlanConfig:
     c1, c2, c3, c4 = st.columns(4)
     names = method_names()
     method = persistent(c1.selectbox, "Method", options=names, key="prune_method", default="mone",
-                        format_func=lambda m: f"{m}: {get_method(m).doc}")
+                        help="\n".join(f"- **{m}**: {get_method(m).doc}" for m in names))
     ratio = persistent(c2.slider, "Ratio", 0.0, 0.9, step=0.0625, key="prune_ratio", default=0.25,
                        help="fraction of routed experts to prune (moe_pruner: of every expert row's weights)")
     scope = persistent(c3.radio, "Scope", options=["layer", "global"], key="prune_scope", default="layer",
@@ -56,6 +56,7 @@ def settings_ui() -> PlanConfig:
         representative = persistent(c2.radio, "Each cluster keeps", options=["frequency", "medoid"], horizontal=True,
                                     key="prune_rep", default="frequency",
                                   help="its most used expert, or the one nearest the others (the paper)")
+    st.caption(f"**{method}**: {get_method(method).doc}")
     return PlanConfig(method, ratio=ratio, scope=scope, mode=mode, linkage=linkage, representative=representative,
                       counts=counts)
 
@@ -245,7 +246,7 @@ with left:
             st.session_state["toggles"] ^= set(selection)
             st.session_state["last_selection"] = selection
             st.rerun()
-        c1, c2, c3 = st.columns(3)
+        c1, c2, c3 = st.columns([2, 2, 3])
         c1.metric("Experts pruned", plan.num_pruned)
         if c2.button("Undo", disabled=not st.session_state["history"]):
             st.session_state["toggles"] = st.session_state["history"].pop()
@@ -424,12 +425,13 @@ if result := st.session_state.get("eval_job_result"):
     store = RunStore(RUNS)
     run, baseline = store.get(result["run_id"]), store.get(result["baseline_id"])
     st.success(f"Evaluated as run {run.id} ({run_name(run.__dict__)})" + (" — already stored" if result["cached"] else "")
-               + ": see the Compare page for every run.")
-    st.dataframe(store.delta_table([run.id], baseline.id), hide_index=True)
+               + f" on {setting(run)}: see the Compare page for every run.")
+    st.table(against_original(run, baseline), hide_index=True)
     changes = plan is not None and (plan.num_pruned or plan.sparsity or plan.nm)
     if changes and run.metrics.get("plan_digest") == plan_digest(plan) and not st.session_state.get("recover_job"):
         recover_ui(run)
-if result := st.session_state.get("recover_job_result"):
+if (result := st.session_state.get("recover_job_result")) and result["parent_id"] == (
+        st.session_state.get("eval_job_result") or {}).get("run_id"):  # the recovery of the run shown above
     store = RunStore(RUNS)
     if result.get("kept") == "pruned":
         st.warning(f"Recovery made the model worse ({result['why']}). Stored as run {result['run_id']}: the "
@@ -437,6 +439,6 @@ if result := st.session_state.get("recover_job_result"):
     else:
         st.success(f"Recovered as run {result['run_id']}, saved to {result['checkpoint']}"
                    + (f" ({result['why']})." if result.get("why") else "."))
-    st.dataframe(recovery_pairs(store.list(fingerprint=fingerprint)).query(f"run == {result['run_id']}"),
-                 hide_index=True)
+    pairs = recovery_pairs(store.list(fingerprint=fingerprint))
+    st.table(pairs[pairs["run"] == result["run_id"]].drop(columns=["run", "plan"]), hide_index=True)
 

@@ -67,7 +67,7 @@ def page(server):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})  # a laptop's screen, the sidebar open
         yield page
         browser.close()
 
@@ -86,6 +86,27 @@ def _open(page, name):
 def _no_error(page):
     errors = page.locator("[data-testid='stException'], [data-testid='stAlertContentError']")
     assert errors.count() == 0, [errors.nth(i).inner_text() for i in range(errors.count())]
+
+
+def _nothing_cut(page):
+    """Every label, choice, button and table of the page is whole: no text ellipsised or clipped,
+    no table that hides columns to the right (free-text inputs may scroll)."""
+    cut = page.evaluate("""() => {
+        const main = document.querySelector("[data-testid='stMain']"), cut = [];
+        const wider = el => el.offsetParent !== null && el.scrollWidth > el.clientWidth + 1;
+        for (const el of main.querySelectorAll("*"))
+            if (getComputedStyle(el).textOverflow === "ellipsis" && wider(el)) cut.push("text: " + el.innerText);
+        for (const el of main.querySelectorAll(".stSelectbox input"))
+            if (wider(el)) cut.push("choice: " + el.value);
+        for (const el of main.querySelectorAll("[data-testid='stMultiSelectTagsContainer']"))
+            if (wider(el)) cut.push("choices: " + el.innerText.replaceAll("\\n", ", "));
+        for (const el of main.querySelectorAll("[data-testid='stDataFrame'] .dvn-scroller"))
+            if (wider(el)) cut.push(`table: ${el.scrollWidth} px wide in ${el.clientWidth}`);
+        for (const el of main.querySelectorAll("[data-testid='stTable']"))
+            if (wider(el)) cut.push(`table: ${el.scrollWidth} px wide in ${el.clientWidth}`);
+        return cut;
+    }""")
+    assert not cut, cut
 
 
 def _cell(page, chart, layer, expert):
@@ -118,6 +139,7 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     page.get_by_label("Sequences").press("Enter")
     _idle(page)
     page.get_by_role("button", name="Calibrate").click()
+    page.get_by_text("Handing the calibrate job to the model's backend").wait_for(timeout=30_000)  # at once
     page.get_by_text("Calibrated").wait_for(timeout=180_000)  # the backend ran it; the page polled
     _no_error(page)
 
@@ -125,12 +147,14 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
         _open(page, name)
         page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
         _no_error(page)
+        _nothing_cut(page)
 
     _open(page, "Prune")
     chart = _plan_chart(page)
     chart.locator(".js-plotly-plot").wait_for(timeout=60_000)
     before = _pruned(page)
     assert before == 16  # mone at 25 %: 4 of 16 experts in each of 4 layers
+    _nothing_cut(page)
     page.mouse.click(*_cell(page, chart, 0, 3))  # one click: that expert flips
     _idle(page)
     page.wait_for_function(f"() => document.querySelector('[data-testid=stMetricValue]').innerText != '{before}'")
@@ -173,6 +197,7 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     page.get_by_role("button", name="Apply and evaluate").click()
     page.get_by_text("Evaluated as run").wait_for(timeout=300_000)
     _no_error(page)
+    _nothing_cut(page)  # the run against the original, a row per metric and task
     page.screenshot(path=str(tmp_path / "prune.png"), full_page=True)
 
     page.get_by_text("Exports as expert substitution").wait_for(timeout=30_000)  # MoNE's novices, named first
@@ -195,8 +220,23 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     minutes.press("Enter")
     _idle(page)
     page.get_by_role("button", name="Recover run").click()
-    page.get_by_text(re.compile("Recovered as run|Recovery made the model worse")).first.wait_for(timeout=300_000)
+    recovered = page.get_by_text(re.compile("Recovered as run|Recovery made the model worse")).first
+    recovered.wait_for(timeout=300_000)
+    _idle(page)
     _no_error(page)
+    _nothing_cut(page)
+
+    method = page.get_by_role("combobox", name="Method")  # another plan, evaluated: the recovery above is not its
+    method.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)  # the list closes on a scroll, as a person's would: open it once the page stands
+    method.click()
+    page.get_by_role("option", name="frequency", exact=True).click()
+    _idle(page)
+    page.get_by_role("button", name="Apply and evaluate").click()
+    page.get_by_text(re.compile(r"Evaluated as run \d+ \(frequency")).wait_for(timeout=300_000)
+    _idle(page)
+    assert page.get_by_role("button", name=re.compile("Recover run")).count() == 1
+    assert page.get_by_text(re.compile("Recovered as run|Recovery made the model worse")).count() == 0
 
     _open(page, "Trace")  # a typed text, its tokens coloured; then under the Prune page's plan
     page.get_by_role("textbox", name="Text").fill("12+30=42\nrev abc:cba\n")
@@ -220,6 +260,7 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     assert page.locator(".js-plotly-plot").first.evaluate(
         "gd => gd.data.some(t => t.name.endsWith('+ recovery'))")  # its own line beside the plan's
     _no_error(page)
+    _nothing_cut(page)
 
     from moeviz.tiny import tiny_model  # another model, typed into the sidebar, stays chosen
 
@@ -231,6 +272,12 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     _open(page, "Overview")
     page.locator("code", has_text="olmoe").first.wait_for(timeout=60_000)  # "… — `olmoe`, 2 MoE layers …"
     assert box.input_value() == str(tmp_path / "olmoe")
+    _no_error(page)
+
+    page.get_by_role("button", name="demo-fine", exact=True).click()  # a demo, from the sidebar: in this tab
+    _idle(page)
+    page.locator("code", has_text="qwen2_moe").first.wait_for(timeout=60_000)
+    assert box.input_value() == "demo-fine" and len(page.context.pages) == 1
     _no_error(page)
 
 

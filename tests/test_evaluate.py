@@ -1,5 +1,6 @@
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -200,16 +201,34 @@ def test_the_runs_of_a_mix_are_tabled_per_source():
     assert row["kl"] == 0.2
 
 
-def test_the_delta_table_shows_each_task_beside_the_change_against_the_original():
-    from moeviz.runs import delta_table
+def test_the_run_tables_show_each_task_and_the_change_against_the_original_in_few_columns():
+    from moeviz.runs import against_original, delta_table, recovery_pairs, task_table
 
     setting = dict(data="demo")
-    base = Run("demo", "original", 0.0, dict(eval=setting, perplexity=14.0, perplexity_se=0.5, task_mean=0.9,
+    base = Run("demo", "original", 0.0, dict(eval=setting, perplexity=14.0, perplexity_se=0.5, task_mean=0.9, kl=0.0,
                                               task_arithmetic=1.0, task_code=0.8, se=dict(task_arithmetic=0.0)),
                fingerprint="f", id=1)
-    run = Run("demo", "mone", 0.25, dict(eval=setting, perplexity=15.0, perplexity_se=0.6, task_mean=0.6,
-                                          task_arithmetic=0.47, task_code=0.73, se=dict(task_arithmetic=0.035)),
-              mode="novice", fingerprint="f", id=2)
-    table = delta_table([base, run]).set_index("id")
-    assert table.loc[2, "arithmetic"] == "0.47 ± 0.035" and table.loc[2, "code"] == "0.73"
+    run = Run("demo", "mone", 0.25, dict(eval=setting, perplexity=15.0, perplexity_se=0.6, task_mean=0.6, kl=0.2,
+                                          task_arithmetic=0.47, task_code=0.73, se=dict(task_arithmetic=0.035),
+                                          params_saved=0.2), mode="novice", fingerprint="f", id=2)
+    recovered = Run("demo", "mone", 0.25, dict(eval=setting, perplexity=3.8, task_mean=0.82, kl=0.4, task_code=0.8,
+                                                recovery=dict(parent_run=2, steps=120, minutes=2.0)),
+                    mode="novice", fingerprint="f", id=3)
+    table = delta_table([base, run, recovered]).set_index("id")
     assert table.loc[2, "Δ perplexity"] == "+1" and table.loc[2, "Δ task_mean"] == "-0.3"
+    assert table.loc[3, "Δ perplexity"] == "not comparable"  # recovery trained on this very text
+    assert not {"arithmetic", "code"} & set(table.columns)  # in the tasks' own table, so that both fit a page
+    tasks = task_table([base, run, recovered]).set_index("id")
+    assert tasks.loc[2, "arithmetic"] == "0.47 ± 0.035" and tasks.loc[2, "code"] == "0.73"
+    assert tasks.loc[3, "code"] == "0.8" and tasks.loc[3, "arithmetic"] != tasks.loc[3, "arithmetic"]  # NaN: not run
+
+    rows = against_original(run, base).set_index("metric")  # one row per metric, the tasks after the main ones
+    assert list(rows.index) == ["perplexity", "task_mean", "kl", "arithmetic", "code", "params_saved"]
+    assert rows.loc["arithmetic", "original"] == "1" and rows.loc["arithmetic", "mone novice 25 %"] == "0.47 ± 0.035"
+    assert rows.loc["arithmetic", "change"] == "-0.53" and pd.isna(rows.loc["params_saved", "change"])
+    assert pd.isna(against_original(recovered, base).set_index("metric").loc["perplexity", "change"])
+
+    pairs = recovery_pairs([base, run, recovered]).set_index("metric")
+    assert list(pairs.columns) == ["run", "plan", "recovery", "original", "pruned", "recovered"]
+    assert pairs.loc["task_mean", ["original", "pruned", "recovered"]].tolist() == [0.9, 0.6, 0.82]
+    assert pairs.loc["kl", "recovery"] == "120 steps, 2.0 min" and set(pairs["run"]) == {3}
