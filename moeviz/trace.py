@@ -129,7 +129,9 @@ def tokens_html(result: dict, layer_idx: int, highlight: int | None = None, prun
             style += "outline:2px solid #000;"
         shown = html.escape(token).replace("\n", "↵") or "·"
         spans.append(f'<span class="tok" title="{html.escape(hover)}" style="{style}">{shown}</span>')
-    return f'<div class="trace" style="line-height:2;font-family:monospace;white-space:pre-wrap">{"".join(spans)}</div>'
+    # font-size set: monospace alone gets the browser's 13px, smaller than the text around it
+    look = "line-height:2;font-family:monospace;font-size:1rem;white-space:pre-wrap"
+    return f'<div class="trace" style="{look}">{"".join(spans)}</div>'
 
 
 def page_html(result: dict, title: str = "moeviz trace") -> str:

@@ -137,5 +137,7 @@ def test_cli_json_and_an_offline_page(demo, tmp_path, capsys):
             page_.goto((tmp_path / "trace.html").as_uri())
             assert page_.locator("span.tok").count() == L * T
             assert page_.locator("span.tok").nth(1).inner_text() == "1"
+            size = "el => parseFloat(getComputedStyle(el).fontSize)"  # px
+            assert page_.locator("span.tok").nth(1).evaluate(size) >= page_.locator("body").evaluate(size)  # readable
             browser.close()
     assert main(["trace", "--model", "demo", "--text", ""]) == 2
