@@ -5,7 +5,8 @@ on first need (or reaches one started by hand with `moeviz serve --model M`), wh
 model once, on the GPU when there is one, and runs jobs (calibrate, evaluate a plan, export,
 stability, weight similarities) one after another, each reporting its progress. Messages are
 JSON over HTTP bound to 127.0.0.1; no pickle crosses the wire. A backend the app started
-stops with the app: it watches its parent and exits within a second of the app's end.
+stops with the app: the app holds the other end of the backend's stdin, which the system closes
+the moment the app ends, however it ends, and the backend exits on that end of file.
 
 Only its owner may use it: other users of the machine reach 127.0.0.1 too, and so do web pages
 open in the owner's browser. Every request but `/health` carries the backend's token (32 random
@@ -131,8 +132,9 @@ class Server:
 
 
 def serve(model: str, port: int = 0, device: str = "auto", dtype: str | None = None, cache_dir: str = "cache",
-          ready_file: str | None = None, parent_pid: int | None = None) -> None:
-    """Run a backend for `model` until stopped (or until `parent_pid` exits)."""
+          ready_file: str | None = None, until_stdin_closes: bool = False) -> None:
+    """Run a backend for `model` until stopped (or, with `until_stdin_closes`, until the process
+    holding the other end of its stdin ends)."""
     if ready_file:
         _check_private_dir(Path(ready_file).parent)
     server = Server(model, device, dtype, cache_dir)
@@ -140,8 +142,8 @@ def serve(model: str, port: int = 0, device: str = "auto", dtype: str | None = N
     httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(server, token))
     httpd.daemon_threads = True
     port = httpd.server_port
-    if parent_pid:
-        threading.Thread(target=_watch_parent, args=(parent_pid, ready_file), daemon=True).start()
+    if until_stdin_closes:
+        threading.Thread(target=_exit_with_app, args=(ready_file,), daemon=True).start()
     print(f"moeviz backend for {model} on http://127.0.0.1:{port}", file=sys.stderr, flush=True)
     saved = None
     if ready_file:  # tell the starter the port and the token (atomically, readable by its owner only)
@@ -178,11 +180,12 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _watch_parent(pid: int, ready_file: str | None) -> None:
-    """Exit within a second of the app's end, however it ends (Ctrl-C, a closed terminal, kill -9):
-    an orphan is handed to another parent."""
-    while os.getppid() == pid:
-        time.sleep(1)
+def _exit_with_app(ready_file: str | None) -> None:
+    """Exit the moment the app ends, however it ends (Ctrl-C, a closed terminal, kill -9): the app
+    holds the write end of this process's stdin and never writes, so reading it ends only when the
+    system closes that end with the app. (Not PR_SET_PDEATHSIG: that fires when the thread that
+    started the backend ends, and Streamlit starts it from a thread that ends after each rerun.)"""
+    sys.stdin.buffer.read()  # returns at end of file
     if ready_file and Path(ready_file).parent.name.startswith("moeviz-backend-"):
         shutil.rmtree(Path(ready_file).parent, ignore_errors=True)  # its log and port file
     os._exit(0)  # the app is gone: so are its backend and the jobs running in it
@@ -306,14 +309,15 @@ class Backend:
     @classmethod
     def start(cls, model: str, device: str = "auto", cache_dir: str = "cache", dtype: str | None = None,
               timeout: float = 120) -> Backend:
-        """Start `moeviz serve` for `model` as a child that exits when this process ends."""
+        """Start `moeviz serve` for `model` as a child that exits when this process ends: it reads
+        its stdin, a pipe only this process holds open, until the pipe closes."""
         workdir = Path(tempfile.mkdtemp(prefix="moeviz-backend-"))  # 0700: the ready file holds the token
         ready, log = workdir / "ready.json", workdir / "backend.log"
         cmd = [sys.executable, "-m", "moeviz.cli", "serve", "--model", model, "--device", device,
                "--cache-dir", str(Path(cache_dir).resolve()), "--ready-file", str(ready),
-               "--parent-pid", str(os.getpid())] + (["--dtype", dtype] if dtype else [])
-        with open(log, "w") as out:
-            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+               "--until-stdin-closes"] + (["--dtype", dtype] if dtype else [])
+        with open(log, "w") as out:  # stdin: a close-on-exec pipe, so this process's other children do not hold it
+            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.PIPE)
         deadline = time.time() + timeout
         while not ready.exists():
             if process.poll() is not None or time.time() > deadline:
@@ -374,6 +378,8 @@ class Backend:
         return status
 
     def stop(self) -> None:
+        if self.process is not None and self.process.stdin is not None:
+            self.process.stdin.close()  # the backend exits on this alone; the signal below makes sure
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:

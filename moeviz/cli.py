@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=0, help="on 127.0.0.1; 0 picks a free one")
     srv.add_argument("--cache-dir", default="cache", help="also where its token is left, for Backend.connect")
     srv.add_argument("--ready-file", help=argparse.SUPPRESS)  # the app learns the port here
-    srv.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # exit when this process ends
+    srv.add_argument("--until-stdin-closes", action="store_true", help=argparse.SUPPRESS)  # the app holds its other end
     srv.set_defaults(func=_serve)
 
     runs = sub.add_parser("runs", help="list stored runs, or delete one")
@@ -364,7 +364,7 @@ def _serve(args) -> int:
     from .backend import serve
 
     serve(args.model, args.port, args.device, None if args.dtype == "auto" else args.dtype, args.cache_dir,
-          args.ready_file, args.parent_pid)
+          args.ready_file, args.until_stdin_closes)
     return 0
 
 

@@ -10,6 +10,7 @@ expert numbers stay the original ones.
 from __future__ import annotations
 
 import html
+import math
 from contextlib import contextmanager
 
 import torch
@@ -20,6 +21,8 @@ from .loading import execution_device
 
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000",
            "#7F3C8D", "#11A579", "#3969AC", "#F2B701", "#E73F74", "#80BA5A", "#E68310", "#008695")
+WORSE = 1e-6  # nats: a smaller rise of a token's loss is float noise, not a worse prediction
+NONE_WORSE = "No token's prediction got worse under the plan."
 
 
 class TraceError(ValueError):
@@ -90,15 +93,16 @@ def _changed(before: list[list[int]], after: list[list[int]]) -> float:
 
 
 def loss_changes(result: dict, top: int = 10) -> list[dict]:
-    """The tokens whose loss rose most under the plan: the predicted token, and its probability
-    before and after."""
+    """The tokens whose loss rose under the plan, most risen first (at most `top`): the predicted
+    token, and its probability before and after. Tokens whose loss fell or stayed are left out."""
     if "pruned" not in result:
         return []
     rows = []
     for t, (before, after) in enumerate(zip(result["nll"], result["pruned"]["nll"])):
-        rows.append(dict(position=t + 1, token=result["tokens"][t + 1], context=result["tokens"][t],
-                         p_before=float(torch.tensor(-before).exp()), p_after=float(torch.tensor(-after).exp()),
-                         nll_rise=after - before))
+        if after - before > WORSE:
+            rows.append(dict(position=t + 1, token=result["tokens"][t + 1], context=result["tokens"][t],
+                             p_before=math.exp(-before), p_after=math.exp(-after),
+                             nll_rise=after - before))
     return sorted(rows, key=lambda r: -r["nll_rise"])[:top]
 
 
@@ -125,7 +129,9 @@ def tokens_html(result: dict, layer_idx: int, highlight: int | None = None, prun
             style += "outline:2px solid #000;"
         shown = html.escape(token).replace("\n", "↵") or "·"
         spans.append(f'<span class="tok" title="{html.escape(hover)}" style="{style}">{shown}</span>')
-    return f'<div class="trace" style="line-height:2;font-family:monospace;white-space:pre-wrap">{"".join(spans)}</div>'
+    # font-size set: monospace alone gets the browser's 13px, smaller than the text around it
+    look = "line-height:2;font-family:monospace;font-size:1rem;white-space:pre-wrap"
+    return f'<div class="trace" style="{look}">{"".join(spans)}</div>'
 
 
 def page_html(result: dict, title: str = "moeviz trace") -> str:
@@ -143,6 +149,8 @@ def page_html(result: dict, title: str = "moeviz trace") -> str:
                         f"<td>{r['p_before']:.3f}</td><td>{r['p_after']:.3f}</td></tr>" for r in rows)
         parts.append("<h3>Where the prediction got worse</h3><table><tr><th>position</th><th>next token</th>"
                      f"<th>p before</th><th>p after</th></tr>{cells}</table>")
+    elif "pruned" in result:
+        parts.append(f"<h3>Where the prediction got worse</h3><p>{NONE_WORSE}</p>")
     body = "\n".join(parts)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
             f"<body style='font-family:sans-serif;max-width:60em;margin:2em auto'>{body}</body></html>")

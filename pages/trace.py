@@ -2,7 +2,7 @@ import pandas as pd
 import streamlit as st
 
 from moeviz.data import load_texts
-from moeviz.trace import expert_colour, loss_changes, tokens_html
+from moeviz.trace import NONE_WORSE, expert_colour, loss_changes, tokens_html
 from pages.common import current_model, finished, persistent, poll, stats_ui, submit
 
 name, skeleton, adapter, fingerprint = current_model()
@@ -52,4 +52,7 @@ if "pruned" in result:
     st.write(f"The plan sends **{result['rerouted'][row]:.0%}** of this layer's tokens to other experts "
              f"(all layers: {', '.join(f'{r:.0%}' for r in result['rerouted'])}).")
     st.subheader("Where the prediction got worse")
-    st.dataframe(pd.DataFrame(loss_changes(result)), hide_index=True)
+    if worse := loss_changes(result):
+        st.dataframe(pd.DataFrame(worse), hide_index=True)
+    else:
+        st.write(NONE_WORSE)

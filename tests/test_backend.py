@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -78,22 +79,35 @@ def test_a_crashed_backend_is_reported_and_a_new_one_starts(tmp_path):
     fresh = Backend.start("demo", device="cpu", cache_dir=str(tmp_path))
     assert fresh.alive()
     fresh.stop()
+    assert fresh.process.poll() is not None and not fresh.log.parent.exists()
 
 
-def test_the_backend_exits_when_the_app_that_started_it_ends(tmp_path):
+def _running(pid: int) -> bool:
+    """Whether `pid` runs. A process that exited stays a zombie until its new parent reaps it (a
+    container's PID 1 may take seconds to); it holds nothing, so it counts as ended."""
+    try:
+        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except ProcessLookupError:
+        return False
+    except FileNotFoundError:  # reaped meanwhile; or no /proc (not Linux), where os.kill's answer stands
+        return not Path("/proc").is_dir()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_the_backend_exits_when_the_app_that_started_it_ends(tmp_path, sig):
     starter = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from moeviz.backend import Backend; "
         f"b = Backend.start('demo', device='cpu', cache_dir={str(tmp_path)!r}); "
-        "print(b.process.pid, flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
-    pid = int(starter.stdout.readline())
-    os.kill(pid, 0)  # running
-    starter.kill()  # kill -9: no chance to clean up
+        "print(b.process.pid, b.log.parent, flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    pid, workdir = starter.stdout.readline().split(maxsplit=1)
+    pid, workdir = int(pid), Path(workdir.strip())
+    assert _running(pid) and workdir.is_dir()
+    killed = time.time()
+    starter.send_signal(sig)  # kill -9: no chance to clean up (nor has Python on SIGTERM)
     starter.wait()
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    pytest.fail("the backend outlived the process that started it")
+    while _running(pid) and time.time() < killed + 10:
+        time.sleep(0.01)
+    took = time.time() - killed
+    assert took < 0.5, f"the backend outlived the process that started it by {took:.2f} s"  # at once, not polled
+    assert not workdir.exists()  # its log and ready file (which holds the token) go with it

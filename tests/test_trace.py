@@ -3,6 +3,7 @@ and a plan's removed experts never appear under it."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +14,9 @@ from moeviz.calibrate import CalibConfig, calibrate
 from moeviz.cli import main
 from moeviz.loading import load_model
 from moeviz.methods import PlanConfig, make_plan
-from moeviz.trace import TraceError, trace
+from moeviz.trace import NONE_WORSE, TraceError, loss_changes, page_html, trace
 
+APP = Path(__file__).resolve().parent.parent / "app.py"
 TEXT = "12+30=42\nrev abc:cba\nthe tall king that the small cats saw hurt himself.\n"
 
 
@@ -69,6 +71,42 @@ def test_under_a_removal_plan_no_removed_expert_appears(demo):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # put back
 
 
+def test_only_tokens_whose_prediction_got_worse_are_listed_as_worse(demo):
+    model, tokenizer, stats, _ = demo
+    result = trace(model, tokenizer, TEXT, make_plan(stats, PlanConfig("mone", ratio=0.25, mode="remove")), stats)
+    rises = [after - before for before, after in zip(result["nll"], result["pruned"]["nll"])]
+    assert min(rises) < 0 < max(rises)  # some tokens better, some worse: the list must tell them apart
+    rows = loss_changes(result, top=len(rises))
+    assert len(rows) == sum(rise > 1e-6 for rise in rises)
+    assert all(r["p_after"] < r["p_before"] and r["nll_rise"] > 0 for r in rows)
+    assert [r["nll_rise"] for r in rows] == sorted((r["nll_rise"] for r in rows), reverse=True)  # most risen first
+    assert loss_changes(result, top=3) == rows[:3]
+    assert NONE_WORSE not in page_html(result)
+
+    unchanged = trace(model, tokenizer, TEXT, make_plan(stats, PlanConfig("frequency", ratio=0)), stats)
+    assert unchanged["pruned"]["experts"] == unchanged["experts"]  # the plan prunes nothing
+    assert loss_changes(unchanged) == [] and NONE_WORSE in page_html(unchanged)
+    assert NONE_WORSE not in page_html(trace(model, tokenizer, TEXT))  # no plan: nothing to compare
+
+
+def test_the_trace_page_says_when_no_prediction_got_worse(demo, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    model, tokenizer, stats, _ = demo
+    monkeypatch.setenv("MOEVIZ_CACHE_DIR", str(tmp_path))
+    for ratio, worse in ((0, False), (0.25, True)):
+        result = trace(model, tokenizer, TEXT, make_plan(stats, PlanConfig("mone", ratio=ratio, mode="remove")), stats)
+        at = AppTest.from_file(str(APP), default_timeout=60)
+        at.query_params["model"] = "demo"
+        at.session_state["trace_result"] = result  # as a finished trace job leaves it
+        at.switch_page("pages/trace.py").run()
+        assert not at.exception, at.exception
+        said = NONE_WORSE in [m.value for m in at.markdown]
+        assert said != worse and len(at.dataframe) == worse
+        if worse:
+            assert len(at.dataframe[0].value) == len(loss_changes(result))
+
+
 def test_empty_and_too_long_texts_are_refused(demo):
     model, tokenizer, _, _ = demo
     with pytest.raises(TraceError, match="empty"):
@@ -99,5 +137,7 @@ def test_cli_json_and_an_offline_page(demo, tmp_path, capsys):
             page_.goto((tmp_path / "trace.html").as_uri())
             assert page_.locator("span.tok").count() == L * T
             assert page_.locator("span.tok").nth(1).inner_text() == "1"
+            size = "el => parseFloat(getComputedStyle(el).fontSize)"  # px
+            assert page_.locator("span.tok").nth(1).evaluate(size) >= page_.locator("body").evaluate(size)  # readable
             browser.close()
     assert main(["trace", "--model", "demo", "--text", ""]) == 2
