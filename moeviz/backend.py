@@ -106,7 +106,6 @@ class Server:
 
             if self.running is not None:  # what the first job waits for, on its progress bar
                 self.running.step = "loading the model's weights"
-
             self.model, self.tokenizer = load_model(self.model_name, device=self.device, dtype=self.dtype)
             self.loads += 1
             self.fingerprint = model_fingerprint(self.model)
