@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
@@ -61,7 +63,8 @@ if done := finished("calibration_job", "Calibration"):  # shown once, then gone;
     st.session_state["stats_choice"] = paths[0]
 
 st.subheader("Cached calibrations of this model")
-rows = [dict(directory=str(path), **{k: meta["calibration"].get(k) for k in ("data", "num_samples", "seq_len", "seed",
+st.caption(f"In {Path(cache_dir()).resolve()}.")
+rows = [dict(directory=path.name, **{k: meta["calibration"].get(k) for k in ("data", "num_samples", "seq_len", "seed",
                                                                                "probe_tokens")},
              tokens=meta.get("tokens")) for path, meta in list_stats(cache_dir(), fingerprint)]
 if rows:

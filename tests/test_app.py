@@ -146,7 +146,7 @@ def test_prune_page_clicks_evaluates_and_compare_shows_the_run(tiny_dir, tmp_pat
     at.switch_page("pages/compare.py")
     at.run()
     assert not at.exception, at.exception
-    runs = list(at.dataframe[0].value["run"])
+    runs = list(at.table[0].value["run"])
     assert runs[0] == "original" and runs[1].startswith("frequency (edited) remove 25 %")  # the baseline first, named
 
 

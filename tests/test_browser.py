@@ -133,6 +133,7 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     page.get_by_role("heading", name="Overview").wait_for(timeout=120_000)
     page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
     _no_error(page)
+    _nothing_cut(page)
 
     _open(page, "Calibrate")
     page.get_by_label("Sequences").fill("16")
@@ -142,6 +143,7 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     page.get_by_text("Handing the calibrate job to the model's backend").wait_for(timeout=30_000)  # at once
     page.get_by_text("Calibrated").wait_for(timeout=180_000)  # the backend ran it; the page polled
     _no_error(page)
+    _nothing_cut(page)
 
     for name in ("Experts", "Similarity", "Layers"):
         _open(page, name)
@@ -253,6 +255,7 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     _idle(page)
     assert page.locator("span.tok[style*='wavy']").count() > 0  # rerouted tokens are marked
     _no_error(page)
+    _nothing_cut(page)
 
     _open(page, "Compare")
     page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)  # the ratio curves
