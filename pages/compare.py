@@ -26,7 +26,7 @@ chosen = st.selectbox("Evaluated on", settings, key="compare_setting",
                       help="runs evaluated on other text or sizes are not comparable: one setting at a time")
 shown = [run for run in runs if setting(run) == chosen]
 st.table(delta_table(shown, [r for r in runs if r.method == "original"]).drop(columns="evaluated_on"),
-             hide_index=True)
+         hide_index=True)
 if len(tasks := task_table(shown)):
     st.markdown("**Each task's accuracy** (± its standard error)")
     st.table(tasks, hide_index=True)
