@@ -14,7 +14,7 @@ if "model_name" not in st.session_state:  # first from the URL, else the command
 
 
 def _model_changed() -> None:
-    st.session_state["model_name"] = st.session_state["model_input"].strip() or "demo"
+    st.session_state["model_name"] = st.session_state["model_input"] = st.session_state["model_input"].strip() or "demo"
 
 
 def _take(model: str) -> None:

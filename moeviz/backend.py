@@ -321,6 +321,7 @@ class Backend:
         while not ready.exists():
             if process.poll() is not None or time.time() > deadline:
                 process.kill()
+                process.communicate()  # closes its stdin, reaps it
                 raise BackendError(f"The backend for {model} did not start: {_tail(log)}")
             time.sleep(0.1)
         found = json.loads(ready.read_text())

@@ -93,10 +93,6 @@ class RunStore:
             if db.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount == 0:
                 raise KeyError(f"No run with id {run_id} in {self.path}")
 
-    def delta_table(self, run_ids: list[int], baseline_id: int | None = None) -> pd.DataFrame:
-        """`delta_table` of these runs against the baseline run."""
-        return delta_table([self.get(i) for i in run_ids], [self.get(baseline_id)] if baseline_id else [])
-
     def table(self, **where) -> pd.DataFrame:
         """One row per run: its settings, then every metric (and standard error) as a number."""
         rows = []

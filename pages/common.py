@@ -71,7 +71,7 @@ def backend(name: str) -> Backend:
 def submit(name: str, kind: str, **args) -> str | None:
     """Start a job in the model's backend; an error message instead of a traceback."""
     try:
-        with st.spinner(f"Handing the {kind} job to the model's backend (the first job of a session starts it)…"):
+        with st.spinner(f"Handing the {kind} job to the model's backend (the model's first job starts it)…"):
             return backend(name).submit(kind, **args)
     except BackendError as err:
         st.error(f"The backend could not take the job: {err}")

@@ -430,8 +430,11 @@ if result := st.session_state.get("eval_job_result"):
     changes = plan is not None and (plan.num_pruned or plan.sparsity or plan.nm)
     if changes and run.metrics.get("plan_digest") == plan_digest(plan) and not st.session_state.get("recover_job"):
         recover_ui(run)
-if (result := st.session_state.get("recover_job_result")) and result["parent_id"] == (
-        st.session_state.get("eval_job_result") or {}).get("run_id"):  # the recovery of the run shown above
+shown_run = (st.session_state.get("eval_job_result") or {}).get("run_id")
+if (result := st.session_state.get("recover_job_result")) and result.get("parent_id") != shown_run:
+    st.session_state.pop("recover_job_result")  # it ended while another run was shown: said once
+    st.info(f"The recovery of run {result.get('parent_id')} finished as run {result['run_id']}: see the Compare page.")
+elif result:  # the recovery of the run shown above
     store = RunStore(RUNS)
     if result.get("kept") == "pruned":
         st.warning(f"Recovery made the model worse ({result['why']}). Stored as run {result['run_id']}: the "

@@ -102,8 +102,8 @@ def _nothing_cut(page):
             if (wider(el)) cut.push("choices: " + el.innerText.replaceAll("\\n", ", "));
         for (const el of main.querySelectorAll("[data-testid='stDataFrame'] .dvn-scroller"))
             if (wider(el)) cut.push(`table: ${el.scrollWidth} px wide in ${el.clientWidth}`);
-        for (const el of main.querySelectorAll("[data-testid='stTable']"))
-            if (wider(el)) cut.push(`table: ${el.scrollWidth} px wide in ${el.clientWidth}`);
+        for (const el of main.querySelectorAll("[data-testid='stTableStyledTable']"))  // scrolls in its parent
+            if (wider(el.parentElement)) cut.push(`table: ${el.scrollWidth} px wide in ${el.parentElement.clientWidth}`);
         return cut;
     }""")
     assert not cut, cut

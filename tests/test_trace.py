@@ -14,7 +14,7 @@ from moeviz.calibrate import CalibConfig, calibrate
 from moeviz.cli import main
 from moeviz.loading import load_model
 from moeviz.methods import PlanConfig, make_plan
-from moeviz.trace import NONE_WORSE, TraceError, loss_changes, page_html, trace
+from moeviz.trace import NONE_WORSE, WORSE, TraceError, loss_changes, page_html, trace
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 TEXT = "12+30=42\nrev abc:cba\nthe tall king that the small cats saw hurt himself.\n"
@@ -77,7 +77,7 @@ def test_only_tokens_whose_prediction_got_worse_are_listed_as_worse(demo):
     rises = [after - before for before, after in zip(result["nll"], result["pruned"]["nll"])]
     assert min(rises) < 0 < max(rises)  # some tokens better, some worse: the list must tell them apart
     rows = loss_changes(result, top=len(rises))
-    assert len(rows) == sum(rise > 1e-6 for rise in rises)
+    assert len(rows) == sum(rise > WORSE for rise in rises) > 0
     assert all(r["p_after"] < r["p_before"] and r["nll_rise"] > 0 for r in rows)
     assert [r["nll_rise"] for r in rows] == sorted((r["nll_rise"] for r in rows), reverse=True)  # most risen first
     assert loss_changes(result, top=3) == rows[:3]
