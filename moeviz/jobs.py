@@ -41,26 +41,19 @@ def calibrate(server, progress, **config) -> dict:
     return dict(path=paths[-1], paths=paths, cached=all(cached), tokens=tokens)
 
 
-def _stats(spec):
-    """A job's `stats`: a directory, or a mix as [[directory, share], …], or None."""
-    from .stats import load_mix
-
-    return load_mix(spec)
-
-
 def evaluate(server, progress, plan: dict, stats: str | list | None, runs: str, **config) -> dict:
     """Evaluate `plan` (its JSON object) in place against the original; store it (and, once,
     the original as the baseline) in `runs`: {"run_id", "baseline_id"}."""
     from .evaluate import EvalConfig
     from .plan import PruningPlan
     from .runs import RunStore, store_evaluation
-    from .stats import mix_label
+    from .stats import load_mix, mix_label
 
     model, tokenizer, fingerprint = server.loaded()
     plan = PruningPlan(**plan)
     config = EvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     return store_evaluation(RunStore(runs), model, tokenizer, config, server.model_name, fingerprint,
-                            plan, _stats(stats), mix_label(stats), progress)
+                            plan, load_mix(stats), mix_label(stats), progress)
 
 
 def export(server, progress, plan: dict, stats: str | list | None, out: str, runs: str | None = None) -> dict:
@@ -69,8 +62,9 @@ def export(server, progress, plan: dict, stats: str | list | None, out: str, run
     from .export import export_plan
     from .loading import resolve_source
     from .plan import PruningPlan
+    from .stats import load_mix
 
-    loaded = _stats(stats)
+    loaded = load_mix(stats)
     kind = export_plan(resolve_source(server.model_name), PruningPlan(**plan), loaded, out,
                        progress=lambda done, total: progress("writing", done, total), runs=runs)
     return dict(path=str(out), kind=kind.name, loaders=kind.loaders)
@@ -89,11 +83,11 @@ def recover(server, progress, plan: dict, stats: str | list | None, runs: str, o
     from .plan import PruningPlan
     from .recover import DistillConfig, recover_checkpoint
     from .runs import RunStore, store_recovery
-    from .stats import mix_label
+    from .stats import load_mix, mix_label
 
     model, tokenizer, fingerprint = server.loaded()
     plan = PruningPlan(**plan)
-    loaded = _stats(stats)
+    loaded = load_mix(stats)
     config = EvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     out = Path(out)
     export_plan(resolve_source(server.model_name), plan, loaded, out / "pruned",
@@ -165,9 +159,10 @@ def curve(server, progress, stats: str | list, methods: list[str], ratios: list[
     import json
 
     from .evaluate import ratio_curve
+    from .stats import load_mix
 
     model, tokenizer, fingerprint = server.loaded()
-    loaded = _stats(stats)
+    loaded = load_mix(stats)
     calibration = loaded.meta.get("calibration") or {}
     data = data or (calibration[0] if isinstance(calibration, list) else calibration).get("data", "demo")
     result = ratio_curve(model, tokenizer, loaded, methods, ratios, mode, scope, data, num_samples, seq_len,
@@ -179,6 +174,7 @@ def curve(server, progress, stats: str | list, methods: list[str], ratios: list[
 def trace(server, progress, text: str, plan: dict | None = None, stats: str | list | None = None) -> dict:
     """`moeviz.trace.trace` of one text on the loaded model (and under `plan`, applied in place)."""
     from .plan import PruningPlan
+    from .stats import load_mix
     from .trace import TraceError
     from .trace import trace as route
 
@@ -186,7 +182,7 @@ def trace(server, progress, text: str, plan: dict | None = None, stats: str | li
     if tokenizer is None:
         raise TraceError("This model has no tokenizer: moeviz cannot turn a text into its tokens.")
     progress("tracing", 0, 1)
-    return route(model, tokenizer, text, PruningPlan(**plan) if plan else None, _stats(stats), fingerprint)
+    return route(model, tokenizer, text, PruningPlan(**plan) if plan else None, load_mix(stats), fingerprint)
 
 
 def tradeoff(server, progress, a: list, b: list, config: dict, shares: list[float], data: dict[str, str], out: str,
@@ -197,9 +193,10 @@ def tradeoff(server, progress, a: list, b: list, config: dict, shares: list[floa
 
     from .evaluate import mix_tradeoff
     from .methods import PlanConfig
+    from .stats import load_mix
 
     model, tokenizer, fingerprint = server.loaded()
-    sources = {a[0]: _stats(a[1]), b[0]: _stats(b[1])}
+    sources = {a[0]: load_mix(a[1]), b[0]: load_mix(b[1])}
     plan_config = PlanConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     rows = mix_tradeoff(model, tokenizer, sources, plan_config, shares, data, num_samples, seq_len, tasks,
                         task_examples, fingerprint, progress)

@@ -30,14 +30,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 JOB = json.dumps(dict(kind="calibrate", args=dict(data="demo", num_samples=8, seq_len=64))).encode()
 
 
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    client = Backend.start("demo", device="cpu", cache_dir=str(cache))
-    yield client, cache
-    client.stop()
-
-
 def _request(port: int, method: str, path: str, headers: dict, body: bytes | None = None) -> tuple[int, dict]:
     """(status, JSON answer) of one raw request; http.client adds the Host header unless given."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)

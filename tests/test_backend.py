@@ -16,14 +16,6 @@ from moeviz.methods import PlanConfig, make_plan
 from moeviz.stats import ExpertStats
 
 
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    backend = Backend.start("demo", device="cpu", cache_dir=str(cache))
-    yield backend, cache
-    backend.stop()
-
-
 def test_two_evaluations_load_the_weights_once_in_one_process(backend):
     client, cache = backend
     assert client.info()["loaded"] is False  # nothing is read before a job needs the weights

@@ -77,6 +77,13 @@ def _idle(page, timeout=120_000):
     page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=timeout)
 
 
+def _type(page, field, text):
+    """Type `text` into a widget and send it (Enter), as a person does; wait for the rerun."""
+    field.fill(text)
+    field.press("Enter")
+    _idle(page)
+
+
 def _open(page, name):
     page.get_by_role("link", name=name).click()
     page.get_by_role("heading", name=name).wait_for(timeout=60_000)
@@ -136,9 +143,7 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     _nothing_cut(page)
 
     _open(page, "Calibrate")
-    page.get_by_label("Sequences").fill("16")
-    page.get_by_label("Sequences").press("Enter")
-    _idle(page)
+    _type(page, page.get_by_label("Sequences"), "16")
     page.get_by_role("button", name="Calibrate").click()
     page.get_by_text("Handing the calibrate job to the model's backend").wait_for(timeout=30_000)  # at once
     page.get_by_text("Calibrated").wait_for(timeout=180_000)  # the backend ran it; the page polled
@@ -217,10 +222,7 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     assert refused.is_visible()  # the message stays until the user acts
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # nothing else written
 
-    minutes = page.get_by_label("Minutes")  # recover the evaluated run, briefly
-    minutes.fill("0.5")
-    minutes.press("Enter")
-    _idle(page)
+    _type(page, page.get_by_label("Minutes"), "0.5")  # recover the evaluated run, briefly
     page.get_by_role("button", name="Recover run").click()
     recovered = page.get_by_text(re.compile("Recovered as run|Recovery made the model worse")).first
     recovered.wait_for(timeout=300_000)
@@ -269,9 +271,7 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
 
     tiny_model("olmoe").save_pretrained(tmp_path / "olmoe")
     box = page.get_by_role("textbox", name="Model", exact=True)
-    box.fill(str(tmp_path / "olmoe"))
-    box.press("Enter")
-    _idle(page)
+    _type(page, box, str(tmp_path / "olmoe"))
     _open(page, "Overview")
     page.locator("code", has_text="olmoe").first.wait_for(timeout=60_000)  # "… — `olmoe`, 2 MoE layers …"
     assert box.input_value() == str(tmp_path / "olmoe")
@@ -297,9 +297,7 @@ def test_a_calibration_mix_moves_the_plan_at_once(server, page):
     page.goto(server)
     _idle(page)
     _open(page, "Calibrate")
-    page.get_by_label("Sequences").fill("16")
-    page.get_by_label("Sequences").press("Enter")
-    _idle(page)
+    _type(page, page.get_by_label("Sequences"), "16")
     page.get_by_role("combobox", name="Text").click()
     page.get_by_role("option", name="several sources…").click()
     _idle(page)
