@@ -1,10 +1,14 @@
 """Tiny random MoE models built from transformers configs: no download, seconds on a CPU.
 
 Used by the tests and benchmarks, and by anyone who wants to try moeviz on a family
-without its weights.
+without its weights. Any MoE family transformers ships gets one: its default config, shrunk
+(`shrink`) to 4 layers, a hidden size of 32 and 8 experts of which 2 are chosen, with a few
+per-family keys (`FAMILY_KEYS`) where a default does not build a small MoE.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -17,7 +21,7 @@ _BASE = dict(
 _MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
             v_head_dim=8)
 
-# Per family: the config keys that make a small MoE with 8 experts.
+# The families the suite has used longest: these exact small configs (from _BASE).
 TINY_CONFIGS: dict[str, dict] = {
     "mixtral": dict(num_local_experts=8),
     "olmoe": dict(num_experts=8),
@@ -41,11 +45,103 @@ TINY_CONFIGS: dict[str, dict] = {
                          num_hidden_layers=3),
 }
 
+# Keys that a family's default config needs besides shrinking, to be a small MoE that runs.
+FAMILY_KEYS: dict[str, dict] = {
+    "dbrx": dict(attn_config=dict(rope_theta=10000.0, clip_qkv=8.0, kv_n_heads=2),
+                 ffn_config=dict(moe_num_experts=8, moe_top_k=2, ffn_hidden_size=24), d_model=32, n_heads=4,
+                 n_layers=2, max_seq_len=128),
+    "gemma4": dict(text_config=dict(enable_moe_block=True, global_head_dim=8)),
+    "gemma4_text": dict(enable_moe_block=True, global_head_dim=8),
+    "nemotron_h": dict(mamba_num_heads=8, mamba_head_dim=8, n_groups=2, expand=2),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
+    "granitemoehybrid": dict(mamba_n_heads=8, mamba_d_head=8, mamba_expand=2, mamba_n_groups=1,
+                             layer_types=["mamba", "attention", "mamba", "attention"]),
+    "kolibri1_1": dict(layer_types=["indexed_attention", "sliding_attention"] * 2, index_layers=[0, 2],
+                       kv_source_layers=[0, 1, 2, 3], head_dim=16),
+    "laguna": dict(num_attention_heads_per_layer=[4] * 4),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"] * 2),
+    "dots3_note": dict(text_config=dict(head_dim=16)),
+    "dots3_note_text": dict(head_dim=16),
+    "qwen4_exp": dict(text_config=dict(indexer_budget=16, indexer_compress_ratio=4, indexer_kv_heads=1)),
+    "qwen4_exp_text": dict(indexer_budget=16, indexer_compress_ratio=4, indexer_kv_heads=1),
+}
+
+_SMALL = dict(
+    vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    num_hidden_layers=4, max_position_embeddings=256, kv_lora_rank=16, q_lora_rank=16,
+    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, qk_head_dim=16, n_group=2, topk_group=1,
+    num_expert_group=2, first_k_dense_replace=1, num_dense_layers=1, num_nextn_predict_layers=0,
+)
+_RULES = (  # (key pattern, small value): the first that matches a key wins
+    (r"per_tok|per_token|top_?k$|top_k_experts|^moe_k$|moe_top_?k", 2),
+    (r"(num|n)_shared_experts|shared_experts?_num", 1),
+    (r"experts$|^moe_num_experts$|expert_num$", 8),
+    (r"intermediate_size|ffn_hidden_size|ffn_size|router_hidden_size", 24),
+    (r"head_dim|d_head", 8),
+    (r"(num|n)_(key_)?(value_)?heads|num_heads|kv_heads|_n_heads$", 2),
+    (r"lora_rank|lowrank|_rank$", 16),
+    (r"sliding_window|window_size|chunk_size|block_size|pool_size", 16),
+    (r"state_size|index_topk|ple_embed_dim|hidden_size_per_layer_input|rotary_dim|dt_rank", 8),
+    (r"vocab", 128),
+)
+
+
+def _small(key: str, value):
+    if key in _SMALL:
+        return _SMALL[key]
+    if isinstance(value, bool) or not isinstance(value, (int, type(None))):
+        return None
+    for pattern, small in _RULES:
+        if re.search(pattern, key):
+            return small if value is None or small < value else None
+    return None
+
+
+def shrink(fields: dict) -> dict:
+    """A config's fields made small: sizes, heads and experts cut, per-layer lists cut to the first
+    layers (keeping one layer of every kind they name), layer indices and overrides past them dropped."""
+    out = dict(fields)
+    old_layers, layers = fields.get("num_hidden_layers"), _SMALL["num_hidden_layers"]
+    for key, value in fields.items():
+        small = _small(key, value)
+        if small is not None and not (key == "q_lora_rank" and value is None):
+            out[key] = small
+        if key.endswith("token_id") and isinstance(value, int) and value >= _SMALL["vocab_size"]:
+            out[key] = 1
+        if isinstance(value, list) and old_layers and value:
+            if len(value) == old_layers and all(isinstance(v, (str, bool)) or v in (0, 1) for v in value):
+                kept = value[:layers]  # a pattern per layer: keep every kind it has, at the end
+                for i, kind in enumerate(k for k in dict.fromkeys(value) if k not in kept):
+                    if i < layers - 1:
+                        kept[-1 - i] = kind
+                out[key] = kept
+            elif all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                out[key] = [v for v in value if v < layers]  # layer indices
+        if key == "per_layer_config" and isinstance(value, dict):
+            out[key] = {i: shrink(v) for i, v in value.items() if not str(i).isdigit() or int(i) < layers}
+    if out.get("kv_lora_rank") and "num_attention_heads" in out:  # latent attention: a K/V head per query head
+        out["num_key_value_heads"] = out["num_attention_heads"]
+    return out
+
 
 def tiny_config(model_type: str, **overrides):
-    if model_type not in TINY_CONFIGS:
-        raise ValueError(f"No tiny config for {model_type!r}; known: {', '.join(sorted(TINY_CONFIGS))}")
-    return AutoConfig.for_model(model_type, **{**_BASE, **TINY_CONFIGS[model_type], **overrides})
+    """A small config of any MoE family transformers ships."""
+    if model_type in TINY_CONFIGS:
+        return AutoConfig.for_model(model_type, **{**_BASE, **TINY_CONFIGS[model_type], **overrides})
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"No tiny config for {model_type!r}: transformers has no such model type.")
+    fields = CONFIG_MAPPING[model_type]().to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        fields.pop(key, None)
+    fields = shrink(fields)
+    for sub in ("text_config",):
+        if isinstance(fields.get(sub), dict):
+            fields[sub] = shrink(fields[sub])
+    for key, value in {**FAMILY_KEYS.get(model_type, {}), **overrides}.items():
+        fields[key] = {**fields.get(key, {}), **value} if isinstance(value, dict) else value
+    return AutoConfig.for_model(model_type, **fields)
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:
