@@ -15,6 +15,7 @@ Two expert layouts are supported:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -25,43 +26,37 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Family:
-    """How one model family lays out its MoE blocks."""
+    """What structure cannot tell about one model family: small overrides, all optional.
+
+    Every other family is read from its modules: the decoder layers wherever the model keeps
+    them, in each a block holding `experts` and a router with one row per routed expert.
+    """
 
     model_type: str
-    block_attrs: tuple[str, ...] = ("mlp",)  # where the decoder layer keeps its MoE block
-    router_attrs: tuple[str, ...] = ("gate",)  # the router inside the block
-    shared_attrs: tuple[str, ...] = ()  # shared experts (never pruned)
-    scoring: str = "softmax"  # "softmax" or "sigmoid": the router's score p(x) over all experts
-    routing: str | None = "softmax_topk"  # the router's rule, for previews that mask experts:
-    # softmax_topk (renormalised as the router's norm_topk_prob says), topk_softmax, biased
-    # (choice by score + correction bias), or None when moeviz cannot re-route it
-    num_experts_keys: tuple[str, ...] = ("num_local_experts", "num_experts", "n_routed_experts")
+    shared_attrs: tuple[str, ...] = ()  # shared experts besides those named shared* (never pruned)
+    scoring: str | None = None  # "softmax", "sigmoid", "identity"; None: found by probing the router
+    refused: str | None = None  # why moeviz cannot prune this family, in one sentence
 
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        Family("mixtral", block_attrs=("mlp", "block_sparse_moe")),
-        Family("olmoe"),
-        Family("qwen2_moe", shared_attrs=("shared_expert",)),
-        Family("qwen3_moe"),
-        Family("deepseek_v2", shared_attrs=("shared_experts",), routing=None),
-        Family("deepseek_v3", shared_attrs=("shared_experts",), scoring="sigmoid", routing="biased"),
-        Family("glm4_moe", shared_attrs=("shared_experts",), scoring="sigmoid", routing="biased"),
-        Family("gpt_oss", router_attrs=("router",), routing="topk_softmax"),
-        Family("phimoe", router_attrs=("router",), routing=None),
-        Family("granitemoe", block_attrs=("block_sparse_moe",), router_attrs=("router",),
-               routing="topk_softmax"),
-        Family("minimax"),
-        Family("jamba", block_attrs=("feed_forward",), router_attrs=("router",)),
-        Family("ernie4_5_moe", shared_attrs=("shared_experts",), routing=None,
-               num_experts_keys=("moe_num_experts",)),
+        Family("hunyuan_v1_moe", shared_attrs=("shared_mlp",)),
+        Family("jetmoe", refused="its experts are attention heads (mixture of attention) and MLPs routed by "
+                                 "one router each, not a sparse MLP block moeviz can observe"),
+        Family("switch_transformers", refused="an encoder-decoder model: moeviz prunes causal LMs"),
+        Family("nllb-moe", refused="an encoder-decoder model: moeviz prunes causal LMs"),
+        Family("doge", refused="product-key experts of a single neuron each: there is no expert MLP to prune"),
     )
 }
 
 
 def supported_architectures() -> list[str]:
-    return sorted(FAMILIES)
+    """The MoE families moeviz was checked on: every causal-LM MoE family of the installed
+    transformers that it does not refuse (see `moeviz.tiny.moe_families`)."""
+    from .tiny import moe_families
+
+    return sorted(set(moe_families()) - {f.model_type for f in FAMILIES.values() if f.refused})
 
 
 @dataclass(frozen=True)
@@ -87,18 +82,20 @@ class ExpertWeights:
 
 
 class MoELayer:
-    """The sparse MoE block of one decoder layer."""
+    """The sparse MoE block of one decoder layer, read from its modules."""
 
     def __init__(self, layer_idx: int, block: nn.Module, family: Family, config):
         self.layer_idx = layer_idx  # index of the decoder layer, not of the MoE layer
         self.block = block
         self.family = family
         self.config = config
-        self.router = _child(block, family.router_attrs)
         self.novices = getattr(block.experts, "novices", None)  # a moeviz export with novices: (P, H)
         self.experts = getattr(block.experts, "inner", block.experts)  # the kept experts inside such a wrapper
-        self.shared = [m for a in family.shared_attrs if (m := getattr(block, a, None)) is not None]
         self.fused = isinstance(self.experts, nn.Module) and not isinstance(self.experts, nn.ModuleList)
+        rows = block.experts.num_experts if self.novices is not None else self.num_experts  # the router's
+        self.router_name, self.router, self.router_weight_name = _find_router(block, rows, self.hidden_size)
+        self.shared = [m for name, m in block.named_children()
+                       if name != "experts" and ("shared" in name and "gate" not in name or name in family.shared_attrs)]
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -109,7 +106,16 @@ class MoELayer:
 
     @property
     def top_k(self) -> int:
-        return int(getattr(self.router, "top_k", None) or self.config.num_experts_per_tok)
+        for module in (self.router, self.block):
+            for attr in ("top_k", "num_experts_per_tok", "moe_topk", "moe_k"):
+                if isinstance(value := getattr(module, attr, None), int) and not isinstance(value, bool):
+                    return value
+        config = getattr(self.config, "get_text_config", lambda: self.config)()
+        for attr in ("num_experts_per_tok", "moe_topk", "moe_k", "top_k_experts", "num_experts_per_token"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        raise ValueError(f"Layer {self.layer_idx}: cannot find how many experts a token chooses.")
 
     @cached_property
     def hidden_size(self) -> int:
@@ -122,16 +128,46 @@ class MoELayer:
     @property
     def group_count(self) -> int:
         """Groups of group-limited routing (DeepSeek); 1 when routing is not grouped."""
-        return int(getattr(self.router, "n_group", None) or getattr(self.router, "num_group", None) or 1)
+        for module in (self.router, self.block):
+            for attr in ("n_group", "num_group", "num_expert_group", "n_groups"):
+                value = getattr(module, attr, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+                    return value
+        return 1
 
     # ---- routing -----------------------------------------------------------------------
+    @property
+    def router_weight(self) -> torch.Tensor:
+        return self.router.get_parameter(self.router_weight_name)  # (E, H)
+
+    @property
+    def router_bias(self) -> torch.Tensor | None:
+        """The router's additive bias: a real bias (GPT-OSS) or a score-correction bias (DeepSeek-V3),
+        wherever the block keeps it; None without one."""
+        found = [t for name, t, dim in self.indexed_tensors() if t is not self.router_weight and t.dim() - dim == 1
+                 and t.is_floating_point()]
+        return found[0].reshape(-1) if found else None
+
+    def indexed_tensors(self) -> list[tuple[str, torch.Tensor, int]]:
+        """Every tensor of the block outside the experts with one entry per routed expert:
+        (name in the block, tensor, the dimension indexed by expert). Removing experts slices
+        these; the router's weight rows, biases and per-expert scales are among them."""
+        E, found = self.num_experts, []
+        own = [*self.block.named_parameters(recurse=False), *self.block.named_buffers(recurse=False)]
+        router = [(f"{self.router_name}.{n}", t) for n, t in [*self.router.named_parameters(), *self.router.named_buffers()]]
+        for name, t in own + router:
+            dim = _expert_dim(t, E)
+            if dim is not None:
+                found.append((name, t, dim))
+        return found
+
     def route(self, hidden: torch.Tensor) -> Routing:
-        """Route hidden states (T, H) exactly as the model does."""
+        """Route hidden states (T, H) with a plain Linear router (module-list blocks)."""
         return self.routing_from_output(self.router(hidden))
 
     def routing_from_output(self, output) -> Routing:
         """Turn what the router module returned into a `Routing`."""
-        if isinstance(output, tuple):  # transformers 5: (logits, weights, indices)
+        if isinstance(output, tuple) and len(output) == 3:  # transformers 5: (logits, weights, indices)
             logits, weights, index = output
         else:  # a bare nn.Linear router: softmax, top-k, renormalise as the config says
             logits = output
@@ -144,46 +180,36 @@ class MoELayer:
         return Routing(logits, self.scores(logits), index.reshape(logits.shape[0], -1),
                        weights.reshape(logits.shape[0], -1))
 
-    def renormalizes(self) -> bool:
-        """Whether gate weights are renormalised over the selected experts (softmax_topk rule)."""
-        if self.family.model_type == "jamba":
-            return False
-        return bool(getattr(self.router, "norm_topk_prob", True))
-
-    def mask_router_output(self, output, masked: torch.Tensor):
-        """The router's output with the `masked` experts (bool (E,)) excluded, as if removed."""
-        logits, weights, _ = output
-        logits = logits.masked_fill(masked, float("-inf"))
-        rule = self.family.routing
-        if rule == "softmax_topk":
-            top, index = torch.topk(F.softmax(logits.float(), dim=-1), self.top_k, dim=-1)
-            if self.renormalizes():
-                top = top / top.sum(dim=-1, keepdim=True)
-        elif rule == "topk_softmax":
-            top, index = torch.topk(logits, self.top_k, dim=-1)
-            top = F.softmax(top.float(), dim=-1)
-        else:
-            raise NotImplementedError(f"moeviz cannot re-route {self.family.model_type}'s router; "
-                                      "apply the plan instead of previewing it.")
-        return logits, top.to(weights.dtype), index
+    def router_logits(self, output) -> torch.Tensor | None:
+        """The (T, E) logits among what the router returned (its first tensor with E columns)."""
+        for t in (output if isinstance(output, tuple) else (output,)):
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.num_experts and t.is_floating_point():
+                return t.reshape(-1, t.shape[-1])
+        return None
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """p(x) over all experts (T, E), as float32."""
-        if self.family.scoring == "sigmoid":
+        """p(x) over all experts (T, E), as float32: the router's scores before top-k."""
+        scoring = self.family.scoring or getattr(self, "_scoring", None) or "softmax"
+        if scoring == "sigmoid":
             return torch.sigmoid(logits.float())
+        if scoring == "identity":
+            return logits.float()
         return F.softmax(logits.float(), dim=-1)
 
-    @property
-    def router_weight(self) -> torch.Tensor:
-        return self.router.weight  # (E, H)
-
-    @property
-    def router_bias(self) -> torch.Tensor | None:
-        """The router's additive bias: a real bias (GPT-OSS) or a score-correction bias (DeepSeek-V3)."""
-        bias = getattr(self.router, "bias", None)
-        if bias is None:
-            bias = getattr(self.router, "e_score_correction_bias", None)
-        return bias
+    def learn_scoring(self, logits: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> str | None:
+        """Which scores the gate weights are made of, from one routed batch: the candidate whose
+        values at the chosen experts are proportional to the gate weights, token by token (any
+        renormalisation and routed scaling divide out). None when none is."""
+        if self.family.scoring:
+            return self.family.scoring
+        for scoring in ("softmax", "sigmoid", "identity"):
+            self._scoring = scoring
+            chosen = self.scores(logits).gather(1, index)
+            ratio = weights.float() / chosen.clamp(min=1e-30)
+            if torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-3, atol=1e-6):
+                return scoring
+        self._scoring = None
+        return None
 
     # ---- experts -----------------------------------------------------------------------
     def expert_weights(self, expert_idx: int) -> ExpertWeights:
@@ -259,20 +285,21 @@ class MoELayer:
 
 
 class Adapter:
-    """All MoE layers of one model, found through its family."""
+    """All MoE layers of one model, found by structure."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.family = family_of(model.config)
         self.layers = self._find_layers()
         if not self.layers:
-            raise ValueError(f"No MoE layers found in this {self.family.model_type} model.")
+            raise ValueError(f"Unsupported architecture: {_arch(model.config)}: no sparse MoE block (experts "
+                             "and a router with a row per expert) in its decoder layers.")
 
     def _find_layers(self) -> list[MoELayer]:
         found = []
         for layer_idx, decoder_layer in enumerate(decoder_layers(self.model)):
-            block = _child(decoder_layer, self.family.block_attrs, required=False)
-            if block is not None and _is_moe_block(block):  # dense layers are skipped
+            block = _moe_block(decoder_layer)
+            if block is not None:  # dense layers are skipped
                 found.append(MoELayer(layer_idx, block, self.family, self.model.config))
         return found
 
@@ -310,16 +337,18 @@ class Adapter:
         return rows
 
 
-def family_of(config) -> Family:
-    """The family of a transformers config, or a ValueError naming the supported ones."""
+def _arch(config) -> str:
     model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        arch = (getattr(config, "architectures", None) or [model_type])[0]
-        raise ValueError(
-            f"Unsupported architecture: {arch} (model_type {model_type!r}). "
-            f"Supported: {', '.join(supported_architectures())}."
-        )
-    return FAMILIES[model_type]
+    return f"{(getattr(config, 'architectures', None) or [model_type])[0]} (model_type {model_type!r})"
+
+
+def family_of(config) -> Family:
+    """The overrides of a config's family (none for most), or a ValueError for a refused one."""
+    model_type = getattr(config, "model_type", None)
+    family = FAMILIES.get(model_type) or Family(model_type)
+    if family.refused:
+        raise ValueError(f"Unsupported architecture: {_arch(config)}: {family.refused}.")
+    return family
 
 
 def get_adapter(model: nn.Module) -> Adapter:
@@ -327,30 +356,77 @@ def get_adapter(model: nn.Module) -> Adapter:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
+    """The decoder layers, wherever the model keeps them: `model.layers`, a composite model's
+    `model.language_model.layers`, DBRX's `transformer.blocks`."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    count = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layers", None)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)
+             and name.rsplit(".", 1)[-1] in ("layers", "blocks") and not re.search(r"mtp|vision|audio|visual", name)]
+    if not lists:
         raise ValueError(f"Cannot find decoder layers in {type(model).__name__}.")
+    exact = [(name, m) for name, m in lists if len(m) == count]
+    name, layers = min(exact or lists, key=lambda nm: ("language_model" not in nm[0], -len(nm[1]), nm[0]))
     return layers
 
 
-def _child(module: nn.Module, names: tuple[str, ...], required: bool = True) -> nn.Module | None:
-    for name in names:
-        child = getattr(module, name, None)
-        if isinstance(child, nn.Module):
-            return child
-    if required:
-        raise ValueError(f"{type(module).__name__} has none of {names}.")
+def _moe_block(decoder_layer: nn.Module) -> nn.Module | None:
+    """The module of a decoder layer that holds the routed experts (the layer itself for Gemma-4)."""
+    for module in (decoder_layer, *decoder_layer.children()):
+        if _is_experts(getattr(module, "experts", None)):
+            return module
     return None
 
 
-def _is_moe_block(block: nn.Module) -> bool:
-    experts = getattr(block, "experts", None)
+def _is_experts(experts) -> bool:
     experts = getattr(experts, "inner", experts)  # kept experts wrapped with novices (a moeviz export)
     if isinstance(experts, nn.ModuleList):
-        return len(experts) > 0
-    return experts is not None and getattr(experts, "down_proj", None) is not None \
-        and experts.down_proj.dim() == 3
+        return len(experts) > 0 and hasattr(experts[0], "down_proj") or hasattr(experts[0] if len(experts) else None, "w2")
+    down = getattr(experts, "down_proj", None)
+    return isinstance(down, torch.Tensor) and down.dim() == 3 and hasattr(experts, "has_gate")
+
+
+def _find_router(block: nn.Module, num_experts: int, hidden_size: int) -> tuple[str, nn.Module, str]:
+    """(name in the block, module, name of its (E, H) weight): the child of the block whose weight
+    has one row per routed expert, routers named gate/router first."""
+    children = dict(block.named_children())
+    order = sorted((n for n in children if n != "experts"), key=lambda n: ("router" not in n and n != "gate", n))
+    for name in order:
+        for pname, p in children[name].named_parameters():
+            if p.dim() == 2 and tuple(p.shape) == (num_experts, hidden_size) and "shared" not in name:
+                return name, children[name], pname
+    rows = sorted({tuple(p.shape) for n in order for p in children[n].parameters() if p.dim() == 2})
+    raise ValueError(f"{type(block).__name__} holds {num_experts} experts but no router weight of shape "
+                     f"({num_experts}, {hidden_size}) (2-D weights there: {rows}).")
+
+
+def _expert_dim(t: torch.Tensor, num_experts: int) -> int | None:
+    """The dimension of `t` that runs over experts: its first (E, …), or its last when every other
+    dimension is 1 (ERNIE's (1, E) correction bias); None when it has none."""
+    if t.dim() and t.shape[0] == num_experts:
+        return 0
+    if t.dim() > 1 and t.shape[-1] == num_experts and all(s == 1 for s in t.shape[:-1]):
+        return t.dim() - 1
+    return None
+
+
+def swap_forward(module: nn.Module, forward) -> callable:
+    """Run `forward` in place of the module's own; return the function that restores it.
+
+    Under accelerate's hooks (device_map with offloading) the hook's wrapper stays, so the
+    weights still arrive on the execution device first; its inner `_old_forward` is swapped.
+    """
+    name = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in vars(module) else "forward"
+    had, before = name in vars(module), vars(module).get(name)
+    setattr(module, name, forward)
+
+    def restore():
+        if had:
+            setattr(module, name, before)
+        else:
+            delattr(module, name)
+    return restore
+
 
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)

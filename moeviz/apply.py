@@ -21,19 +21,22 @@ Modes:
 
 from __future__ import annotations
 
+import copy
+import functools
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .adapters import Adapter, ExpertWeights, MoELayer, get_adapter
+from .adapters import Adapter, ExpertWeights, MoELayer, get_adapter, swap_forward
 from .checkpoint import fingerprint as model_fingerprint
 from .methods.moe_pruner import pruning_mask
 from .plan import PlanError, PruningPlan
 from .stats import ExpertStats
 
-_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
+                "n_experts", "expert_num")
 
 
 def model_info(model: PreTrainedModel, adapter: Adapter | None = None, fingerprint: str | None = None) -> dict:
@@ -82,7 +85,7 @@ def apply_plan(model: PreTrainedModel, plan: PruningPlan, stats: ExpertStats | N
         else:
             remove_experts(layer, keep)
     if plan.mode in ("remove", "merge") and plan.num_pruned and plan.is_uniform():
-        _set_count(model.config, adapter.layers[0].num_experts)
+        set_config_count(model.config, adapter.layers[0].num_experts, plan.model["num_experts"][0])
     model.__dict__.pop("_moeviz_source", None)  # no longer the weights of those files
     return model
 
@@ -193,35 +196,52 @@ class _ModuleSwap:
         self.other = current
 
 
-class _RouterHook:
-    """Masks the router's logits of pruned experts to −inf while on (a hook, registered once)."""
+class _RemovalView:
+    """Removal without removing: while on, the block runs its own forward on a view of itself in
+    which every expert-indexed tensor (router rows, biases, correction biases, per-expert scales)
+    is sliced to the kept experts, its counts say how many, and its experts module answers for the
+    kept ids with the model's own weights. That is the removed model's block, whatever its routing
+    rule (groups, routed scaling, biases held by the block), and no expert weight is copied."""
 
     def __init__(self, layer: MoELayer, experts: list[int]):
-        self.on = False
-        masked = torch.zeros(layer.num_experts, dtype=torch.bool, device=layer.router_weight.device)
-        masked[experts] = True
-        self.handle = layer.router.register_forward_hook(
-            lambda m, a, out: layer.mask_router_output(out, masked) if self.on else None)
+        self.block = layer.block
+        keep = [e for e in range(layer.num_experts) if e not in set(experts)]
+        self.view = slice_block(layer, keep, in_place=False)
+        self.view._modules["experts"] = _KeptExperts(layer.block.experts, keep)
+        self.forward = functools.partial(type(self.block).forward, self.view)
+        self.restore = None
 
     def swap(self) -> None:
-        self.on = not self.on
+        if self.restore is None:
+            self.restore = swap_forward(self.block, self.forward)
+        else:
+            self.restore()
+            self.restore = None
 
-    def close(self) -> None:
-        self.handle.remove()
+
+class _KeptExperts(nn.Module):
+    """The original experts answering for a removed model's ids 0…K-1 (the kept experts, in order)."""
+
+    def __init__(self, experts: nn.Module, keep: list[int]):
+        super().__init__()
+        self.inner = experts
+        self.num_experts = len(keep)
+        self.register_buffer("keep", torch.tensor(keep), persistent=False)
+
+    def forward(self, hidden, top_k_index, *args, **kwargs):
+        keep = self.keep.to(top_k_index.device)
+        return self.inner(hidden, keep[top_k_index], *args, **kwargs)
+
+    def __getitem__(self, i):  # module-list experts
+        return self.inner[int(self.keep[i])]
+
+    def __len__(self):
+        return self.num_experts
 
 
 def _router_mask(layer: MoELayer, experts: list[int]):
-    """Removal without removing: −inf router logits (a score-correction bias of −inf for
-    routers that choose by score + bias, DeepSeek-V3)."""
-    if layer.family.routing == "biased":
-        bias = layer.router.e_score_correction_bias
-        index = torch.tensor(experts, device=bias.device)
-        return _ValueSwap(bias, torch.zeros_like(bias, dtype=torch.bool).index_fill_(0, index, True),
-                          torch.tensor(float("-inf")))
-    if layer.family.routing is None:
-        raise NotImplementedError(f"moeviz cannot re-route {layer.family.model_type}'s router in place; "
-                                  "export the plan (moeviz prune) and evaluate the export.")
-    return _RouterHook(layer, experts)
+    """The in-place edit that removes `experts` from the layer's routing (see `_RemovalView`)."""
+    return _RemovalView(layer, experts)
 
 
 _BITS = 2 ** torch.arange(8, dtype=torch.uint8)
@@ -252,33 +272,76 @@ def novices_of(layer: MoELayer, plan: PruningPlan, stats, row: int, experts: lis
 
 # ---- removal ----------------------------------------------------------------------------
 def remove_experts(layer: MoELayer, keep: list[int]) -> None:
-    """Slice every expert-indexed tensor of `layer` to the experts in `keep`."""
+    """Slice every expert-indexed tensor of `layer` to the experts in `keep`, for good."""
+    E = layer.num_experts
+    slice_block(layer, keep, in_place=True)
     idx = torch.tensor(keep, device=layer.router_weight.device)
     if layer.fused:
         for name, param in list(layer.experts.named_parameters(recurse=False)):
-            setattr(layer.experts, name, nn.Parameter(param.index_select(0, idx), requires_grad=False))
+            setattr(layer.experts, name, nn.Parameter(param.index_select(0, idx.to(param.device)), requires_grad=False))
+        _set_count(layer.experts, len(keep), E)
     else:
         layer.experts = layer.block.experts = nn.ModuleList(layer.experts[i] for i in keep)
-    _slice_router(layer.router, idx)
-    for module in (layer.block, layer.router, layer.experts):
-        _set_count(module, len(keep))
 
 
-def _slice_router(router: nn.Module, idx: torch.Tensor) -> None:
-    router.weight = nn.Parameter(router.weight.index_select(0, idx), requires_grad=False)
-    if isinstance(router, nn.Linear):
-        router.out_features = len(idx)
-    bias = getattr(router, "bias", None)
-    if isinstance(bias, torch.Tensor):
-        router.bias = nn.Parameter(bias.index_select(0, idx), requires_grad=False)
-    corr = getattr(router, "e_score_correction_bias", None)
-    if isinstance(corr, torch.Tensor):
-        router.e_score_correction_bias = corr.index_select(0, idx)
+def slice_block(layer: MoELayer, keep: list[int], in_place: bool) -> nn.Module:
+    """The layer's block with its expert-indexed tensors outside the experts (`MoELayer.indexed_tensors`)
+    cut to `keep`, and every expert count on the way said anew. `in_place=False` leaves the model
+    as it is and returns a view: a shallow copy of the block (and of the modules between it and each
+    sliced tensor) sharing every other tensor and module with the model."""
+    E, count = layer.num_experts, len(keep)
+    root = layer.block if in_place else _shallow(layer.block)
+    touched = {id(root): root}
+    for name, t, dim in layer.indexed_tensors():
+        *path, attr = name.split(".")
+        owner = root
+        for part in path:
+            child = owner._modules[part]
+            if not in_place and id(child) not in touched:
+                child = owner._modules[part] = _shallow(child)
+            owner = child
+            touched[id(owner)] = owner
+        sliced = t.detach().index_select(dim, torch.tensor(keep, device=t.device))
+        if attr in owner._parameters:
+            owner._parameters[attr] = nn.Parameter(sliced, requires_grad=False)
+        else:
+            owner._buffers[attr] = sliced
+        if isinstance(owner, nn.Linear) and attr == "weight":
+            owner.out_features = count
+    for module in touched.values():
+        _set_count(module, count, E)
+    return root
 
 
-def _set_count(obj, count: int) -> None:
-    for attr in _COUNT_ATTRS:
-        if isinstance(getattr(obj, attr, None), int):
+def _shallow(module: nn.Module) -> nn.Module:
+    """A copy of the module object whose own tensors and children can be replaced without touching
+    the original; the tensors themselves are shared."""
+    copy_ = copy.copy(module)
+    for attr in ("_parameters", "_buffers", "_modules"):
+        setattr(copy_, attr, dict(getattr(module, attr)))
+    return copy_
+
+
+def set_config_count(config, count: int, old: int) -> None:
+    """Say `count` routed experts wherever a config (object or dict, nested text and FFN configs
+    included) says `old`."""
+    items = config.items() if isinstance(config, dict) else list(vars(config).items())
+    for key, value in items:
+        if key in _COUNT_ATTRS and value == old and isinstance(value, int) and not isinstance(value, bool):
+            if isinstance(config, dict):
+                config[key] = count
+            else:
+                setattr(config, key, count)
+        elif isinstance(value, dict) or hasattr(value, "to_dict") and key.endswith("config"):
+            set_config_count(value, count, old)
+
+
+def _set_count(obj, count: int, old: int | None = None) -> None:
+    """Say `count` experts wherever `obj` keeps its expert count (an int attribute naming experts,
+    equal to `old` when given)."""
+    for attr, value in list(vars(obj).items()):
+        if isinstance(value, int) and not isinstance(value, bool) and attr in _COUNT_ATTRS \
+                and (old is None or value == old):
             setattr(obj, attr, count)
 
 

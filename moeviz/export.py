@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapters import Adapter, ExpertWeights, get_adapter
-from .apply import align_neurons, check_plan, novices_of
+from .apply import align_neurons, check_plan, novices_of, set_config_count
 from .checkpoint import (MOEVIZ_MODEL_TYPE, ROLES, Checkpoint, dequantize, fingerprint, local_dir,
                          parse_expert_key, read_config, readable, scale_key, skeleton)
 from .methods.moe_pruner import pruning_mask
@@ -193,7 +193,7 @@ def _write_config(src: Path, out: Path, config: dict, adapter: Adapter, plan: Pr
     config = json.loads(json.dumps(config))
     if kind.name == STANDARD and plan.num_pruned:
         first = adapter.layers[0]
-        _set_counts(config, adapter.family.num_experts_keys, first.num_experts - len(plan.pruned.get(first.layer_idx, ())))
+        set_config_count(config, first.num_experts - len(plan.pruned.get(first.layer_idx, ())), first.num_experts)
     elif kind.name == SUBSTITUTION:
         targets = {}
         for layer_idx, values in replacements.items():
@@ -219,16 +219,6 @@ def _write_config(src: Path, out: Path, config: dict, adapter: Adapter, plan: Pr
     for pattern in ("generation_config.json", *_TOKENIZER_FILES):
         for file in src.glob(pattern):
             shutil.copy2(file, out / file.name)
-
-
-def _set_counts(config: dict, keys: tuple[str, ...], count: int) -> None:
-    """Set the expert count wherever the config keeps it (also in a nested text or FFN config)."""
-    for key in keys:
-        if isinstance(config.get(key), int) and not isinstance(config[key], bool):
-            config[key] = count
-    for value in config.values():
-        if isinstance(value, dict):
-            _set_counts(value, keys, count)
 
 
 def _target_path(values: dict[int, str]) -> str:
@@ -269,15 +259,15 @@ class _Rewriter:
                 base = self.heads[layer_idx].removesuffix(".").removesuffix("experts")
                 self.replacement_names[layer_idx] = {e: f"{base}expert_replacements.{e}.value" for e in experts}
 
-    def _router_keys(self, adapter: Adapter) -> dict[str, tuple[int, bool]]:
-        """File key of every expert-indexed router tensor → (decoder layer, is it the weight)."""
+    def _router_keys(self, adapter: Adapter) -> dict[str, tuple[int, bool, int]]:
+        """File key of every expert-indexed tensor outside the experts (router rows, biases held by
+        the router or the block) → (decoder layer, is it the router's weight, its expert dimension)."""
         key_of = {id(t): k for k, t in file_tensors(adapter).items()}
         keys = {}
         for layer in adapter.layers:
-            router = layer.router
-            for t in [*router.parameters(recurse=False), *router.buffers(recurse=False)]:
-                if t.dim() and t.shape[0] == layer.num_experts:
-                    keys[key_of[id(t)]] = (layer.layer_idx, t is layer.router_weight)
+            for _, t, dim in layer.indexed_tensors():
+                if id(t) in key_of:
+                    keys[key_of[id(t)]] = (layer.layer_idx, t is layer.router_weight, dim)
         return keys
 
     def _check_layout(self, quantization: dict | None) -> None:
@@ -382,7 +372,7 @@ class _Rewriter:
             tensor = self._sparsified(ek.layer_idx, ek.expert_idx, key, ek.name, self.ckpt.tensor(key))
         return (ek.renumbered(keep.index(ek.expert_idx)) if self.renumber else key), tensor
 
-    def _router(self, key: str, layer_idx: int, is_weight: bool) -> torch.Tensor:
+    def _router(self, key: str, layer_idx: int, is_weight: bool, dim: int) -> torch.Tensor:
         """Router rows (or biases) of the kept experts; a survivor's row merged as apply_plan does."""
         tensor = self.ckpt.tensor(key)
         if self.plan.mode not in ("remove", "merge") or not self.plan.pruned.get(layer_idx):
@@ -391,7 +381,7 @@ class _Rewriter:
             for members in self._groups(layer_idx).values():
                 w = self._merge_weights(layer_idx, members)
                 tensor[members[0]] = sum(wi * tensor[m].float() for wi, m in zip(w, members)).to(tensor.dtype)
-        return tensor.index_select(0, torch.tensor(self.plan.kept(layer_idx, self.num_experts[layer_idx])))
+        return tensor.index_select(dim, torch.tensor(self.plan.kept(layer_idx, self.num_experts[layer_idx])))
 
     def _sparsified(self, layer_idx: int, e: int, key: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Zero the lowest |W|·‖gX‖ weights of every row (MoE-Pruner), as `apply_plan` does. An FP8

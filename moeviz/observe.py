@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .adapters import Adapter, MoELayer, Routing
+from .adapters import Adapter, MoELayer, Routing, swap_forward
 from .loading import execution_device
 
 # Sums per layer: name → shape given (E, H, I). Means and variances are derived later.
@@ -50,6 +50,7 @@ class LayerObserver:
         self.generator = generator
         self.probe_x = torch.empty(0, H, device=dev)  # (≤ probe_tokens, H) a uniform sample
         self.probe_keys = torch.empty(0, device=dev)
+        self.scoring = None  # the router's scores, learnt from the first batch (MoELayer.learn_scoring)
         self.finished = False  # probe sums taken already (layer by layer: while the weights are there)
 
     def record_routing(self, routing: Routing) -> None:
@@ -232,10 +233,12 @@ def _attach(obs: LayerObserver):
     """Patch one layer; return the function that undoes it."""
     layer = obs.layer
     if layer.fused:
+        # The router's logits, for p(x) over all experts; the choice and the gate weights are taken
+        # where the experts receive them, so any routing rule is observed exactly as the model runs it.
         handle = layer.router.register_forward_hook(
-            lambda module, args, output: obs.record_routing(layer.routing_from_output(output)))
-        undo = _swap_forward(layer.experts, lambda hidden, index, weights, *a, **kw: _observed_experts(
-            obs, hidden, index, weights))
+            lambda module, args, output: setattr(obs, "logits", layer.router_logits(output)))
+        undo = swap_forward(layer.experts, lambda hidden, index, weights, *a, **kw: _observed_experts(
+            obs, hidden, index, weights, routed=True))
 
         def restore():
             handle.remove()
@@ -245,25 +248,7 @@ def _attach(obs: LayerObserver):
         raise NotImplementedError(
             "Observing a ModuleList MoE block with shared experts is not supported; "
             "load the model with transformers' own (fused) implementation instead.")
-    return _swap_forward(layer.block, lambda hidden, *a, **kw: _observed_list_block(obs, hidden))
-
-
-def _swap_forward(module: torch.nn.Module, forward) -> callable:
-    """Run `forward` in place of the module's own; return the function that restores it.
-
-    Under accelerate's hooks (device_map with offloading) the hook's wrapper stays, so the
-    weights still arrive on the execution device first; its inner `_old_forward` is swapped.
-    """
-    name = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in vars(module) else "forward"
-    had, before = name in vars(module), vars(module).get(name)
-    setattr(module, name, forward)
-
-    def restore():
-        if had:
-            setattr(module, name, before)
-        else:
-            delattr(module, name)
-    return restore
+    return swap_forward(layer.block, lambda hidden, *a, **kw: _observed_list_block(obs, hidden))
 
 
 @contextmanager
@@ -280,9 +265,18 @@ def _weights_on_device(module: torch.nn.Module):
         hook.post_forward(module, None)
 
 
-def _observed_experts(obs: LayerObserver, hidden, top_k_index, top_k_weights) -> torch.Tensor:
-    """The experts' forward over tokens sorted by expert, recording as it goes."""
+def _observed_experts(obs: LayerObserver, hidden, top_k_index, top_k_weights, routed: bool = False) -> torch.Tensor:
+    """The experts' forward over tokens sorted by expert, recording as it goes (the routing too when
+    `routed`: the router's logits from its hook, the choice and the gates as the experts got them)."""
     layer = obs.layer
+    if routed:
+        logits, obs.logits = getattr(obs, "logits", None), None
+        if logits is None or logits.shape[0] != top_k_index.shape[0]:
+            raise RuntimeError(f"Layer {layer.layer_idx}: its experts ran without the router's logits for the same "
+                               f"{top_k_index.shape[0]} tokens; moeviz cannot observe this block.")
+        if obs.scoring is None:
+            obs.scoring = layer.learn_scoring(logits, top_k_index, top_k_weights) or "softmax"
+        obs.record_routing(Routing(logits, layer.scores(logits), top_k_index, top_k_weights))
     T, k = top_k_index.shape
     flat = top_k_index.reshape(-1)  # (S,) with S = T·k
     expert_ids, order = torch.sort(flat, stable=True)

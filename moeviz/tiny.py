@@ -93,7 +93,7 @@ def _small(key: str, value):
         return None
     for pattern, small in _RULES:
         if re.search(pattern, key):
-            return small if value is None or small < value else None
+            return small if value is None or small < value or small == 8 else None  # 8 experts, always
     return None
 
 
@@ -158,3 +158,30 @@ def _spread_router_biases(model: PreTrainedModel) -> None:
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             buf.copy_(torch.randn_like(buf) * 0.05)
+
+
+def moe_families() -> list[str]:
+    """Every causal-LM MoE family of the installed transformers, one model type each: a model
+    directory whose modeling code holds routed experts and that has a causal-LM class (the text
+    model's type where a composite image-text model has one of its own)."""
+    from pathlib import Path
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    root = Path(transformers.__file__).parent / "models"
+    by_dir: dict[str, list[str]] = {}
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if model_type in CONFIG_MAPPING_NAMES:
+            module = CONFIG_MAPPING_NAMES[model_type]
+            directory = next((d for d in root.iterdir() if (d / "configuration_{}.py".format(d.name)).is_file()
+                              and module in (d / f"configuration_{d.name}.py").read_text()), None)
+            if directory is not None:
+                by_dir.setdefault(directory.name, []).append(model_type)
+    families = []
+    for directory, types in sorted(by_dir.items()):
+        code = "".join(f.read_text() for f in (root / directory).glob("modeling_*.py"))
+        if re.search(r"use_experts_implementation|self\.experts\b", code):
+            families.append(next((t for t in types if t.endswith("_text")), sorted(types)[0]))
+    return families
