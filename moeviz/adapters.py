@@ -337,6 +337,51 @@ class Adapter:
         return rows
 
 
+@torch.no_grad()
+def check_reading(adapter: Adapter, tokens: torch.Tensor | None = None) -> None:
+    """Check moeviz's reading of every MoE block against the model itself, before trusting it.
+
+    Runs the model once on a few probe tokens; in every MoE layer, what the experts module
+    returned must equal Σ_k g_k(x) · f_{e_k}(x) rebuilt from the adapter's expert function, with
+    the choices and gates the module received (to float tolerance for the dtype). A block that
+    differs is refused in one line naming the layer, the family and by how much: moeviz never
+    computes statistics or exports on a reading it has not checked.
+    """
+    model = adapter.model
+    if any(p.is_meta for p in model.parameters()):
+        return  # a skeleton: nothing to run
+    layers = [layer for layer in adapter.layers if layer.fused and layer.novices is None]
+    seen, hooks = {}, []
+    for layer in layers:
+        hooks.append(layer.experts.register_forward_hook(
+            lambda module, args, out, i=layer.layer_idx: None if i in seen else seen.update({i: (args, out)})))
+    if tokens is None:
+        vocab = model.get_input_embeddings().weight.shape[0]
+        tokens = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    try:
+        from .loading import execution_device
+
+        model(tokens.to(execution_device(model)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for layer in layers:
+        if layer.layer_idx not in seen:
+            raise ValueError(f"Unsupported architecture: {_arch(model.config)}: layer {layer.layer_idx}'s experts did "
+                             "not run as (hidden, top_k_index, top_k_weights) on the probe tokens.")
+        (x, index, weights, *_), out = seen[layer.layer_idx]
+        mine = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        for e in index.unique().tolist():
+            tok, k = torch.where(index == e)
+            mine.index_add_(0, tok, weights[tok, k, None].float() * layer.expert_forward(e, x[tok])[1].float())
+        tol = 1e-4 if out.dtype == torch.float32 else 3e-2
+        err = (mine - out.float()).abs().max().item()
+        if err > tol * max(1.0, out.float().abs().max().item()):
+            raise ValueError(f"Unsupported architecture: {_arch(model.config)}: layer {layer.layer_idx}'s experts "
+                             f"returned other values than moeviz rebuilds from their weights (max difference "
+                             f"{err:.3g}): moeviz misreads this expert layout.")
+
+
 def _arch(config) -> str:
     model_type = getattr(config, "model_type", None)
     return f"{(getattr(config, 'architectures', None) or [model_type])[0]} (model_type {model_type!r})"

@@ -1,0 +1,135 @@
+"""Every MoE family of the installed transformers, end to end: found by structure, checked against
+the model's own forward, calibrated, planned, applied in place and for good, exported, and reloaded
+by stock transformers in a fresh process without moeviz. A family that neither works nor is refused
+here with its reason fails: the next transformers release tells us what it added."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moeviz.adapters import check_reading, get_adapter
+from moeviz.apply import applied, apply_plan
+from moeviz.calibrate import CalibConfig, calibrate
+from moeviz.export import STANDARD, SUBSTITUTION, export_plan
+from moeviz.loading import load_model
+from moeviz.methods import PlanConfig, make_plan
+from moeviz.tiny import moe_families, tiny_model
+
+# Families moeviz refuses, with the words of the reason it gives.
+REFUSED = {
+    "jetmoe": "attention heads",
+}
+TOKENS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+FAMILIES = moe_families()
+
+
+def _model(family):
+    model = tiny_model(family)
+    with torch.no_grad():  # routers spread, so that routing varies from token to token
+        for layer in get_adapter(model).layers:
+            layer.router_weight.mul_(20)
+    return model
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits.float()
+
+
+def _pipeline(family, root: Path) -> dict:
+    """The loop on one family: returns what the tests compare."""
+    model = _model(family)
+    adapter = get_adapter(model)
+    check_reading(adapter)
+    source = root / family / "model"
+    model.save_pretrained(source)
+    config = CalibConfig(data="random", num_samples=4, seq_len=16, cache_dir=root / family / "cache")
+    stats = calibrate(model, config, tokenizer=None)[0]
+    original = _logits(model)
+    out = dict(original=original)
+    for mode in ("remove", "novice"):
+        plan = make_plan(stats, PlanConfig("mone", 0.25, mode=mode))
+        with applied(model, plan, stats):
+            out[f"{mode}_in_place"] = _logits(model)
+        out[f"{mode}_restored"] = torch.equal(_logits(model), original)
+        out[f"{mode}_applied"] = _logits(apply_plan(load_model(source, device="cpu")[0], plan, stats))
+        target = root / family / mode
+        out[f"{mode}_kind"] = export_plan(source, plan, stats, target).name
+        out[f"{mode}_export"] = target
+    out["novice_reloaded"] = _logits(load_model(out["novice_export"], device="cpu")[0])
+    return out
+
+
+def _stock_logits(dirs: list[Path], cwd: Path) -> list:
+    """Each directory loaded by AutoModelForCausalLM in one fresh process without moeviz: logits or the error."""
+    script = textwrap.dedent(f"""
+        import json, sys, torch
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM
+        tokens = torch.tensor({TOKENS.tolist()})
+        results = []
+        for i, path in enumerate(sys.argv[1:]):
+            try:
+                model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+                with torch.no_grad():
+                    save_file({{"logits": model.eval()(tokens).logits.float().contiguous()}}, path + "/../stock.st")
+                results.append(dict(ok=True, missing=sorted(info["missing_keys"]), unexpected=sorted(info["unexpected_keys"])))
+            except Exception as err:
+                results.append(dict(ok=False, error=f"{{type(err).__name__}}: {{str(err)[:300]}}"))
+        assert "moeviz" not in sys.modules
+        print(json.dumps(results))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, *map(str, dirs)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    found = {}
+    for family in FAMILIES:
+        try:
+            found[family] = _pipeline(family, root)
+        except Exception as err:  # noqa: BLE001 (each family's test reports its own)
+            found[family] = err
+    ok = [f for f in FAMILIES if isinstance(found[f], dict) and found[f]["remove_kind"] == STANDARD]
+    for family, result in zip(ok, _stock_logits([found[f]["remove_export"] for f in ok], root)):
+        found[family]["stock"] = result
+        if result["ok"]:
+            result["logits"] = load_file(found[family]["remove_export"].parent / "stock.st")["logits"]
+    return found
+
+
+def test_every_moe_family_of_transformers_is_found():
+    assert len(FAMILIES) >= 55
+    assert {"mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "qwen3_5_moe_text", "glm_moe_dsa"} <= set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_end_to_end(family, results):
+    result = results[family]
+    if family in REFUSED:
+        assert isinstance(result, ValueError) and "Unsupported architecture" in str(result), result
+        assert REFUSED[family] in str(result)
+        return
+    if isinstance(result, Exception):
+        raise result
+    tol = dict(atol=1e-5, rtol=1e-4)
+    for mode in ("remove", "novice"):
+        assert result[f"{mode}_restored"], f"{mode}: the model is not restored bit for bit"
+        assert not torch.allclose(result[f"{mode}_in_place"], result["original"]), f"{mode} changed nothing"
+        torch.testing.assert_close(result[f"{mode}_applied"], result[f"{mode}_in_place"], **tol)
+    assert result["remove_kind"] == STANDARD and result["novice_kind"] == SUBSTITUTION
+    stock = result["stock"]
+    assert stock["ok"], stock["error"]
+    assert not stock["missing"] and not stock["unexpected"], stock
+    torch.testing.assert_close(stock["logits"], result["remove_in_place"], **tol)
+    torch.testing.assert_close(result["novice_reloaded"], result["novice_in_place"], **tol)
