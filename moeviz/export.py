@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 
 from .adapters import Adapter, ExpertWeights, get_adapter
 from .apply import align_neurons, check_plan, novices_of, set_config_count
-from .checkpoint import (MOEVIZ_MODEL_TYPE, ROLES, Checkpoint, dequantize, fingerprint, local_dir,
+from .checkpoint import (MOEVIZ_MODEL_TYPE, ROLES, Checkpoint, ExpertKey, dequantize, fingerprint, local_dir,
                          parse_expert_key, read_config, readable, scale_key, skeleton)
 from .methods.moe_pruner import pruning_mask
 from .plan import LINEAGE_FILE, PLAN_FILE, PruningPlan
@@ -221,6 +221,23 @@ def _write_config(src: Path, out: Path, config: dict, adapter: Adapter, plan: Pr
             shutil.copy2(file, out / file.name)
 
 
+def fused_expert_keys(adapter: Adapter) -> dict[str, ExpertKey]:
+    """File key → `ExpertKey` of every fused (E, …) expert tensor whose name in the files is not
+    `…layers.N.….experts.<name>` (Granite-MoE's `input_linear.weight`, Aria's `experts.fc1.weight`,
+    per-expert norms): the names `save_pretrained` gives the experts' tensors."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    name_of = {id(t): n for n, t in adapter.model.state_dict(keep_vars=True).items()}
+    found = {}
+    for layer in adapter.layers:
+        own = {name_of[id(t)]: t for t in layer.block.experts.state_dict(keep_vars=True).values() if id(t) in name_of}
+        head = next(iter(own)).rsplit("experts.", 1)[0] + "experts."
+        for key, t in revert_weight_conversion(adapter.model, own).items():
+            if parse_expert_key(key, (layer.layer_idx,)) is None and t.dim() and t.shape[0] == layer.num_experts:
+                found[key] = ExpertKey(layer.layer_idx, None, key.rsplit(".", 1)[-1], head)
+    return found
+
+
 def _target_path(values: dict[int, str]) -> str:
     """`model.layers.3.mlp.experts` from the layer's replacement names."""
     name = next(iter(values.values()))
@@ -242,8 +259,9 @@ class _Rewriter:
         self.expert_keys: dict[tuple[int, int], dict[str, str]] = {}  # (layer, expert) → {name: key}
         self.fused: set[int] = set()  # layers whose files hold fused (E, …) tensors
         self.heads: dict[int, str] = {}  # layer → key prefix of its experts
+        self.fused_keys = fused_expert_keys(adapter)
         for key in ckpt.keys():
-            if (ek := parse_expert_key(key, self.row)) is None:
+            if (ek := self._expert_key(key)) is None:
                 continue
             self.heads[ek.layer_idx] = ek.head
             if ek.expert_idx is None:
@@ -258,6 +276,9 @@ class _Rewriter:
             for layer_idx, experts in ((i, e) for i, e in plan.pruned.items() if e):  # layers with novices
                 base = self.heads[layer_idx].removesuffix(".").removesuffix("experts")
                 self.replacement_names[layer_idx] = {e: f"{base}expert_replacements.{e}.value" for e in experts}
+
+    def _expert_key(self, key: str) -> ExpertKey | None:
+        return parse_expert_key(key, self.row) or self.fused_keys.get(key)
 
     def _router_keys(self, adapter: Adapter) -> dict[str, tuple[int, bool, int]]:
         """File key of every expert-indexed tensor outside the experts (router rows, biases held by
@@ -304,7 +325,7 @@ class _Rewriter:
         """What the export will write, for the disk-space check: every kept tensor, and the constants."""
         total = 0
         for key in self.ckpt.keys():
-            ek = parse_expert_key(key, self.row)
+            ek = self._expert_key(key)
             info = self.ckpt.info(key)
             size = info["data_offsets"][1] - info["data_offsets"][0]
             if ek is not None and self.plan.pruned.get(ek.layer_idx):
@@ -358,7 +379,7 @@ class _Rewriter:
         """(new key, tensor) for one source tensor, or None when the plan drops it."""
         if key in self.routers:
             return key, self._router(key, *self.routers[key])
-        ek = parse_expert_key(key, self.row)
+        ek = self._expert_key(key)
         if ek is None or not (self.plan.pruned.get(ek.layer_idx) or self.sparse):
             return key, self.ckpt.tensor(key)
         keep = self.plan.kept(ek.layer_idx, self.num_experts[ek.layer_idx])

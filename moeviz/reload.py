@@ -162,6 +162,7 @@ class ExportLayout:
         self.adapter = adapter
         self.layers = {layer.layer_idx: layer for layer in adapter.layers}
         self.named = file_tensors(adapter)
+        self.named.update(_renamed_experts(adapter))
         self.physical: dict[int, dict[int, int]] = {}  # layer → {logical expert: index among the kept}
         self.values: dict[str, tuple[nn.Module, int]] = {}  # constant's name → (its novice wrapper, row)
         for layer_idx, (_, values) in self.substituted.items():
@@ -195,6 +196,20 @@ class ExportLayout:
         tensor = ckpt.tensor(key)
         scale = scale_key(ckpt, key)
         return dequantize(tensor, ckpt.tensor(scale), dtype, self.block) if scale is not None else tensor
+
+
+def _renamed_experts(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The experts' own tensors under other names in the files (Granite-MoE's `input_linear.weight`,
+    Aria's `experts.fc1.weight`): file key → the model's tensor, where saving only renames it."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model = adapter.model
+    name_of = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
+    own = {name_of[id(t)].replace(".experts.inner.", ".experts."): t  # without moeviz's novice wrapper
+           for layer in adapter.layers for t in layer.experts.state_dict(keep_vars=True).values() if id(t) in name_of}
+    ids = {id(t) for t in own.values()}
+    return {key: t for key, t in revert_weight_conversion(model, own).items()
+            if id(t) in ids and parse_expert_key(key, [layer.layer_idx for layer in adapter.layers]) is None}
 
 
 def _copy_into(target: torch.Tensor, value: torch.Tensor, written: Counter) -> None:
