@@ -47,6 +47,18 @@ FAMILIES: dict[str, Family] = {
         Family("switch_transformers", refused="an encoder-decoder model: moeviz prunes causal LMs"),
         Family("nllb-moe", refused="an encoder-decoder model: moeviz prunes causal LMs"),
         Family("doge", refused="product-key experts of a single neuron each: there is no expert MLP to prune"),
+        Family("dbrx", refused="its experts are flattened 2-D tensors (E·F, H) in a module transformers does not "
+                               "route through (hidden, top_k_index, top_k_weights); moeviz does not read them yet"),
+        Family("llama4_text", refused="its gate scales each expert's input (f(g·x)) and every expert runs on every "
+                                      "token; moeviz's statistics and novices assume g·f(x)"),
+        Family("llama4", refused="its gate scales each expert's input (f(g·x)) and every expert runs on every "
+                                 "token; moeviz's statistics and novices assume g·f(x)"),
+        Family("longcat_flash", refused="its router has rows for zero (identity) experts beside the routed ones; "
+                                        "moeviz would prune them as if they were experts"),
+        Family("inkling_text", refused="its router has a row for the shared expert beside the routed ones; moeviz "
+                                       "would prune it as if it were a routed expert"),
+        Family("zaya", refused="its router has a skip class beside the routed experts; moeviz would prune it as if "
+                               "it were an expert"),
     )
 }
 

@@ -208,8 +208,7 @@ def _renamed_experts(adapter: Adapter) -> dict[str, torch.Tensor]:
     own = {name_of[id(t)].replace(".experts.inner.", ".experts."): t  # without moeviz's novice wrapper
            for layer in adapter.layers for t in layer.experts.state_dict(keep_vars=True).values() if id(t) in name_of}
     ids = {id(t) for t in own.values()}
-    return {key: t for key, t in revert_weight_conversion(model, own).items()
-            if id(t) in ids and parse_expert_key(key, [layer.layer_idx for layer in adapter.layers]) is None}
+    return {key: t for key, t in revert_weight_conversion(model, own).items() if id(t) in ids}
 
 
 def _copy_into(target: torch.Tensor, value: torch.Tensor, written: Counter) -> None:
