@@ -395,12 +395,37 @@ def skeleton(config, name: str = "") -> PreTrainedModel:
 
     Enough for the adapter to list layers, experts and shapes; not for running the model.
     """
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        model = build_causal_lm(config)
     model.name_or_path = name
     return model.eval()
+
+
+def causal_lm_class(config):
+    """The causal-LM class of a config: transformers' auto mapping, or else the `…ForCausalLM` class
+    its family's modeling code defines (Mistral-4 has one but no mapping)."""
+    import importlib
+
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    package = type(config).__module__.rsplit(".", 1)[0]
+    module = importlib.import_module(f"{package}.modeling_{package.rsplit('.', 1)[-1]}")
+    found = [c for name, c in vars(module).items() if name.endswith("ForCausalLM") and isinstance(c, type)
+             and getattr(c, "config_class", None) is type(config)]
+    if not found:
+        raise ValueError(f"Unsupported architecture: {config.model_type}: transformers has no causal-LM class for it.")
+    return found[0]
+
+
+def build_causal_lm(config) -> PreTrainedModel:
+    """A new causal LM of `config` (random weights, or meta ones under `torch.device("meta")`)."""
+    from transformers import AutoModelForCausalLM
+
+    cls = causal_lm_class(config)
+    return cls.from_config(config) if cls is AutoModelForCausalLM else cls._from_config(config)
 
 
 def model_bytes(model: PreTrainedModel, dtype: torch.dtype | None = None) -> int:

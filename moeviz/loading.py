@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
-from .adapters import family_of
-from .checkpoint import DEMO, check_fits, fingerprint, local_dir, model_bytes, read_config, resolve_source, skeleton
+from .adapters import check_reading, get_adapter
+from .checkpoint import DEMO, causal_lm_class, check_fits, fingerprint, local_dir, model_bytes, read_config, resolve_source, skeleton
 
 __all__ = ["DEMO", "load_model", "load_skeleton", "load_config", "load_tokenizer", "local_dir", "model_fingerprint",
            "resolve_device", "resolve_source", "execution_device"]
@@ -81,7 +81,7 @@ def load_model(
     if offload and device_map is not None:
         raise ValueError("Use either offload or device_map, not both.")
     config = load_config(name_or_path, trust_remote_code)
-    family_of(config)  # raises for unsupported architectures
+    get_adapter(skeleton(config))  # raises for unsupported architectures, before any weight is read
     source = resolve_source(name_or_path)
     dev = resolve_device(device)
     dtype = parse_dtype(dtype)
@@ -99,7 +99,7 @@ def load_model(
             kwargs["device_map"] = device_map
         elif dev.type == "cuda" and not offload:
             kwargs["device_map"] = str(dev)  # straight to the GPU, not through a copy in CPU memory
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = causal_lm_class(config).from_pretrained(source, **kwargs)
     if offload:
         try:
             from accelerate import cpu_offload
@@ -112,6 +112,8 @@ def load_model(
     model.name_or_path = str(name_or_path)
     if Path(source).is_dir():
         model._moeviz_source = source  # the files these weights came from (fingerprint, restores)
+    with torch.no_grad():
+        check_reading(get_adapter(model))  # moeviz's reading of every MoE block against the model itself
     return model, load_tokenizer(source, trust_remote_code)
 
 
@@ -135,7 +137,7 @@ def load_skeleton(name_or_path: str | os.PathLike = DEMO, trust_remote_code: boo
     dtype, for work that reads the weights part by part (layer-by-layer calibration).
     """
     config = load_config(name_or_path, trust_remote_code)
-    family_of(config)
+    get_adapter(skeleton(config))
     if not with_files:
         return skeleton(config, str(name_or_path))
     from .checkpoint import Checkpoint

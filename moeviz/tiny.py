@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 _BASE = dict(
     vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
@@ -62,6 +62,7 @@ FAMILY_KEYS: dict[str, dict] = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention"] * 2),
     "dots3_note": dict(text_config=dict(head_dim=16)),
     "dots3_note_text": dict(head_dim=16),
+    "mistral4": dict(head_dim=16),  # the rotary part is head_dim · partial_rotary_factor = qk_rope_head_dim
     "qwen4_exp": dict(text_config=dict(indexer_budget=16, indexer_compress_ratio=4, indexer_kv_heads=1)),
     "qwen4_exp_text": dict(indexer_budget=16, indexer_compress_ratio=4, indexer_kv_heads=1),
 }
@@ -147,8 +148,10 @@ def tiny_config(model_type: str, **overrides):
 def tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:
     """A randomly initialised model of `model_type`, in eval mode, on the CPU."""
     config = tiny_config(model_type, **overrides)
+    from .checkpoint import build_causal_lm
+
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = build_causal_lm(config)
     _spread_router_biases(model)
     return model.eval()
 
@@ -158,6 +161,9 @@ def _spread_router_biases(model: PreTrainedModel) -> None:
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             buf.copy_(torch.randn_like(buf) * 0.05)
+
+
+_CAUSAL_LM_WITHOUT_MAPPING = ("mistral4",)  # a causal-LM class, but no entry in transformers' auto mapping
 
 
 def moe_families() -> list[str]:
@@ -172,7 +178,7 @@ def moe_families() -> list[str]:
 
     root = Path(transformers.__file__).parent / "models"
     by_dir: dict[str, list[str]] = {}
-    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    for model_type in [*MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, *_CAUSAL_LM_WITHOUT_MAPPING]:
         if model_type in CONFIG_MAPPING_NAMES:
             module = CONFIG_MAPPING_NAMES[model_type]
             directory = next((d for d in root.iterdir() if (d / "configuration_{}.py".format(d.name)).is_file()

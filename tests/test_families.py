@@ -88,12 +88,18 @@ def _stock_logits(dirs: list[Path], cwd: Path) -> list:
     script = textwrap.dedent(f"""
         import json, sys, torch
         from safetensors.torch import save_file
-        from transformers import AutoModelForCausalLM
+        import transformers
+        from transformers import AutoConfig, AutoModelForCausalLM
         tokens = torch.tensor({TOKENS.tolist()})
         results = []
         for i, path in enumerate(sys.argv[1:]):
             try:
-                model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+                try:
+                    cls = AutoModelForCausalLM
+                    cls._model_mapping[type(AutoConfig.from_pretrained(path))]
+                except KeyError:  # no auto mapping (Mistral-4): the class the config names
+                    cls = getattr(transformers, AutoConfig.from_pretrained(path).architectures[0])
+                model, info = cls.from_pretrained(path, output_loading_info=True)
                 with torch.no_grad():
                     save_file({{"logits": model.eval()(tokens).logits.float().contiguous()}}, path + "/../stock.st")
                 results.append(dict(ok=True, missing=sorted(info["missing_keys"]), unexpected=sorted(info["unexpected_keys"])))
