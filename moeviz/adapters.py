@@ -189,8 +189,10 @@ class MoELayer:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
             weights = weights.to(logits.dtype)
         logits = logits.reshape(-1, logits.shape[-1])
-        return Routing(logits, self.scores(logits), index.reshape(logits.shape[0], -1),
-                       weights.reshape(logits.shape[0], -1))
+        index, weights = index.reshape(logits.shape[0], -1), weights.reshape(logits.shape[0], -1)
+        if isinstance(output, tuple) and not self.family.scoring:
+            self._scoring = next((s for s in SCORINGS if _proportional(score(logits, s), index, weights)), None)
+        return Routing(logits, self.scores(logits), index, weights)
 
     def router_logits(self, output) -> torch.Tensor | None:
         """The (T, E) logits among what the router returned (its first tensor with E columns)."""
@@ -201,27 +203,7 @@ class MoELayer:
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """p(x) over all experts (T, E), as float32: the router's scores before top-k."""
-        scoring = self.family.scoring or getattr(self, "_scoring", None) or "softmax"
-        if scoring == "sigmoid":
-            return torch.sigmoid(logits.float())
-        if scoring == "identity":
-            return logits.float()
-        return F.softmax(logits.float(), dim=-1)
-
-    def learn_scoring(self, logits: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> str | None:
-        """Which scores the gate weights are made of, from one routed batch: the candidate whose
-        values at the chosen experts are proportional to the gate weights, token by token (any
-        renormalisation and routed scaling divide out). None when none is."""
-        if self.family.scoring:
-            return self.family.scoring
-        for scoring in ("softmax", "sigmoid", "identity"):
-            self._scoring = scoring
-            chosen = self.scores(logits).gather(1, index)
-            ratio = weights.float() / chosen.clamp(min=1e-30)
-            if torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-3, atol=1e-6):
-                return scoring
-        self._scoring = None
-        return None
+        return score(logits, self.family.scoring or getattr(self, "_scoring", None) or "softmax")
 
     # ---- experts -----------------------------------------------------------------------
     def expert_weights(self, expert_idx: int) -> ExpertWeights:
@@ -392,6 +374,25 @@ def check_reading(adapter: Adapter, tokens: torch.Tensor | None = None) -> None:
             raise ValueError(f"Unsupported architecture: {_arch(model.config)}: layer {layer.layer_idx}'s experts "
                              f"returned other values than moeviz rebuilds from their weights (max difference "
                              f"{err:.3g}): moeviz misreads this expert layout.")
+
+
+SCORINGS = ("softmax", "sigmoid", "identity")  # what a router's scores p(x) may be, of its logits
+
+
+def score(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """p(x) (T, E) in float32 from the router's logits (T, E)."""
+    if scoring == "sigmoid":
+        return torch.sigmoid(logits.float())
+    if scoring == "identity":
+        return logits.float()
+    return F.softmax(logits.float(), dim=-1)
+
+
+def _proportional(probs: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Whether the gate weights (T, k) are the scores at the chosen experts times one factor per
+    token (renormalisation and routed scaling divide out)."""
+    ratio = weights.float() / probs.gather(1, index).clamp(min=1e-30)
+    return bool(torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-3, atol=1e-6))
 
 
 def _arch(config) -> str:

@@ -204,16 +204,15 @@ class _RemovalView:
     rule (groups, routed scaling, biases held by the block), and no expert weight is copied."""
 
     def __init__(self, layer: MoELayer, experts: list[int]):
-        self.block = layer.block
-        keep = [e for e in range(layer.num_experts) if e not in set(experts)]
-        self.view = slice_block(layer, keep, in_place=False)
-        self.view._modules["experts"] = _KeptExperts(layer.block.experts, keep)
-        self.forward = functools.partial(type(self.block).forward, self.view)
+        self.layer, self.block = layer, layer.block
+        self.keep = [e for e in range(layer.num_experts) if e not in set(experts)]
         self.restore = None
 
     def swap(self) -> None:
-        if self.restore is None:
-            self.restore = swap_forward(self.block, self.forward)
+        if self.restore is None:  # the view is cut when switched on: a merge has written its rows by then
+            view = slice_block(self.layer, self.keep, in_place=False)
+            view._modules["experts"] = _KeptExperts(self.block.experts, self.keep)
+            self.restore = swap_forward(self.block, functools.partial(type(self.block).forward, view))
         else:
             self.restore()
             self.restore = None
@@ -308,6 +307,10 @@ def slice_block(layer: MoELayer, keep: list[int], in_place: bool) -> nn.Module:
             owner._buffers[attr] = sliced
         if isinstance(owner, nn.Linear) and attr == "weight":
             owner.out_features = count
+    if not in_place and layer.router_name in root._modules:  # the view's router names the kept experts by position
+        root._modules[layer.router_name] = router = root._modules[layer.router_name]
+        if router is not layer.router:
+            router._moeviz_keep = keep
     for module in touched.values():
         _set_count(module, count, E)
     return root

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .adapters import Adapter, MoELayer, Routing, swap_forward
+from .adapters import SCORINGS, Adapter, MoELayer, Routing, score, swap_forward
 from .loading import execution_device
 
 # Sums per layer: name → shape given (E, H, I). Means and variances are derived later.
@@ -50,16 +50,38 @@ class LayerObserver:
         self.generator = generator
         self.probe_x = torch.empty(0, H, device=dev)  # (≤ probe_tokens, H) a uniform sample
         self.probe_keys = torch.empty(0, device=dev)
-        self.scoring = None  # the router's scores, learnt from the first batch (MoELayer.learn_scoring)
+        self.candidates = torch.zeros(len(SCORINGS), E, dtype=torch.float64, device=dev)  # Σ p(x) per scoring
+        self.misfit = torch.zeros(len(SCORINGS), device=dev)
+        self.scored = False  # p(x) from `candidates` (fused blocks) rather than `prob_sum`
         self.finished = False  # probe sums taken already (layer by layer: while the weights are there)
+
+    def record_scores(self, logits, top_k_index, top_k_weights) -> None:
+        """p(x) of every candidate score (softmax, sigmoid, identity of the logits (T, E)), and how far
+        each is from being proportional to the gate weights (T, k) token by token: the scores the
+        gates are made of are taken at the end (`scores_sum`), with no wait for the device here."""
+        for c, scoring in enumerate(SCORINGS):
+            probs = score(logits, scoring)
+            self.candidates[c] += probs.sum(0, dtype=torch.float64)
+            ratio = top_k_weights.float() / probs.gather(1, top_k_index).clamp(min=1e-30)
+            misfit = ((ratio - ratio[:, :1]).abs() / ratio[:, :1].abs().clamp(min=1e-30)).amax()
+            self.misfit[c] = torch.maximum(self.misfit[c], misfit.nan_to_num(float("inf")))
+
+    def scores_sum(self) -> torch.Tensor:
+        """Σ p_e(x) (E,) in the scores the router's gate weights are made of (softmax when none fits)."""
+        if self.layer.family.scoring:
+            return self.candidates[SCORINGS.index(self.layer.family.scoring)]
+        fits = self.misfit < 1e-3
+        first = torch.where(fits.any(), fits.int().argmax(), 0)  # chosen on the device: no wait
+        return self.candidates.index_select(0, first.view(1))[0]
 
     def record_routing(self, routing: Routing) -> None:
         s = self.sums
-        T, E = routing.probs.shape
+        T, E = routing.top_k_index.shape[0], self.layer.num_experts
         selected = torch.zeros(T, E, device=s["count"].device)
         selected.scatter_(1, routing.top_k_index, 1.0)  # (T, E) 0/1, exact in float32
         s["tokens"] += T
-        s["prob_sum"] += routing.probs.sum(0, dtype=torch.float64)
+        if not self.scored:
+            s["prob_sum"] += routing.probs.sum(0, dtype=torch.float64)
         s["coactivation"] += selected.T @ selected
 
     def record_experts(self, hidden, top_k_index, top_k_weights, expert_ids, counts, mid, out, gates) -> None:
@@ -193,7 +215,7 @@ class Observer:
         the sums of the whole data.
         """
         world = distributed()
-        per_layer = [dict(obs.sums) for obs in self.layers]
+        per_layer = [dict(obs.sums, **({"prob_sum": obs.scores_sum()} if obs.scored else {})) for obs in self.layers]
         if world is not None:
             for sums in per_layer:
                 for tensor in sums.values():
@@ -274,9 +296,9 @@ def _observed_experts(obs: LayerObserver, hidden, top_k_index, top_k_weights, ro
         if logits is None or logits.shape[0] != top_k_index.shape[0]:
             raise RuntimeError(f"Layer {layer.layer_idx}: its experts ran without the router's logits for the same "
                                f"{top_k_index.shape[0]} tokens; moeviz cannot observe this block.")
-        if obs.scoring is None:
-            obs.scoring = layer.learn_scoring(logits, top_k_index, top_k_weights) or "softmax"
-        obs.record_routing(Routing(logits, layer.scores(logits), top_k_index, top_k_weights))
+        obs.scored = True
+        obs.record_scores(logits, top_k_index, top_k_weights)
+        obs.record_routing(Routing(logits, torch.zeros(()), top_k_index, top_k_weights))
     T, k = top_k_index.shape
     flat = top_k_index.reshape(-1)  # (S,) with S = T·k
     expert_ids, order = torch.sort(flat, stable=True)

@@ -77,7 +77,11 @@ def _hooked(adapter, routes: dict):
     def record(layer):
         def hook(module, args, output):
             routing = layer.routing_from_output(output)  # in the router's own order (its first choice first)
-            routes[layer.layer_idx] = (routing.top_k_index.cpu().tolist(), routing.top_k_weights.float().cpu().tolist())
+            index = routing.top_k_index
+            keep = getattr(module, "_moeviz_keep", None)  # a plan's removal view: positions among the kept
+            if keep is not None:
+                index = torch.tensor(keep, device=index.device)[index]
+            routes[layer.layer_idx] = (index.cpu().tolist(), routing.top_k_weights.float().cpu().tolist())
         return hook
 
     try:

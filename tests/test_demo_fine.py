@@ -43,7 +43,7 @@ def test_checkpoint_is_a_small_qwen2_moe_with_fine_experts_and_a_shared_expert(f
     assert len(tokenizer) == config.vocab_size
     assert sum(f.stat().st_size for f in FINE.iterdir()) < 30e6
     adapter = get_adapter(model)
-    assert adapter.family.model_type == "qwen2_moe" and adapter.family.shared_attrs == ("shared_expert",)
+    assert adapter.family.model_type == "qwen2_moe"
     assert len(adapter.layers) == config.num_hidden_layers
     assert all(len(layer.shared) == 1 and layer.num_experts == config.num_experts for layer in adapter.layers)
 

@@ -23,7 +23,9 @@ def test_calibration_adds_operators_independent_of_experts_and_no_host_sync(fami
         results[E] = per_layer(model, tokens)
     for r in results.values():
         assert r["calibrate"]["syncs"] <= r["plain"]["syncs"], r["calibrate"]["sync_ops"]
-        assert 0 < r["extra_ops"] < 200  # the observer's sums: a few dozen operators, not a loop
+        # the observer's sums, and p(x) under three candidate scorings (softmax, sigmoid, identity) until the
+        # end shows which the gates are made of: a constant count, not a loop over experts
+        assert 0 < r["extra_ops"] < 250
         assert r["plain"]["grouped_mm"] > 0  # like with like: transformers' grouped experts, not its eager loop
     assert results[4]["extra_ops"] == results[16]["extra_ops"]
     assert results[4]["calibrate"]["ops"] == results[16]["calibrate"]["ops"]
