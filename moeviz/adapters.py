@@ -38,6 +38,8 @@ class Family:
     refused: str | None = None  # why moeviz cannot prune this family, in one sentence
 
 
+_LLAMA4 = ("its gate scales each expert's input (f(g·x)) and every expert runs on every token; moeviz's "
+           "statistics and novices assume g·f(x)")
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
@@ -49,10 +51,8 @@ FAMILIES: dict[str, Family] = {
         Family("doge", refused="product-key experts of a single neuron each: there is no expert MLP to prune"),
         Family("dbrx", refused="its experts are flattened 2-D tensors (E·F, H) in a module transformers does not "
                                "route through (hidden, top_k_index, top_k_weights); moeviz does not read them yet"),
-        Family("llama4_text", refused="its gate scales each expert's input (f(g·x)) and every expert runs on every "
-                                      "token; moeviz's statistics and novices assume g·f(x)"),
-        Family("llama4", refused="its gate scales each expert's input (f(g·x)) and every expert runs on every "
-                                 "token; moeviz's statistics and novices assume g·f(x)"),
+        Family("llama4_text", refused=_LLAMA4),
+        Family("llama4", refused=_LLAMA4),
         Family("longcat_flash", refused="its router has rows for zero (identity) experts beside the routed ones; "
                                         "moeviz would prune them as if they were experts"),
         Family("inkling_text", refused="its router has a row for the shared expert beside the routed ones; moeviz "

@@ -131,7 +131,7 @@ class AppliedPlan:
                                         sliced=False)
                 self.edits.append(_ModuleSwap(layer.block, "experts", wrapper))
             else:
-                self.edits.append(_router_mask(layer, experts))
+                self.edits.append(_RemovalView(layer, experts))
 
     @torch.no_grad()
     def swap(self) -> None:
@@ -238,11 +238,6 @@ class _KeptExperts(nn.Module):
         return self.num_experts
 
 
-def _router_mask(layer: MoELayer, experts: list[int]):
-    """The in-place edit that removes `experts` from the layer's routing (see `_RemovalView`)."""
-    return _RemovalView(layer, experts)
-
-
 _BITS = 2 ** torch.arange(8, dtype=torch.uint8)
 
 
@@ -307,10 +302,9 @@ def slice_block(layer: MoELayer, keep: list[int], in_place: bool) -> nn.Module:
             owner._buffers[attr] = sliced
         if isinstance(owner, nn.Linear) and attr == "weight":
             owner.out_features = count
-    if not in_place and layer.router_name in root._modules:  # the view's router names the kept experts by position
-        root._modules[layer.router_name] = router = root._modules[layer.router_name]
-        if router is not layer.router:
-            router._moeviz_keep = keep
+    router = root._modules.get(layer.router_name)
+    if not in_place and router is not None and router is not layer.router:
+        router._moeviz_keep = keep  # the view's router names the kept experts by position (for trace)
     for module in touched.values():
         _set_count(module, count, E)
     return root

@@ -45,7 +45,7 @@ from .checkpoint import (MOEVIZ_MODEL_TYPE, ROLES, Checkpoint, ExpertKey, dequan
                          parse_expert_key, read_config, readable, scale_key, skeleton)
 from .methods.moe_pruner import pruning_mask
 from .plan import LINEAGE_FILE, PLAN_FILE, PruningPlan
-from .reload import ROUTER_SEMANTICS, file_tensors, is_pruned_export
+from .reload import ROUTER_SEMANTICS, expert_file_tensors, file_tensors, is_pruned_export
 from .stats import ExpertStats
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -225,16 +225,12 @@ def fused_expert_keys(adapter: Adapter) -> dict[str, ExpertKey]:
     """File key → `ExpertKey` of every fused (E, …) expert tensor whose name in the files is not
     `…layers.N.….experts.<name>` (Granite-MoE's `input_linear.weight`, Aria's `experts.fc1.weight`,
     per-expert norms): the names `save_pretrained` gives the experts' tensors."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    name_of = {id(t): n for n, t in adapter.model.state_dict(keep_vars=True).items()}
+    name_of = {id(m): n for n, m in adapter.model.named_modules()}
+    heads = {layer.layer_idx: name_of[id(layer.block.experts)] + "." for layer in adapter.layers}  # `….experts.`
     found = {}
-    for layer in adapter.layers:
-        own = {name_of[id(t)]: t for t in layer.block.experts.state_dict(keep_vars=True).values() if id(t) in name_of}
-        head = next(iter(own)).rsplit("experts.", 1)[0] + "experts."
-        for key, t in revert_weight_conversion(adapter.model, own).items():
-            if parse_expert_key(key, (layer.layer_idx,)) is None and t.dim() and t.shape[0] == layer.num_experts:
-                found[key] = ExpertKey(layer.layer_idx, None, key.rsplit(".", 1)[-1], head)
+    for key, (layer_idx, t) in expert_file_tensors(adapter).items():
+        if parse_expert_key(key, (layer_idx,)) is None and t.dim() and t.shape[0] == adapter.layer(layer_idx).num_experts:
+            found[key] = ExpertKey(layer_idx, None, key.rsplit(".", 1)[-1], heads[layer_idx])
     return found
 
 

@@ -81,12 +81,13 @@ def load_model(
     if offload and device_map is not None:
         raise ValueError("Use either offload or device_map, not both.")
     config = load_config(name_or_path, trust_remote_code)
-    get_adapter(skeleton(config))  # raises for unsupported architectures, before any weight is read
+    shape = skeleton(config)
+    get_adapter(shape)  # raises for unsupported architectures, before any weight is read
     source = resolve_source(name_or_path)
     dev = resolve_device(device)
     dtype = parse_dtype(dtype)
     if device_map is None:
-        needed = model_bytes(skeleton(config), None if dtype == "auto" else dtype)
+        needed = model_bytes(shape, None if dtype == "auto" else dtype)
         check_fits(needed, torch.device("cpu") if offload else dev, f"{name_or_path} ({needed / 2**30:.1f} GiB)")
     from .reload import is_pruned_export, load_exported
 
@@ -137,9 +138,10 @@ def load_skeleton(name_or_path: str | os.PathLike = DEMO, trust_remote_code: boo
     dtype, for work that reads the weights part by part (layer-by-layer calibration).
     """
     config = load_config(name_or_path, trust_remote_code)
-    get_adapter(skeleton(config))
+    model = skeleton(config, str(name_or_path))
+    get_adapter(model)  # raises for unsupported architectures, before any file is read
     if not with_files:
-        return skeleton(config, str(name_or_path))
+        return model
     from .checkpoint import Checkpoint
 
     files = local_dir(name_or_path)

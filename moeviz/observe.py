@@ -13,14 +13,14 @@ from contextlib import contextmanager
 
 import torch
 
-from .adapters import SCORINGS, Adapter, MoELayer, Routing, score, swap_forward
+from .adapters import SCORINGS, Adapter, MoELayer, score, swap_forward
 from .loading import execution_device
 
 # Sums per layer: name → shape given (E, H, I). Means and variances are derived later.
 SUM_SHAPES = {
     "count": lambda E, H, I: (E,),  # routed tokens of e
     "gate_sum": lambda E, H, I: (E,),  # Σ g_e(x) over routed tokens
-    "prob_sum": lambda E, H, I: (E,),  # Σ p_e(x) over all tokens
+    "prob_sum": lambda E, H, I: (E,),  # Σ p_e(x) over all tokens (taken from the candidates at the end)
     "out_sum": lambda E, H, I: (E, H),  # Σ f_e(x)
     "out_sqsum": lambda E, H, I: (E, H),  # Σ f_e(x)²
     "in_sqnorm": lambda E, H, I: (E, H),  # Σ (g_e(x) · x_j)²
@@ -52,7 +52,6 @@ class LayerObserver:
         self.probe_keys = torch.empty(0, device=dev)
         self.candidates = torch.zeros(len(SCORINGS), E, dtype=torch.float64, device=dev)  # Σ p(x) per scoring
         self.misfit = torch.zeros(len(SCORINGS), device=dev)
-        self.scored = False  # p(x) from `candidates` (fused blocks) rather than `prob_sum`
         self.finished = False  # probe sums taken already (layer by layer: while the weights are there)
 
     def record_scores(self, logits, top_k_index, top_k_weights) -> None:
@@ -74,14 +73,14 @@ class LayerObserver:
         first = torch.where(fits.any(), fits.int().argmax(), 0)  # chosen on the device: no wait
         return self.candidates.index_select(0, first.view(1))[0]
 
-    def record_routing(self, routing: Routing) -> None:
+    def record_routing(self, logits, top_k_index, top_k_weights) -> None:
+        """One batch's routing: the router's logits (T, E), the chosen experts and their gates (T, k)."""
         s = self.sums
-        T, E = routing.top_k_index.shape[0], self.layer.num_experts
+        T, E = top_k_index.shape[0], self.layer.num_experts
+        self.record_scores(logits, top_k_index, top_k_weights)
         selected = torch.zeros(T, E, device=s["count"].device)
-        selected.scatter_(1, routing.top_k_index, 1.0)  # (T, E) 0/1, exact in float32
+        selected.scatter_(1, top_k_index, 1.0)  # (T, E) 0/1, exact in float32
         s["tokens"] += T
-        if not self.scored:
-            s["prob_sum"] += routing.probs.sum(0, dtype=torch.float64)
         s["coactivation"] += selected.T @ selected
 
     def record_experts(self, hidden, top_k_index, top_k_weights, expert_ids, counts, mid, out, gates) -> None:
@@ -215,7 +214,7 @@ class Observer:
         the sums of the whole data.
         """
         world = distributed()
-        per_layer = [dict(obs.sums, **({"prob_sum": obs.scores_sum()} if obs.scored else {})) for obs in self.layers]
+        per_layer = [dict(obs.sums, prob_sum=obs.scores_sum()) for obs in self.layers]
         if world is not None:
             for sums in per_layer:
                 for tensor in sums.values():
@@ -296,9 +295,7 @@ def _observed_experts(obs: LayerObserver, hidden, top_k_index, top_k_weights, ro
         if logits is None or logits.shape[0] != top_k_index.shape[0]:
             raise RuntimeError(f"Layer {layer.layer_idx}: its experts ran without the router's logits for the same "
                                f"{top_k_index.shape[0]} tokens; moeviz cannot observe this block.")
-        obs.scored = True
-        obs.record_scores(logits, top_k_index, top_k_weights)
-        obs.record_routing(Routing(logits, torch.zeros(()), top_k_index, top_k_weights))
+        obs.record_routing(logits, top_k_index, top_k_weights)
     T, k = top_k_index.shape
     flat = top_k_index.reshape(-1)  # (S,) with S = T·k
     expert_ids, order = torch.sort(flat, stable=True)
@@ -320,5 +317,5 @@ def _observed_list_block(obs: LayerObserver, hidden: torch.Tensor) -> torch.Tens
     shape = hidden.shape
     flat = hidden.reshape(-1, shape[-1])
     routing = obs.layer.route(flat)
-    obs.record_routing(routing)
+    obs.record_routing(routing.logits, routing.top_k_index, routing.top_k_weights)
     return _observed_experts(obs, flat, routing.top_k_index, routing.top_k_weights).reshape(shape)

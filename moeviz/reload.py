@@ -40,6 +40,23 @@ def file_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     return revert_weight_conversion(model, state)
 
 
+def expert_file_tensors(adapter: Adapter) -> dict[str, tuple[int, torch.Tensor]]:
+    """The routed experts' tensors under the names their files give them (as `save_pretrained`
+    writes them: Granite-MoE's `input_linear.weight`, Aria's `experts.fc1.weight`, Mixtral's
+    per-expert keys): file key → (decoder layer, tensor). The tensor is the model's own where
+    saving only renames it, a new one where saving converts it."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model = adapter.model
+    name_of = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
+    found = {}
+    for layer in adapter.layers:
+        own = {name_of[id(t)].replace(".experts.inner.", ".experts."): t  # without moeviz's novice wrapper
+               for t in layer.experts.state_dict(keep_vars=True).values() if id(t) in name_of}
+        found.update({key: (layer.layer_idx, t) for key, t in revert_weight_conversion(model, own).items()})
+    return found
+
+
 # ---- the expert-substitution block --------------------------------------------------------
 def substitution_block(config) -> dict | None:
     """`compression_config.transform_config.expert_substitution` of a config (object or dict)."""
@@ -162,7 +179,8 @@ class ExportLayout:
         self.adapter = adapter
         self.layers = {layer.layer_idx: layer for layer in adapter.layers}
         self.named = file_tensors(adapter)
-        self.named.update(_renamed_experts(adapter))
+        kept = {id(t) for layer in adapter.layers for t in layer.experts.parameters()}
+        self.named.update({key: t for key, (_, t) in expert_file_tensors(adapter).items() if id(t) in kept})
         self.physical: dict[int, dict[int, int]] = {}  # layer → {logical expert: index among the kept}
         self.values: dict[str, tuple[nn.Module, int]] = {}  # constant's name → (its novice wrapper, row)
         for layer_idx, (_, values) in self.substituted.items():
@@ -196,19 +214,6 @@ class ExportLayout:
         tensor = ckpt.tensor(key)
         scale = scale_key(ckpt, key)
         return dequantize(tensor, ckpt.tensor(scale), dtype, self.block) if scale is not None else tensor
-
-
-def _renamed_experts(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """The experts' own tensors under other names in the files (Granite-MoE's `input_linear.weight`,
-    Aria's `experts.fc1.weight`): file key → the model's tensor, where saving only renames it."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    model = adapter.model
-    name_of = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
-    own = {name_of[id(t)].replace(".experts.inner.", ".experts."): t  # without moeviz's novice wrapper
-           for layer in adapter.layers for t in layer.experts.state_dict(keep_vars=True).values() if id(t) in name_of}
-    ids = {id(t) for t in own.values()}
-    return {key: t for key, t in revert_weight_conversion(model, own).items() if id(t) in ids}
 
 
 def _copy_into(target: torch.Tensor, value: torch.Tensor, written: Counter) -> None:

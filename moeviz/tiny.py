@@ -137,9 +137,8 @@ def tiny_config(model_type: str, **overrides):
     for key in ("model_type", "transformers_version", "architectures"):
         fields.pop(key, None)
     fields = shrink(fields)
-    for sub in ("text_config",):
-        if isinstance(fields.get(sub), dict):
-            fields[sub] = shrink(fields[sub])
+    if isinstance(fields.get("text_config"), dict):
+        fields["text_config"] = shrink(fields["text_config"])
     for key, value in {**FAMILY_KEYS.get(model_type, {}), **overrides}.items():
         fields[key] = {**fields.get(key, {}), **value} if isinstance(value, dict) else value
     return AutoConfig.for_model(model_type, **fields)
@@ -173,18 +172,14 @@ def moe_families() -> list[str]:
     from pathlib import Path
 
     import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     root = Path(transformers.__file__).parent / "models"
     by_dir: dict[str, list[str]] = {}
     for model_type in [*MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, *_CAUSAL_LM_WITHOUT_MAPPING]:
         if model_type in CONFIG_MAPPING_NAMES:
-            module = CONFIG_MAPPING_NAMES[model_type]
-            directory = next((d for d in root.iterdir() if (d / "configuration_{}.py".format(d.name)).is_file()
-                              and module in (d / f"configuration_{d.name}.py").read_text()), None)
-            if directory is not None:
-                by_dir.setdefault(directory.name, []).append(model_type)
+            by_dir.setdefault(model_type_to_module_name(model_type), []).append(model_type)
     families = []
     for directory, types in sorted(by_dir.items()):
         code = "".join(f.read_text() for f in (root / directory).glob("modeling_*.py"))
