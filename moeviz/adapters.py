@@ -53,12 +53,6 @@ FAMILIES: dict[str, Family] = {
                                "route through (hidden, top_k_index, top_k_weights); moeviz does not read them yet"),
         Family("llama4_text", refused=_LLAMA4),
         Family("llama4", refused=_LLAMA4),
-        Family("longcat_flash", refused="its router has rows for zero (identity) experts beside the routed ones; "
-                                        "moeviz would prune them as if they were experts"),
-        Family("inkling_text", refused="its router has a row for the shared expert beside the routed ones; moeviz "
-                                       "would prune it as if it were a routed expert"),
-        Family("zaya", refused="its router has a skip class beside the routed experts; moeviz would prune it as if "
-                               "it were an expert"),
     )
 }
 
@@ -106,6 +100,9 @@ class MoELayer:
         self.fused = isinstance(self.experts, nn.Module) and not isinstance(self.experts, nn.ModuleList)
         rows = block.experts.num_experts if self.novices is not None else self.num_experts  # the router's
         self.router_name, self.router, self.router_weight_name = _find_router(block, rows, self.hidden_size)
+        # Router classes after the routed experts that are not experts moeviz may prune: LongCat-Flash's
+        # zero (identity) experts, Inkling's shared experts, ZAYA's skip class. Always kept.
+        self.extra_classes = self.router_weight.shape[0] - rows
         self.shared = [m for name, m in block.named_children()
                        if name != "experts" and ("shared" in name and "gate" not in name or name in family.shared_attrs)]
 
@@ -168,10 +165,15 @@ class MoELayer:
         own = [*self.block.named_parameters(recurse=False), *self.block.named_buffers(recurse=False)]
         router = [(f"{self.router_name}.{n}", t) for n, t in [*self.router.named_parameters(), *self.router.named_buffers()]]
         for name, t in own + router:
-            dim = _expert_dim(t, E)
+            dim = _expert_dim(t, E, E + self.extra_classes)
             if dim is not None:
                 found.append((name, t, dim))
         return found
+
+    def kept_rows(self, keep: list[int], size: int) -> list[int]:
+        """The entries of an expert-indexed dimension of `size` that a removal keeps: the kept
+        experts, and the router classes after the routed experts (`extra_classes`), if it has them."""
+        return list(keep) + list(range(self.num_experts, size))
 
     def route(self, hidden: torch.Tensor) -> Routing:
         """Route hidden states (T, H) with a plain Linear router (module-list blocks)."""
@@ -195,9 +197,11 @@ class MoELayer:
         return Routing(logits, self.scores(logits), index, weights)
 
     def router_logits(self, output) -> torch.Tensor | None:
-        """The (T, E) logits among what the router returned (its first tensor with E columns)."""
+        """The (T, E) logits among what the router returned (its first tensor with E columns), or
+        (T, E + n) with the router's extra classes after the experts'."""
         for t in (output if isinstance(output, tuple) else (output,)):
-            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.num_experts and t.is_floating_point():
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.is_floating_point() \
+                    and t.shape[-1] in (self.num_experts, self.num_experts + self.extra_classes):
                 return t.reshape(-1, t.shape[-1])
         return None
 
@@ -446,24 +450,32 @@ def _is_experts(experts) -> bool:
 
 def _find_router(block: nn.Module, num_experts: int, hidden_size: int) -> tuple[str, nn.Module, str]:
     """(name in the block, module, name of its (E, H) weight): the child of the block whose weight
-    has one row per routed expert, routers named gate/router first."""
+    has one row per routed expert, routers named gate/router first. Failing that, a router's
+    (E + n, ·) weight whose last n rows are classes that are not routed experts (zero experts,
+    shared experts, a skip class) read from a hidden state of its own size (ZAYA)."""
     children = dict(block.named_children())
     order = sorted((n for n in children if n != "experts"), key=lambda n: ("router" not in n and n != "gate", n))
     for name in order:
         for pname, p in children[name].named_parameters():
             if p.dim() == 2 and tuple(p.shape) == (num_experts, hidden_size) and "shared" not in name:
                 return name, children[name], pname
+    extra = [(p.shape[0], name, pname) for name in order if "router" in name or name == "gate"
+             for pname, p in children[name].named_parameters() if p.dim() == 2 and num_experts < p.shape[0] <= 2 * num_experts]
+    if extra:  # the fewest extra classes: ZAYA's router also holds (D, H) and (D, D) projections
+        _, name, pname = min(extra)
+        return name, children[name], pname
     rows = sorted({tuple(p.shape) for n in order for p in children[n].parameters() if p.dim() == 2})
     raise ValueError(f"{type(block).__name__} holds {num_experts} experts but no router weight of shape "
                      f"({num_experts}, {hidden_size}) (2-D weights there: {rows}).")
 
 
-def _expert_dim(t: torch.Tensor, num_experts: int) -> int | None:
-    """The dimension of `t` that runs over experts: its first (E, …), or its last when every other
-    dimension is 1 (ERNIE's (1, E) correction bias); None when it has none."""
-    if t.dim() and t.shape[0] == num_experts:
+def _expert_dim(t: torch.Tensor, num_experts: int, rows: int) -> int | None:
+    """The dimension of `t` that runs over experts (E entries, or the router's `rows` with its extra
+    classes): its first, or its last when every other dimension is 1 (ERNIE's (1, E) correction
+    bias); None when it has none."""
+    if t.dim() and t.shape[0] in (num_experts, rows):
         return 0
-    if t.dim() > 1 and t.shape[-1] == num_experts and all(s == 1 for s in t.shape[:-1]):
+    if t.dim() > 1 and t.shape[-1] in (num_experts, rows) and all(s == 1 for s in t.shape[:-1]):
         return t.dim() - 1
     return None
 

@@ -32,7 +32,7 @@ def router_norms(adapter: Adapter, checkpoint=None) -> np.ndarray:
             if checkpoint is None:
                 raise ValueError("This model has no weights in memory: pass its checkpoint to read the routers.")
             weight = checkpoint.router_weight(layer.layer_idx, layer.num_experts)
-        rows.append(weight.detach().float().norm(dim=-1).cpu().numpy())
+        rows.append(weight[:layer.num_experts].detach().float().norm(dim=-1).cpu().numpy())  # routed experts' rows
     return np.stack(rows)
 
 
@@ -41,7 +41,7 @@ def router_norms(adapter: Adapter, checkpoint=None) -> np.ndarray:
 def expert_features(adapter: Adapter, space: str) -> list[np.ndarray]:
     """Per layer, one feature row per expert (E, D), for the router and invariant weight spaces."""
     if space == "router":
-        return [layer.router_weight.detach().float().cpu().numpy() for layer in adapter.layers]
+        return [layer.router_weight[:layer.num_experts].detach().float().cpu().numpy() for layer in adapter.layers]
     if space == "weights_invariant":
         return [weight_features(layer).numpy() for layer in adapter.layers]
     raise ValueError(f"{space!r} has no feature rows; spaces: {', '.join(SPACES)}")

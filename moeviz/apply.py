@@ -36,7 +36,7 @@ from .plan import PlanError, PruningPlan
 from .stats import ExpertStats
 
 _COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
-                "n_experts", "expert_num")
+                "n_experts", "expert_num", "n_total_experts", "num_router_classes")
 
 
 def model_info(model: PreTrainedModel, adapter: Adapter | None = None, fingerprint: str | None = None) -> dict:
@@ -295,18 +295,23 @@ def slice_block(layer: MoELayer, keep: list[int], in_place: bool) -> nn.Module:
                 child = owner._modules[part] = _shallow(child)
             owner = child
             touched[id(owner)] = owner
-        sliced = t.detach().index_select(dim, torch.tensor(keep, device=t.device))
+        sliced = t.detach().index_select(dim, torch.tensor(layer.kept_rows(keep, t.shape[dim]), device=t.device))
         if attr in owner._parameters:
             owner._parameters[attr] = nn.Parameter(sliced, requires_grad=False)
         else:
             owner._buffers[attr] = sliced
         if isinstance(owner, nn.Linear) and attr == "weight":
-            owner.out_features = count
+            owner.out_features = sliced.shape[0]
     router = root._modules.get(layer.router_name)
     if not in_place and router is not None and router is not layer.router:
         router._moeviz_keep = keep  # the view's router names the kept experts by position (for trace)
     for module in touched.values():
         _set_count(module, count, E)
+        if layer.extra_classes:  # LongCat's router counts its zero experts with the routed ones
+            _set_count(module, count + layer.extra_classes, E + layer.extra_classes)
+        if not in_place and getattr(module, "config", None) is not None:  # ZAYA's router reads the count there
+            module.config = copy.deepcopy(module.config)  # a config: a few hundred bytes, no weights
+            set_config_count(module.config, count, E)
     return root
 
 

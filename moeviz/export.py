@@ -398,7 +398,8 @@ class _Rewriter:
             for members in self._groups(layer_idx).values():
                 w = self._merge_weights(layer_idx, members)
                 tensor[members[0]] = sum(wi * tensor[m].float() for wi, m in zip(w, members)).to(tensor.dtype)
-        return tensor.index_select(dim, torch.tensor(self.plan.kept(layer_idx, self.num_experts[layer_idx])))
+        keep = self.plan.kept(layer_idx, self.num_experts[layer_idx])
+        return tensor.index_select(dim, torch.tensor(keep + list(range(self.num_experts[layer_idx], tensor.shape[dim]))))
 
     def _sparsified(self, layer_idx: int, e: int, key: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Zero the lowest |W|·‖gX‖ weights of every row (MoE-Pruner), as `apply_plan` does. An FP8

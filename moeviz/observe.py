@@ -58,11 +58,14 @@ class LayerObserver:
         """p(x) of every candidate score (softmax, sigmoid, identity of the logits (T, E)), and how far
         each is from being proportional to the gate weights (T, k) token by token: the scores the
         gates are made of are taken at the end (`scores_sum`), with no wait for the device here."""
+        E = self.layer.num_experts
+        chosen = top_k_weights != 0  # a choice of weight 0 stands for a zero expert or a skip class
         for c, scoring in enumerate(SCORINGS):
-            probs = score(logits, scoring)
+            probs = score(logits, scoring)[:, :E]  # over the router's classes, the routed experts' share
             self.candidates[c] += probs.sum(0, dtype=torch.float64)
             ratio = top_k_weights.float() / probs.gather(1, top_k_index).clamp(min=1e-30)
-            misfit = ((ratio - ratio[:, :1]).abs() / ratio[:, :1].abs().clamp(min=1e-30)).amax()
+            ref = ratio.amax(1, keepdim=True)
+            misfit = ((ratio - ref).abs() / ref.abs().clamp(min=1e-30) * chosen).amax()
             self.misfit[c] = torch.maximum(self.misfit[c], misfit.nan_to_num(float("inf")))
 
     def scores_sum(self) -> torch.Tensor:
@@ -79,7 +82,10 @@ class LayerObserver:
         T, E = top_k_index.shape[0], self.layer.num_experts
         self.record_scores(logits, top_k_index, top_k_weights)
         selected = torch.zeros(T, E, device=s["count"].device)
-        selected.scatter_(1, top_k_index, 1.0)  # (T, E) 0/1, exact in float32
+        if self.layer.extra_classes:  # choices of weight 0 (zero experts, a skip class) select no expert
+            selected.scatter_add_(1, top_k_index, (top_k_weights != 0).float()).clamp_(max=1)
+        else:
+            selected.scatter_(1, top_k_index, 1.0)  # (T, E) 0/1, exact in float32
         s["tokens"] += T
         s["coactivation"] += selected.T @ selected
 
@@ -96,6 +102,11 @@ class LayerObserver:
             return values.new_zeros((E,) + values.shape[1:]).index_add_(0, expert_ids, values)
 
         out, g = out.float(), gates.float()
+        chosen = None
+        if self.layer.extra_classes:  # a pair of weight 0 stands for a zero expert or a skip class: no access
+            chosen = (g != 0).float()[:, None]
+            out.mul_(chosen)
+            counts = per_expert(chosen[:, 0])
         norms = torch.linalg.vector_norm(out, dim=1)
         gate_sum, ean_sum, reap_sum = per_expert(torch.stack([g, norms, g * norms], 1)).double().unbind(1)
         s["count"] += counts
@@ -106,6 +117,8 @@ class LayerObserver:
         # swamp the variance in float32; folded back exactly into raw float64 sums.
         c = per_expert(out) / counts.clamp(min=1)[:, None]
         centred = out.sub_(c.index_select(0, expert_ids))
+        if chosen is not None:
+            centred.mul_(chosen)
         s1 = per_expert(centred).double()
         s2 = per_expert(centred.square_()).double()
         n, c = counts.double()[:, None], c.double()

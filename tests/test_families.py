@@ -26,9 +26,6 @@ REFUSED = {
     "jetmoe": "attention heads",
     "dbrx": "flattened 2-D tensors",
     "llama4_text": "scales each expert's input",
-    "longcat_flash": "zero (identity) experts",
-    "inkling_text": "a row for the shared expert",
-    "zaya": "skip class",
     "ergo": "misreads this expert layout",  # refused by check_reading: each expert's output has its own norm
 }
 # Families that work end to end except that moeviz.load_model cannot read their substitution
