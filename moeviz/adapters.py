@@ -15,6 +15,7 @@ Two expert layouts are supported:
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -38,8 +39,6 @@ class Family:
     refused: str | None = None  # why moeviz cannot prune this family, in one sentence
 
 
-_LLAMA4 = ("its gate scales each expert's input (f(g·x)) and every expert runs on every token; moeviz's "
-           "statistics and novices assume g·f(x)")
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
@@ -51,8 +50,6 @@ FAMILIES: dict[str, Family] = {
         Family("doge", refused="product-key experts of a single neuron each: there is no expert MLP to prune"),
         Family("dbrx", refused="its experts are flattened 2-D tensors (E·F, H) in a module transformers does not "
                                "route through (hidden, top_k_index, top_k_weights); moeviz does not read them yet"),
-        Family("llama4_text", refused=_LLAMA4),
-        Family("llama4", refused=_LLAMA4),
     )
 }
 
@@ -98,6 +95,11 @@ class MoELayer:
         self.novices = getattr(block.experts, "novices", None)  # a moeviz export with novices: (P, H)
         self.experts = getattr(block.experts, "inner", block.experts)  # the kept experts inside such a wrapper
         self.fused = isinstance(self.experts, nn.Module) and not isinstance(self.experts, nn.ModuleList)
+        # Experts called with the hidden states alone run every expert on every token, each on its
+        # input scaled by the router's gate (Llama-4): the block adds f_e(g_e(x)·x), not g_e(x)·f_e(x).
+        self.gate_on_input = self.fused and len(inspect.signature(type(self.experts).forward).parameters) == 2
+        if self.fused and not hasattr(self.experts, "has_gate"):
+            _read_layout(self.experts, _text_config(config).hidden_size)
         rows = block.experts.num_experts if self.novices is not None else self.num_experts  # the router's
         self.router_name, self.router, self.router_weight_name = _find_router(block, rows, self.hidden_size)
         # Router classes after the routed experts that are not experts moeviz may prune: LongCat-Flash's
@@ -119,7 +121,7 @@ class MoELayer:
             for attr in ("top_k", "num_experts_per_tok", "moe_topk", "moe_k"):
                 if isinstance(value := getattr(module, attr, None), int) and not isinstance(value, bool):
                     return value
-        config = getattr(self.config, "get_text_config", lambda: self.config)()
+        config = _text_config(self.config)
         for attr in ("num_experts_per_tok", "moe_topk", "moe_k", "top_k_experts", "num_experts_per_token"):
             value = getattr(config, attr, None)
             if isinstance(value, int) and not isinstance(value, bool):
@@ -195,6 +197,13 @@ class MoELayer:
         if isinstance(output, tuple) and not self.family.scoring:
             self._scoring = next((s for s in SCORINGS if _proportional(score(logits, s), index, weights)), None)
         return Routing(logits, self.scores(logits), index, weights)
+
+    def dense_routing(self, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (T, E), chosen experts (T, k), gates (T, k)) from what a gate-on-input router
+        returned: its dense gates (T, E), zero where not chosen, and its logits (Llama-4)."""
+        gates, logits = output[0].reshape(-1, self.num_experts), output[1].reshape(-1, self.num_experts)
+        index = torch.topk(logits, self.top_k, dim=-1).indices
+        return logits, index, gates.gather(1, index)
 
     def router_logits(self, output) -> torch.Tensor | None:
         """The (T, E) logits among what the router returned (its first tensor with E columns), or
@@ -341,7 +350,8 @@ def check_reading(adapter: Adapter, tokens: torch.Tensor | None = None) -> None:
 
     Runs the model once on a few probe tokens; in every MoE layer, what the experts module
     returned must equal Σ_k g_k(x) · f_{e_k}(x) rebuilt from the adapter's expert function, with
-    the choices and gates the module received (to float tolerance for the dtype). A block that
+    the choices and gates the module received (f_e on each expert's input, for experts that run
+    every token on gate-scaled inputs), to float tolerance for the dtype. A block that
     differs is refused in one line naming the layer, the family and by how much: moeviz never
     computes statistics or exports on a reading it has not checked.
     """
@@ -367,11 +377,16 @@ def check_reading(adapter: Adapter, tokens: torch.Tensor | None = None) -> None:
         if layer.layer_idx not in seen:
             raise ValueError(f"Unsupported architecture: {_arch(model.config)}: layer {layer.layer_idx}'s experts did "
                              "not run as (hidden, top_k_index, top_k_weights) on the probe tokens.")
-        (x, index, weights, *_), out = seen[layer.layer_idx]
-        mine = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-        for e in index.unique().tolist():
-            tok, k = torch.where(index == e)
-            mine.index_add_(0, tok, weights[tok, k, None].float() * layer.expert_forward(e, x[tok])[1].float())
+        (x, *routing), out = seen[layer.layer_idx]
+        if layer.gate_on_input:  # every expert on every token: (E·T, H) in, (E·T, H) out
+            x, out = x.view(layer.num_experts, -1, x.shape[-1]), out.view(layer.num_experts, -1, out.shape[-1])
+            mine = torch.stack([layer.expert_forward(e, x[e])[1].float() for e in range(layer.num_experts)])
+        else:
+            index, weights = routing[:2]
+            mine = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+            for e in index.unique().tolist():
+                tok, k = torch.where(index == e)
+                mine.index_add_(0, tok, weights[tok, k, None].float() * layer.expert_forward(e, x[tok])[1].float())
         tol = 1e-4 if out.dtype == torch.float32 else 3e-2
         err = (mine - out.float()).abs().max().item()
         if err > tol * max(1.0, out.float().abs().max().item()):
@@ -397,6 +412,25 @@ def _proportional(probs: torch.Tensor, index: torch.Tensor, weights: torch.Tenso
     token (renormalisation and routed scaling divide out)."""
     ratio = weights.float() / probs.gather(1, index).clamp(min=1e-30)
     return bool(torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-3, atol=1e-6))
+
+
+def _text_config(config):
+    return getattr(config, "get_text_config", lambda: config)()
+
+
+def _read_layout(experts: nn.Module, hidden_size: int) -> None:
+    """Name the layout of fused experts that do not declare it (Llama-4's, written before
+    transformers' flags): one concatenated gate/up tensor, (E, H, 2I) when transposed, no biases.
+    Sets plain attributes only; the module's forward and tensors are untouched."""
+    experts.has_gate = hasattr(experts, "gate_up_proj")
+    experts.is_transposed = experts.down_proj.shape[-1] == hidden_size
+    experts.is_concatenated, experts.has_bias = True, False
+    act = experts.act_fn
+
+    def apply_gate(h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+    experts._apply_gate = apply_gate
 
 
 def _arch(config) -> str:
@@ -444,8 +478,9 @@ def _is_experts(experts) -> bool:
     experts = getattr(experts, "inner", experts)  # kept experts wrapped with novices (a moeviz export)
     if isinstance(experts, nn.ModuleList):
         return len(experts) > 0 and hasattr(experts[0], "down_proj") or hasattr(experts[0] if len(experts) else None, "w2")
-    down = getattr(experts, "down_proj", None)
-    return isinstance(down, torch.Tensor) and down.dim() == 3 and hasattr(experts, "has_gate")
+    down, gate_up = getattr(experts, "down_proj", None), getattr(experts, "gate_up_proj", None)
+    return isinstance(down, torch.Tensor) and down.dim() == 3 and (
+        hasattr(experts, "has_gate") or isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3)
 
 
 def _find_router(block: nn.Module, num_experts: int, hidden_size: int) -> tuple[str, nn.Module, str]:

@@ -54,6 +54,11 @@ def check_plan(model: PreTrainedModel, plan: PruningPlan, stats: ExpertStats | N
     """Refuse a plan (or stats) made for another model, or a plan that needs stats it lacks."""
     fingerprint = fingerprint or model_fingerprint(model)
     plan.validate(model_info(model, adapter, fingerprint=fingerprint))
+    if plan.mode in ("novice", "drop") and plan.num_pruned \
+            and any(layer.gate_on_input for layer in (adapter or get_adapter(model)).layers):
+        raise PlanError(f"{type(model).__name__} scales each expert's input by its gate (f(g·x), Llama-4): a novice "
+                        "or a dropped expert has no form that transformers, vLLM and moeviz would run alike. "
+                        "Use mode remove (or merge) for this model.")
     needs_stats = plan.mode in ("novice", "merge") or plan.sparsity or plan.nm
     if needs_stats and stats is None:
         raise PlanError(f"Applying this plan ({plan.mode}, sparsity {plan.sparsity}) needs its ExpertStats.")
@@ -211,7 +216,7 @@ class _RemovalView:
     def swap(self) -> None:
         if self.restore is None:  # the view is cut when switched on: a merge has written its rows by then
             view = slice_block(self.layer, self.keep, in_place=False)
-            view._modules["experts"] = _KeptExperts(self.block.experts, self.keep)
+            view._modules["experts"] = _KeptExperts(self.layer, self.keep)
             self.restore = swap_forward(self.block, functools.partial(type(self.block).forward, view))
         else:
             self.restore()
@@ -221,13 +226,17 @@ class _RemovalView:
 class _KeptExperts(nn.Module):
     """The original experts answering for a removed model's ids 0…K-1 (the kept experts, in order)."""
 
-    def __init__(self, experts: nn.Module, keep: list[int]):
+    def __init__(self, layer: MoELayer, keep: list[int]):
         super().__init__()
-        self.inner = experts
+        self.inner = layer.block.experts
+        self.layer = layer if layer.gate_on_input else None
         self.num_experts = len(keep)
         self.register_buffer("keep", torch.tensor(keep), persistent=False)
 
-    def forward(self, hidden, top_k_index, *args, **kwargs):
+    def forward(self, hidden, top_k_index=None, *args, **kwargs):
+        if self.layer is not None:  # every kept expert on every token (Llama-4): (K·T, H), one expert at a time
+            x = hidden.view(self.num_experts, -1, hidden.shape[-1])
+            return torch.cat([self.layer.expert_forward(int(e), x[k])[1] for k, e in enumerate(self.keep)])
         keep = self.keep.to(top_k_index.device)
         return self.inner(hidden, keep[top_k_index], *args, **kwargs)
 

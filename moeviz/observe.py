@@ -102,13 +102,16 @@ class LayerObserver:
             return values.new_zeros((E,) + values.shape[1:]).index_add_(0, expert_ids, values)
 
         out, g = out.float(), gates.float()
+        # What the block scales each output by: g, or 1 where the gate scaled the input (Llama-4:
+        # the output f_e(g·x) and down_proj's input a(g·x) are already the token's contribution).
+        w = torch.ones_like(g) if self.layer.gate_on_input else g
         chosen = None
         if self.layer.extra_classes:  # a pair of weight 0 stands for a zero expert or a skip class: no access
             chosen = (g != 0).float()[:, None]
             out.mul_(chosen)
             counts = per_expert(chosen[:, 0])
         norms = torch.linalg.vector_norm(out, dim=1)
-        gate_sum, ean_sum, reap_sum = per_expert(torch.stack([g, norms, g * norms], 1)).double().unbind(1)
+        gate_sum, ean_sum, reap_sum = per_expert(torch.stack([g, norms, w * norms], 1)).double().unbind(1)
         s["count"] += counts
         s["gate_sum"] += gate_sum
         s["ean_sum"] += ean_sum
@@ -124,7 +127,7 @@ class LayerObserver:
         n, c = counts.double()[:, None], c.double()
         s["out_sum"] += s1 + n * c
         s["out_sqsum"] += s2 + 2 * c * s1 + n * c * c
-        s["mid_sqnorm"] += per_expert(mid.float().mul_(g[:, None]).square_())
+        s["mid_sqnorm"] += per_expert(mid.float().mul_(w[:, None]).square_())
         # Σ over routed tokens of (g·x)², as one (E, T) @ (T, H) product over the batch's
         # tokens instead of a copy of x for each of its k experts.
         hidden = hidden.float()
@@ -266,6 +269,15 @@ def distributed():
 def _attach(obs: LayerObserver):
     """Patch one layer; return the function that undoes it."""
     layer = obs.layer
+    if layer.gate_on_input:  # Llama-4: the router's dense gates and the tokens it saw; the experts' inputs
+        handle = layer.router.register_forward_hook(
+            lambda module, args, output: setattr(obs, "routed", (args[0].reshape(-1, args[0].shape[-1]), output)))
+        undo = swap_forward(layer.experts, lambda routed_in: _observed_dense_experts(obs, routed_in))
+
+        def restore():
+            handle.remove()
+            undo()
+        return restore
     if layer.fused:
         # The router's logits, for p(x) over all experts; the choice and the gate weights are taken
         # where the experts receive them, so any routing rule is observed exactly as the model runs it.
@@ -323,6 +335,30 @@ def _observed_experts(obs: LayerObserver, hidden, top_k_index, top_k_weights, ro
     obs.record_experts(hidden, top_k_index, top_k_weights, expert_ids, counts, mid, out, gates)
     obs.offer_probe_tokens(hidden)
     return combined.to(hidden.dtype)
+
+
+def _observed_dense_experts(obs: LayerObserver, routed_in: torch.Tensor) -> torch.Tensor:
+    """Experts that run every expert on every token (Llama-4): routed_in (E·T, H) holds each
+    expert's inputs g_e(x)·x, zero where the expert was not chosen. Only the chosen (token,
+    expert) pairs are computed and recorded; the others' output is f_e(0) = 0, as the model's."""
+    layer = obs.layer
+    (hidden, output), obs.routed = obs.routed, None
+    logits, index, weights = layer.dense_routing(output)
+    obs.record_routing(logits, index, weights)
+    E, H = layer.num_experts, routed_in.shape[-1]
+    T, k = index.shape
+    flat = index.reshape(-1)
+    expert_ids, order = torch.sort(flat, stable=True)
+    token = order // k
+    x = routed_in.view(E, T, H)[expert_ids, token]  # (S, H): g·x, as the experts receive it
+    counts = flat.new_zeros(E).index_add_(0, flat, torch.ones_like(flat))
+    mid, out = layer.experts_forward_sorted(x, expert_ids, counts)
+    dense = torch.zeros(E, T, H, dtype=routed_in.dtype, device=routed_in.device)
+    dense[expert_ids, token] = out.to(routed_in.dtype)
+    gates = weights.reshape(-1).index_select(0, order)
+    obs.record_experts(hidden, index, weights, expert_ids, counts, mid, out, gates)
+    obs.offer_probe_tokens(hidden)
+    return dense.view(E * T, H)
 
 
 def _observed_list_block(obs: LayerObserver, hidden: torch.Tensor) -> torch.Tensor:
