@@ -5,11 +5,14 @@ expert_substitution` version 1, or vLLM's older `approximate_experts`) and moevi
 `load_exported` builds the original architecture on the meta device, restructures it by the
 layout the files describe (kept experts only, novices installed), materialises it once and fills
 it tensor by tensor from the files: no random init, no second copy. FP8 weights are dequantized
-to the model's dtype. `ExportLayout` also maps a trained model back onto those files (recovery).
+to the model's dtype; tensors that transformers converts on load (fused, interleaved) go through
+its own converters, as `from_pretrained` would. `ExportLayout` also maps a trained model back onto
+those files (recovery).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections import Counter
@@ -134,8 +137,8 @@ def load_exported(path, config=None, dtype=None, device="cpu") -> PreTrainedMode
     layout.bind(adapter)
     written = Counter()
     for key in sorted(ckpt.keys(), key=lambda k: ckpt.file_of[k]):  # file by file
-        if (target := layout.target(key)) is not None:
-            _copy_into(target, layout.value(ckpt, key, target.dtype), written)
+        for target, value in layout.fill(ckpt, key):
+            _copy_into(target, value, written)
     transient = {name for name, _ in model.named_non_persistent_buffers()}
     tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n not in transient)]
     missing = [name for name, t in tensors if written[id(t)] < t.numel()]
@@ -149,7 +152,9 @@ def load_exported(path, config=None, dtype=None, device="cpu") -> PreTrainedMode
 class ExportLayout:
     """Where each tensor of a pruned checkpoint's files goes in the restructured model: kept
     experts (renumbered 0…K-1 in a moeviz-only export, under their logical ids in an expert
-    substitution), constants, and everything else under its usual name."""
+    substitution), constants, and everything else under its usual name. A file tensor that
+    transformers converts on load (Lara's fused `in_proj`, Inkling-2's interleaved `w13_weight`)
+    goes through transformers' own converter, once the converter has all its file tensors."""
 
     def __init__(self, path: Path, config):
         self.path = path
@@ -180,7 +185,11 @@ class ExportLayout:
         self.layers = {layer.layer_idx: layer for layer in adapter.layers}
         self.named = file_tensors(adapter)
         kept = {id(t) for layer in adapter.layers for t in layer.experts.parameters()}
-        self.named.update({key: t for key, (_, t) in expert_file_tensors(adapter).items() if id(t) in kept})
+        for key, (_, t) in expert_file_tensors(adapter).items():
+            ek = parse_expert_key(key, self.layers)
+            if id(t) in kept or ek is None or ek.expert_idx is None:  # not one expert's: those go by logical id
+                self.named[key] = t
+        self._bind_conversions(adapter.model)
         self.physical: dict[int, dict[int, int]] = {}  # layer → {logical expert: index among the kept}
         self.values: dict[str, tuple[nn.Module, int]] = {}  # constant's name → (its novice wrapper, row)
         for layer_idx, (_, values) in self.substituted.items():
@@ -188,9 +197,53 @@ class ExportLayout:
             self.physical[layer_idx] = {e: i for i, e in enumerate(wrapper.keep)}
             self.values.update({values[e] or f"{layer_idx}:{e}": (wrapper, row) for row, e in enumerate(wrapper.pruned)})
 
+    def _bind_conversions(self, model: PreTrainedModel) -> None:
+        """The file keys that saving converts rather than renames (`named` holds a new tensor for
+        them, right for saving and useless to fill): each → the converter `from_pretrained` would
+        apply to it, found as transformers finds it, and the first model tensor it makes."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        self.tensors = {n.replace(".experts.inner.", ".experts."): t  # transformers' names, without the novice wrapper
+                        for n, t in model.state_dict(keep_vars=True).items()}
+        own = {id(t) for t in self.tensors.values()}
+        self.converted: dict[str, tuple[str, str]] = {}  # file key → (first model tensor, converter's pattern)
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}  # first model tensor → {file key: tensor} read
+        if all(id(t) in own for t in self.named.values()):
+            return
+        mapping = get_model_conversion_mapping(model)
+        renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+        converters = [t for t in mapping if not isinstance(t, WeightRenaming)]
+        self.converters = {pattern: c for c in converters for pattern in c.source_patterns}
+        for key in (k for k, t in self.named.items() if id(t) not in own):
+            first, pattern = rename_source_key(key, renamings, converters)
+            if pattern is None or first not in self.tensors:
+                raise ValueError(f"{self.path}: transformers converts {key} on load in a way moeviz cannot follow.")
+            self.converted[key] = first, pattern
+
+    def fill(self, ckpt: Checkpoint, key: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(model tensor or view, value) for each tensor a file key fills: one, none for a scale,
+        or, for a converted key, none until its converter's last file tensor, then all it makes."""
+        from transformers.core_model_loading import dot_natural_key
+
+        if key not in self.converted:
+            target = self.target(key)
+            return [] if target is None else [(target, self.value(ckpt, key, target.dtype))]
+        first, _ = self.converted[key]
+        read = self.pending.setdefault(first, {})
+        read[key] = self.value(ckpt, key, self.tensors[first].dtype)
+        if len(read) < sum(f == first for f, _ in self.converted.values()):
+            return []
+        converter = copy.deepcopy(self.converters[self.converted[key][1]])
+        for k in sorted(self.pending.pop(first), key=dot_natural_key):  # in the order transformers collects them
+            converter.add_tensor(first, k, self.converted[k][1], read[k])
+        model = self.adapter.model
+        made = converter.convert(first, model=model, config=model.config)
+        return [(self.tensors[name], t[0] if isinstance(t, list) else t) for name, t in made.items()]
+
     def target(self, key: str) -> torch.Tensor | None:
         """The model tensor (or view) a file key fills; None for a quantization scale (consumed
-        with its weight)."""
+        with its weight). For a converted key, the tensor saving writes there (for recovery)."""
         if key in self.named:
             return self.named[key]
         ek = parse_expert_key(key, self.layers)

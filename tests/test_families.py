@@ -28,14 +28,6 @@ REFUSED = {
     "dbrx": "flattened 2-D tensors",
     "ergo": "misreads this expert layout",  # refused by check_reading: each expert's output has its own norm
 }
-# Families that work end to end except that moeviz.load_model cannot read their substitution
-# export back: their files hold the experts (or attention) in a form transformers converts on load
-# (concatenated or reordered), which moeviz's reader does not invert yet. Standard exports load.
-NO_SUBSTITUTION_RELOAD = {
-    "lara_mini": "does not hold",
-    "inkling2_text": "w13_weight",
-    "inkling2_loop_text": "w13_weight",
-}
 # Families whose novice and drop plans moeviz refuses (removal and merging work), with the reason's words.
 NO_NOVICES = {"llama4_text": "scales each expert's input"}
 TOKENS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -69,8 +61,8 @@ def _pipeline(family, root: Path) -> dict:
     for mode in ("remove", "novice"):
         plan = make_plan(stats, PlanConfig("mone", 0.25, mode=mode))
         if family in NO_NOVICES and mode == "novice":
-            with pytest.raises(PlanError) as refused:
-                applied(model, plan, stats).__enter__()
+            with pytest.raises(PlanError) as refused, applied(model, plan, stats):
+                pass
             with pytest.raises(PlanError):
                 export_plan(source, plan, stats, root / family / mode)
             return dict(out, novice_refused=str(refused.value))
@@ -81,10 +73,7 @@ def _pipeline(family, root: Path) -> dict:
         target = root / family / mode
         out[f"{mode}_kind"] = export_plan(source, plan, stats, target).name
         out[f"{mode}_export"] = target
-    try:
-        out["novice_reloaded"] = _logits(load_model(out["novice_export"], device="cpu")[0])
-    except (ValueError, AttributeError) as err:
-        out["novice_reloaded"] = err
+    out["novice_reloaded"] = _logits(load_model(out["novice_export"], device="cpu")[0])
     return out
 
 
@@ -164,8 +153,5 @@ def test_family_end_to_end(family, results):
     assert not stock["missing"] and not stock["unexpected"], stock
     torch.testing.assert_close(stock["logits"], result["remove_in_place"], **tol)
     if family in NO_NOVICES:
-        return
-    if family in NO_SUBSTITUTION_RELOAD:
-        assert NO_SUBSTITUTION_RELOAD[family] in str(result["novice_reloaded"]), result["novice_reloaded"]
         return
     torch.testing.assert_close(result["novice_reloaded"], result["novice_in_place"], **tol)
