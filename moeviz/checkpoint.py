@@ -390,15 +390,33 @@ def _hash_tensor(h, name: str, shape: tuple[int, ...], rows: torch.Tensor | None
 
 
 # ---- skeletons and sizes ------------------------------------------------------------------
-def skeleton(config, name: str = "") -> PreTrainedModel:
+def skeleton(config, name: str = "", keys: list[str] | None = None) -> PreTrainedModel:
     """The model's modules with every tensor on the meta device: no memory, no weights read.
 
-    Enough for the adapter to list layers, experts and shapes; not for running the model.
+    Enough for the adapter to list layers, experts and shapes; not for running the model. With
+    the checkpoint's tensor names (`keys`), it names its tensors as those files do, as a model
+    that `from_pretrained` read from them would (a composite checkpoint's `model.language_model.`).
     """
     with torch.device("meta"):
         model = build_causal_lm(config)
     model.name_or_path = name
+    if keys is not None:
+        _adopt_conversions(model, keys)
     return model.eval()
+
+
+def _adopt_conversions(model: PreTrainedModel, keys: list[str]) -> None:
+    """Keep the weight conversions that `from_pretrained` would apply to these file keys, as it
+    does, so that saving (and moeviz's file names, `reload.file_tensors`) reverts exactly them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if not isinstance(t, WeightRenaming)]
+    for key in keys:
+        rename_source_key(key, renamings, converters)
+    model._weight_conversions = [t for t in mapping if t.was_used()]
 
 
 def causal_lm_class(config):

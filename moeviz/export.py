@@ -129,11 +129,11 @@ def export_plan(source, plan: PruningPlan, stats: ExpertStats | None, out_dir,
     config = json.loads((src / "config.json").read_text())
     if (src / PLAN_FILE).is_file() or is_pruned_export(src):
         raise ValueError(f"{src} is a pruned export (its experts are cut already): export from the original.")
-    adapter = get_adapter(skeleton(read_config(src), str(src)))
+    ckpt = Checkpoint(src)
+    adapter = get_adapter(skeleton(read_config(src), str(src), ckpt.keys()))
     parent_fingerprint = fingerprint(src)
     check_plan(adapter.model, plan, stats, adapter, parent_fingerprint)
     kind = export_kind(plan, config.get("quantization_config"))
-    ckpt = Checkpoint(src)
     rewriter = _Rewriter(ckpt, adapter, plan, stats, kind, config.get("quantization_config"))  # refuses what it cannot
     tmp = _prepare_target(out, rewriter.output_bytes())
     try:

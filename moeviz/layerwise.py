@@ -48,12 +48,20 @@ class LayerwiseModel:
         self.layers = decoder_layers(model)
         self.moe = {layer.layer_idx: layer for layer in self.adapter.layers}
         name_of = {id(t): n for n, t in (*model.named_parameters(), *model.named_buffers())}
-        self.named = {key: name_of[id(t)] for key, t in file_tensors(self.adapter).items()}  # file key → tensor name
+        files = file_tensors(self.adapter)
+        converted = [key for key, t in files.items() if id(t) not in name_of]
+        if converted:
+            raise NotImplementedError(f"transformers converts {converted[0]} (and {len(converted) - 1} more tensors) "
+                                      "when it loads this checkpoint, which reading layer by layer does not follow: "
+                                      "calibrate in one pass.")
+        self.named = {key: name_of[id(t)] for key, t in files.items()}  # file key → tensor name
         self.keys_of: dict[int | None, list[str]] = {}  # decoder layer (None: outside the layers) → file keys
         prefix = {i: f"{name}." for name, module in model.named_modules() for i, layer in enumerate(self.layers)
                   if module is layer}
         for key in ckpt.keys():
             ek = parse_expert_key(key, self.moe)
+            if ek is None and key not in self.named:
+                continue  # a part this causal LM does not hold: a composite checkpoint's vision tower
             name = self.named.get(key, "")
             index = ek.layer_idx if ek is not None else next((i for i, p in prefix.items() if name.startswith(p)), None)
             self.keys_of.setdefault(index, []).append(key)

@@ -145,8 +145,9 @@ def load_skeleton(name_or_path: str | os.PathLike = DEMO, trust_remote_code: boo
     from .checkpoint import Checkpoint
 
     files = local_dir(name_or_path)
-    config.dtype = Checkpoint(files).main_dtype
-    model = skeleton(config, str(name_or_path))
+    ckpt = Checkpoint(files)
+    config.dtype = ckpt.main_dtype
+    model = skeleton(config, str(name_or_path), ckpt.keys())
     model._moeviz_source = files
     return model
 

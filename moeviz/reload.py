@@ -114,7 +114,8 @@ def load_exported(path, config=None, dtype=None, device="cpu") -> PreTrainedMode
     architecture restructured by its layout (kept experts only, novices installed), in the
     checkpoint's dtype (or `dtype`), with no random init and no second copy. FP8 weights are
     dequantized to that dtype. Raises if any parameter or persistent buffer of the model is
-    not in the files, or a file tensor has no place in it."""
+    not in the files, or a file tensor has no place in it (tensors of parts the causal LM does
+    not hold, a composite checkpoint's vision tower, are left unread)."""
     path = Path(path)
     ckpt = Checkpoint(path)
     config = config if config is not None else read_config(path)
@@ -126,7 +127,7 @@ def load_exported(path, config=None, dtype=None, device="cpu") -> PreTrainedMode
     for attr in ("quantization_config", "compression_config"):  # weights are dequantized; novices installed
         if hasattr(config, attr):
             delattr(config, attr)
-    model = skeleton(config, str(path))
+    model = skeleton(config, str(path), ckpt.keys())
     adapter = get_adapter(model)  # before any wrapping: its layers keep the inner experts
     layout.restructure(adapter)
     model.to_empty(device=device)
@@ -243,7 +244,8 @@ class ExportLayout:
 
     def target(self, key: str) -> torch.Tensor | None:
         """The model tensor (or view) a file key fills; None for a quantization scale (consumed
-        with its weight). For a converted key, the tensor saving writes there (for recovery)."""
+        with its weight) or a part the causal LM does not hold. For a converted key, the tensor
+        saving writes there (for recovery)."""
         if key in self.named:
             return self.named[key]
         ek = parse_expert_key(key, self.layers)
@@ -255,6 +257,9 @@ class ExportLayout:
         if key.endswith(("_scale_inv", "weight_scale")):
             return None
         if ek is None:
+            part = ".".join(key.split(".")[:2]) + "."
+            if not any(name.startswith(part) for name in self.named):
+                return None  # a part of a composite checkpoint that its causal LM does not hold: a vision tower
             raise ValueError(f"{self.path}: {key} has no place in this {self.adapter.model.config.model_type} model.")
         if ek.layer_idx in self.physical and ek.expert_idx is not None:
             if ek.expert_idx not in self.physical[ek.layer_idx]:

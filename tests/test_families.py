@@ -3,6 +3,7 @@ the model's own forward, calibrated, planned, applied in place and for good, exp
 by stock transformers in a fresh process without moeviz. A family that neither works nor is refused
 here with its reason fails: the next transformers release tells us what it added."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -155,3 +156,68 @@ def test_family_end_to_end(family, results):
     if family in NO_NOVICES:
         return
     torch.testing.assert_close(result["novice_reloaded"], result["novice_in_place"], **tol)
+
+
+def test_composite_checkpoint_as_it_ships(tmp_path):
+    """Qwen3.5-MoE ships as an image-text model, its decoder under `model.language_model.`: it
+    calibrates on text through the language model (in one pass or layer by layer from the files),
+    and its exports keep the vision tower byte for byte, say the new count in the nested text
+    config, and reload in stock transformers as a causal LM and as image-text-to-text."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from moeviz.loading import load_skeleton
+    from moeviz.tiny import tiny_config
+
+    text = tiny_config("qwen3_5_moe_text")
+    config = AutoConfig.for_model("qwen3_5_moe", text_config=text.to_dict(), vision_config=dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text.hidden_size, patch_size=4,
+        temporal_patch_size=1, spatial_merge_size=1))
+    torch.manual_seed(0)
+    composite = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for layer in get_adapter(composite).layers:
+            layer.router_weight.mul_(20)
+    source = tmp_path / "model"
+    composite.save_pretrained(source)
+    model = load_model(source, device="cpu")[0]
+    calib = CalibConfig(data="random", num_samples=4, seq_len=16, cache_dir=tmp_path / "cache")
+    stats = calibrate(model, calib, tokenizer=None)[0]
+    calib = dataclasses.replace(calib, layer_by_layer=True, cache_dir=tmp_path / "cache-layers")
+    by_layer = calibrate(load_skeleton(source, with_files=True), calib, tokenizer=None)[0]
+    torch.testing.assert_close(by_layer["count"], stats["count"])  # the same weights, read from the files
+
+    plans = {mode: make_plan(stats, PlanConfig("mone", 0.25, mode=mode)) for mode in ("remove", "novice")}
+    wanted = {}
+    for mode, plan in plans.items():
+        with applied(model, plan, stats):
+            wanted[mode] = _logits(model)
+        export_plan(source, plan, stats, tmp_path / mode)
+    saved = json.loads((tmp_path / "remove" / "config.json").read_text())
+    assert saved["architectures"] == ["Qwen3_5MoeForConditionalGeneration"]
+    assert saved["text_config"]["num_experts"] == plans["remove"].model["num_experts"][0] - 2
+    before, after = load_file(source / "model.safetensors"), load_file(next((tmp_path / "remove").glob("*.safetensors")))
+    visual = [k for k in before if ".visual." in k]
+    assert visual and all(torch.equal(before[k], after[k]) for k in visual)
+
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+        tokens = torch.tensor({TOKENS.tolist()})
+        out = {{}}
+        for name, cls in (("clm", AutoModelForCausalLM), ("itt", AutoModelForImageTextToText)):
+            model, info = cls.from_pretrained(sys.argv[1], output_loading_info=True)
+            assert not info["missing_keys"] and not info["unexpected_keys"], info
+            with torch.no_grad():
+                out[name] = model.eval()(tokens).logits.float().contiguous()
+        assert "moeviz" not in sys.modules
+        save_file(out, sys.argv[2])
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "remove"), str(tmp_path / "stock.st")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stock = load_file(tmp_path / "stock.st")
+    tol = dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(stock["clm"], wanted["remove"], **tol)
+    torch.testing.assert_close(stock["itt"], wanted["remove"], **tol)
+    torch.testing.assert_close(_logits(load_model(tmp_path / "novice", device="cpu")[0]), wanted["novice"], **tol)
