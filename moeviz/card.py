@@ -22,9 +22,11 @@ _VERBS = {"remove": "removed", "novice": "replaced by novices", "drop": "dropped
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def model_card(plan: PruningPlan, kind, stats, parent: str, src: Path, adapter, fingerprint: str, runs=None) -> str:
+def model_card(plan: PruningPlan, kind, stats, parent: str, src: Path, adapter, fingerprint: str, runs=None,
+               mtp: str | None = None) -> str:
     """The card's text. `parent` is how the original was named (a hub id, a path or a demo name),
-    `src` its directory, `runs` a `RunStore` (or its path) that may hold this plan's evaluation."""
+    `src` its directory, `runs` a `RunStore` (or its path) that may hold this plan's evaluation,
+    `mtp` what the export did with the checkpoint's multi-token-prediction layers."""
     from .export import MOEVIZ_ONLY
 
     front = dict(library_name="moeviz" if kind.name == MOEVIZ_ONLY else "transformers",
@@ -42,7 +44,8 @@ def model_card(plan: PruningPlan, kind, stats, parent: str, src: Path, adapter, 
                                             ("scope", "global (one threshold across layers)" if plan.scope == "global"
                                              else "per layer"),
                                             ("weight sparsity", _sparsity(plan)),
-                                            ("experts kept per layer", _kept(plan, adapter))]),
+                                            ("experts kept per layer", _kept(plan, adapter)),
+                                            *([("multi-token prediction", mtp)] if mtp else [])]),
         "## Calibration\n\n" + _calibration(plan, stats),
         f"## How to load it\n\nKind: **{kind.name}** ({kind.reason}). It loads with {kind.loaders}.\n\n"
         + _loading(kind),

@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--samples", type=_positive, default=64, help="with --sequential: calibration sequences")
     prune.add_argument("--seq-len", type=_positive, default=128)
     prune.add_argument("--cache-dir", default="cache")
+    prune.add_argument("--mtp", choices=("prune", "drop"),
+                       help="multi-token-prediction layers in the files (DeepSeek-V3, GLM, MiMo), when the plan changes "
+                            "the expert count: cut their experts to the same count by router-row norm, or drop them")
     prune.add_argument("--runs", help="a runs store (SQLite) that may hold this plan's evaluation, for the model card "
                        "(default: cache/runs.sqlite when it exists)")
     prune.add_argument("--out", required=True, help="a new directory for the pruned checkpoint")
@@ -488,7 +491,7 @@ def _prune(args) -> int:
         raise FileNotFoundError(f"No runs store at {runs}.")
     print(f"exporting as {export_kind(plan, _quantization(args.model))}", file=sys.stderr)  # before anything is written
     with _progress_bar("exporting", "tensor") as progress:  # source tensors, shard by shard
-        export_plan(args.model, plan, stats, args.out, progress, runs=runs)
+        export_plan(args.model, plan, stats, args.out, progress, runs=runs, mtp=args.mtp)
     what = f"weight sparsity {plan.sparsity or plan.nm}" if plan.sparsity or plan.nm else f"{plan.num_pruned} experts pruned ({plan.mode})"
     print(f"{what}; model card in {Path(args.out) / 'README.md'}", file=sys.stderr)
     print(args.out)

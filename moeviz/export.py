@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,11 +114,21 @@ def export_name(model: str, plan: PruningPlan) -> str:
     return re.sub(r"[^A-Za-z0-9._]+", "-", "-".join(p for p in parts if p)).strip("-.")
 
 
+MTP_CHOICES = ("prune", "drop")  # what an export does with the multi-token-prediction layers in the files
+
+
 def export_plan(source, plan: PruningPlan, stats: ExpertStats | None, out_dir,
-                progress: Progress | None = None, runs=None) -> ExportKind:
+                progress: Progress | None = None, runs=None, mtp: str | None = None) -> ExportKind:
     """Write `plan` applied to the checkpoint `source` (a directory, `demo` or a hub id) into
     the new directory `out_dir`, one source shard at a time, with a model card (`README.md`;
     the plan's evaluation from the `RunStore` `runs` when it holds one).
+
+    `mtp`: what to do with multi-token-prediction layers the files hold beyond the decoder's
+    (DeepSeek-V3's `model.layers.61`, GLM's, MiMo's), which transformers does not run:
+    "prune" cuts their experts to the same count, keeping those with the largest router rows
+    (the files allow no more: moeviz does not calibrate through them); "drop" leaves them out and
+    says `num_nextn_predict_layers: 0`. Needed when the plan changes the expert count; without
+    it they are kept whole (novices and drops leave the count as it was).
 
     Returns the `ExportKind`. Everything that can be checked is checked before the first
     shard: the plan and stats against the model, the target (a new or empty directory whose
@@ -134,20 +145,27 @@ def export_plan(source, plan: PruningPlan, stats: ExpertStats | None, out_dir,
     parent_fingerprint = fingerprint(src)
     check_plan(adapter.model, plan, stats, adapter, parent_fingerprint)
     kind = export_kind(plan, config.get("quantization_config"))
-    rewriter = _Rewriter(ckpt, adapter, plan, stats, kind, config.get("quantization_config"))  # refuses what it cannot
+    rewriter = _Rewriter(ckpt, adapter, plan, stats, kind, config.get("quantization_config"), mtp)  # refuses what it cannot
+    if rewriter.mtp_note:
+        print(rewriter.mtp_note, file=sys.stderr)  # before anything is written
     tmp = _prepare_target(out, rewriter.output_bytes())
     try:
         rewriter.write(tmp, progress)
         _write_config(src, tmp, config, adapter, plan, kind, rewriter.replacement_names)
+        if rewriter.mtp and mtp == "drop":
+            _drop_mtp_config(tmp / "config.json")
         parent = str(Path(source).resolve()) if Path(source).exists() else str(source)  # demo, a hub id
         lineage = dict(parent=parent, parent_fingerprint=parent_fingerprint, kind=kind.name,
                        plan=json.loads(plan.to_json()))
+        if rewriter.mtp_note:
+            lineage["mtp"] = rewriter.mtp_note
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2))  # which original expert each one is
         if kind.name == MOEVIZ_ONLY:
             plan.save(tmp / PLAN_FILE)
         from .card import model_card
 
-        (tmp / CARD_FILE).write_text(model_card(plan, kind, stats, parent, src, adapter, parent_fingerprint, runs))
+        (tmp / CARD_FILE).write_text(model_card(plan, kind, stats, parent, src, adapter, parent_fingerprint, runs,
+                                                rewriter.mtp_note))
         readable(tmp)  # mkdtemp made it private, safetensors its files
         _move_into_place(tmp, out)
     except BaseException:
@@ -221,6 +239,35 @@ def _write_config(src: Path, out: Path, config: dict, adapter: Adapter, plan: Pr
             shutil.copy2(file, out / file.name)
 
 
+_MTP_COUNTS = ("num_nextn_predict_layers", "num_mtp_layers", "mtp_num_layers")
+
+
+def _drop_mtp_config(file: Path) -> None:
+    """Say no MTP layers wherever the written config (or its text config) counts them."""
+    config = json.loads(file.read_text())
+    for part in (config, config.get("text_config") or {}):
+        for key in _MTP_COUNTS:
+            if part.get(key):
+                part[key] = 0
+    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def mtp_layers(keys, adapter: Adapter) -> dict[int, str]:
+    """The multi-token-prediction layers the files hold beyond the decoder's: their number (≥ the
+    config's `num_hidden_layers`, under the decoder layers' own prefix) → that prefix, `model.layers.`."""
+    text = adapter.model.config.get_text_config()
+    heads = {m["head"] for key in keys if (m := _LAYER.match(key)) and int(m["layer"]) in adapter.layer_indices}
+    found = {}
+    for key in keys:
+        m = _LAYER.match(key)
+        if m and m["head"] in heads and int(m["layer"]) >= text.num_hidden_layers:
+            found[int(m["layer"])] = m["head"]
+    return found
+
+
+_LAYER = re.compile(r"^(?P<head>(?:.*\.)?layers\.)(?P<layer>\d+)\.(?P<rest>.+)$")
+
+
 def fused_expert_keys(adapter: Adapter) -> dict[str, ExpertKey]:
     """File key → `ExpertKey` of every fused (E, …) expert tensor whose name in the files is not
     `…layers.N.….experts.<name>` (Granite-MoE's `input_linear.weight`, Aria's `experts.fc1.weight`,
@@ -244,7 +291,7 @@ class _Rewriter:
     """What the plan does to each tensor of the source files, one tensor at a time."""
 
     def __init__(self, ckpt: Checkpoint, adapter: Adapter, plan: PruningPlan, stats: ExpertStats | None,
-                 kind: ExportKind, quantization: dict | None):
+                 kind: ExportKind, quantization: dict | None, mtp: str | None = None):
         self.ckpt, self.adapter, self.plan, self.stats, self.kind = ckpt, adapter, plan, stats, kind
         self.row = {layer.layer_idx: row for row, layer in enumerate(adapter.layers)}
         self.num_experts = {layer.layer_idx: layer.num_experts for layer in adapter.layers}
@@ -265,6 +312,7 @@ class _Rewriter:
             else:
                 self.expert_keys.setdefault((ek.layer_idx, ek.expert_idx), {})[ek.name] = key
         self.routers = self._router_keys(adapter)
+        self._mtp_plan(mtp)
         self._merged: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._check_layout(quantization)
         self.replacement_names: dict[int, dict[int, str]] = {}  # layer → {pruned expert: tensor name}
@@ -286,6 +334,67 @@ class _Rewriter:
                 if id(t) in key_of:
                     keys[key_of[id(t)]] = (layer.layer_idx, t is layer.router_weight, dim)
         return keys
+
+    def _mtp_plan(self, mtp: str | None) -> None:
+        """What happens to the MTP layers in the files (`export_plan`'s `mtp`), decided before
+        anything is written: `mtp_keep` maps each pruned MTP layer to the experts it keeps."""
+        self.mtp, self.mtp_choice = mtp_layers(self.ckpt.keys(), self.adapter), mtp
+        self.mtp_keep: dict[int, list[int]] = {}
+        self.mtp_note = None
+        if mtp is not None and mtp not in MTP_CHOICES:
+            raise ValueError(f"mtp must be one of {', '.join(MTP_CHOICES)}, not {mtp!r}.")
+        if not self.mtp:
+            return
+        where = ", ".join(f"{head}{n}" for n, head in sorted(self.mtp.items()))
+        last = self.adapter.layers[-1]
+        count = last.num_experts - len(self.plan.pruned.get(last.layer_idx, ()))  # one count in a standard export
+        if mtp is None:
+            if self.kind.name != STANDARD or count == last.num_experts:  # the config's count stays as it was
+                self.mtp_note = f"MTP layer {where}: kept whole (the config still says {last.num_experts} experts)."
+                return
+            raise ValueError(f"{self.ckpt.path} holds multi-token-prediction layers ({where}) with "
+                             f"{last.num_experts} experts, which this plan cuts to {count} in the config: choose "
+                             "mtp='prune' (cut them to the same count by their router rows) or mtp='drop' "
+                             "(leave them out, num_nextn_predict_layers 0).")
+        if mtp == "drop":
+            self.mtp_note = f"MTP layer {where}: left out (num_nextn_predict_layers 0); speculative decoding with it is off."
+            return
+        if self.kind.name != STANDARD:
+            raise ValueError("mtp='prune' is for exports with one expert count (remove or merge plans, the same count "
+                             "in every layer); keep the MTP layers whole (mtp unset) or drop them.")
+        rel = {}  # names of the expert-indexed tensors within a decoder layer → (is the router's weight, dim)
+        for key, (layer_idx, is_weight, dim) in self.routers.items():
+            rel[key.split(f"layers.{layer_idx}.", 1)[1]] = (is_weight, dim)
+        self.mtp_rel = rel
+        for n, head in self.mtp.items():
+            weight = next((f"{head}{n}.{r}" for r, (w, _) in rel.items() if w), None)
+            if weight is None or weight not in self.ckpt.file_of:
+                raise NotImplementedError(f"moeviz cannot find the router of MTP layer {head}{n} in the files.")
+            norms = self.ckpt.tensor(weight).float()[:last.num_experts].norm(dim=-1)
+            self.mtp_keep[n] = sorted(torch.topk(norms, count).indices.tolist())
+        self.mtp_note = (f"MTP layer {where}: its experts cut to {count}, keeping those with the largest router rows "
+                         "‖w_e‖ (moeviz does not calibrate through MTP layers, which transformers does not run).")
+
+    def _rewrite_mtp(self, key: str, n: int, rest: str) -> tuple[str, torch.Tensor] | None:
+        """An MTP layer's tensor, by `_mtp_plan`'s decision."""
+        if self.mtp_choice == "drop":
+            return None
+        keep = self.mtp_keep.get(n)
+        if keep is None:
+            return key, self.ckpt.tensor(key)
+        if rest in self.mtp_rel:
+            tensor = self.ckpt.tensor(key)
+            dim = self.mtp_rel[rest][1]
+            E = self.adapter.layers[-1].num_experts
+            return key, tensor.index_select(dim, torch.tensor(keep + list(range(E, tensor.shape[dim]))))
+        ek = parse_expert_key(key, (n,))
+        if ek is None:
+            return key, self.ckpt.tensor(key)
+        if ek.expert_idx is None:  # fused (E, …)
+            return key, self.ckpt.tensor(key).index_select(0, torch.tensor(keep))
+        if ek.expert_idx not in keep:
+            return None
+        return ek.renumbered(keep.index(ek.expert_idx)), self.ckpt.tensor(key)
 
     def _check_layout(self, quantization: dict | None) -> None:
         for layer_idx, E in self.num_experts.items():
@@ -373,6 +482,8 @@ class _Rewriter:
 
     def rewrite(self, key: str) -> tuple[str, torch.Tensor] | None:
         """(new key, tensor) for one source tensor, or None when the plan drops it."""
+        if self.mtp and (m := _LAYER.match(key)) and int(m["layer"]) in self.mtp:
+            return self._rewrite_mtp(key, int(m["layer"]), m["rest"])
         if key in self.routers:
             return key, self._router(key, *self.routers[key])
         ek = self._expert_key(key)

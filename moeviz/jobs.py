@@ -56,7 +56,8 @@ def evaluate(server, progress, plan: dict, stats: str | list | None, runs: str, 
                             plan, load_mix(stats), mix_label(stats), progress)
 
 
-def export(server, progress, plan: dict, stats: str | list | None, out: str, runs: str | None = None) -> dict:
+def export(server, progress, plan: dict, stats: str | list | None, out: str, runs: str | None = None,
+           mtp: str | None = None) -> dict:
     """Write the pruned checkpoint, streamed from the original's files, with its model card (the
     plan's evaluation from `runs` when it holds one): {"path", "kind", "loaders"}."""
     from .export import export_plan
@@ -66,7 +67,7 @@ def export(server, progress, plan: dict, stats: str | list | None, out: str, run
 
     loaded = load_mix(stats)
     kind = export_plan(resolve_source(server.model_name), PruningPlan(**plan), loaded, out,
-                       progress=lambda done, total: progress("writing", done, total), runs=runs)
+                       progress=lambda done, total: progress("writing", done, total), runs=runs, mtp=mtp)
     return dict(path=str(out), kind=kind.name, loaders=kind.loaders)
 
 

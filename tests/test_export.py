@@ -456,3 +456,76 @@ def test_fp8_checkpoints_export_with_their_quantization_intact(family, tmp_path)
     with pytest.raises(NotImplementedError, match="fp8-quantized: merging averages expert weights"):
         export_plan(source, merge, stats, tmp_path / "merge")
     assert not (tmp_path / "merge").exists()
+
+
+@pytest.fixture(scope="module")
+def with_mtp(tmp_path_factory):
+    """A DeepSeek-V3-shaped checkpoint whose files hold an MTP layer after its 3 decoder layers
+    (`model.layers.3.*`, as DeepSeek-V3 ships `model.layers.61.*`), with its stats."""
+    root = tmp_path_factory.mktemp("mtp")
+    model = tiny_model("deepseek_v3")
+    model.config.num_nextn_predict_layers = 1
+    with torch.no_grad():
+        for layer in get_adapter(model).layers:
+            layer.router_weight.mul_(20)
+    model.save_pretrained(root / "model")
+    file = root / "model" / "model.safetensors"
+    tensors = load_file(file)
+    last = model.config.num_hidden_layers - 1
+    mtp = {k.replace(f"layers.{last}.", f"layers.{last + 1}."): v.clone() for k, v in tensors.items()
+           if f"layers.{last}." in k}
+    gen = torch.Generator().manual_seed(5)
+    for k in [k for k in mtp if ".mlp." in k]:
+        mtp[k] = torch.randn(mtp[k].shape, generator=gen).to(mtp[k].dtype)  # its own experts and router
+    H = model.config.hidden_size
+    mtp.update({f"model.layers.{last + 1}.{name}": torch.ones(H) for name in ("enorm.weight", "hnorm.weight")})
+    mtp[f"model.layers.{last + 1}.eh_proj.weight"] = torch.randn(H, 2 * H, generator=gen)
+    save_file({**tensors, **mtp}, file, metadata={"format": "pt"})
+    model = load_model(root / "model", device="cpu")[0]  # the model of these files (their fingerprint)
+    stats = calibrate(model, CalibConfig(data="random", num_samples=4, seq_len=16, cache_dir=root / "cache"),
+                      tokenizer=None)[0]
+    return root, model, stats, last + 1
+
+
+def test_mtp_layers_export_as_the_user_chooses(with_mtp):
+    root, model, stats, n = with_mtp
+    source, src = root / "model", load_file(root / "model" / "model.safetensors")
+    remove = make_plan(stats, PlanConfig("mone", 0.25, mode="remove"))
+    E, K = model.config.n_routed_experts, model.config.n_routed_experts - len(remove.pruned[1])
+    with pytest.raises(ValueError, match="multi-token-prediction.*mtp='prune'.*mtp='drop'"):
+        export_plan(source, remove, stats, root / "unchosen")
+    assert not (root / "unchosen").exists()
+
+    export_plan(source, remove, stats, root / "prune", mtp="prune")
+    out = load_file(root / "prune" / "model.safetensors")
+    router = f"model.layers.{n}.mlp.gate.weight"
+    keep = sorted(src[router].float().norm(dim=-1).topk(K).indices.tolist())  # the largest router rows
+    assert out[router].shape[0] == K and torch.equal(out[router], src[router][keep])
+    bias = f"model.layers.{n}.mlp.gate.e_score_correction_bias"
+    assert torch.equal(out[bias], src[bias][keep])
+    experts = {int(k.split(".experts.")[1].split(".")[0]) for k in out if f"layers.{n}.mlp.experts." in k}
+    assert experts == set(range(K))  # renumbered 0…K-1, as the config's count says
+    for new, old in enumerate(keep):
+        key = f"model.layers.{n}.mlp.experts.{{}}.down_proj.weight"
+        assert torch.equal(out[key.format(new)], src[key.format(old)])
+    assert torch.equal(out[f"model.layers.{n}.eh_proj.weight"], src[f"model.layers.{n}.eh_proj.weight"])
+    config = json.loads((root / "prune" / "config.json").read_text())
+    assert config["n_routed_experts"] == K and config["num_nextn_predict_layers"] == 1
+    assert "largest router rows" in (root / "prune" / "README.md").read_text()
+    assert "largest router rows" in json.loads((root / "prune" / "moeviz_lineage.json").read_text())["mtp"]
+    with applied(model, remove, stats):
+        wanted = _logits(model)
+    reloaded = AutoModelForCausalLM.from_pretrained(root / "prune")
+    torch.testing.assert_close(_logits(reloaded), wanted, atol=1e-5, rtol=1e-4)
+
+    export_plan(source, remove, stats, root / "drop", mtp="drop")
+    assert not [k for k in load_file(root / "drop" / "model.safetensors") if f"layers.{n}." in k]
+    config = json.loads((root / "drop" / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 0 and config["n_routed_experts"] == K
+    assert "left out" in (root / "drop" / "README.md").read_text()
+
+    novice = make_plan(stats, PlanConfig("mone", 0.25, mode="novice"))  # the count stays E: the MTP layer stays whole
+    export_plan(source, novice, stats, root / "novice")
+    kept = {k: v for k, v in load_file(root / "novice" / "model.safetensors").items() if f"layers.{n}." in k}
+    assert kept.keys() == {k for k in src if f"layers.{n}." in k} and kept[router].shape[0] == E
+    assert "kept whole" in (root / "novice" / "README.md").read_text()
