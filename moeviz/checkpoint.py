@@ -110,7 +110,26 @@ def read_config(source: str | os.PathLike, trust_remote_code: bool = False):
             original = fields.pop("moeviz")
             fields.update(model_type=original["model_type"], architectures=original["architectures"])
             return CONFIG_MAPPING[original["model_type"]].from_dict(fields)
+        if (alias := aliased_config(fields, trust_remote_code)) is not None:
+            return alias
     return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+# Model types that hub configs name but transformers does not, for checkpoints that run on a
+# family transformers has (their remote code is that family's): read with that family's config.
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
+
+
+def aliased_config(fields: dict, trust_remote_code: bool = False):
+    """The config of an aliased model type (Kimi-K2's `kimi_k2`: DeepSeek-V3's code) read as its
+    family's, unless the user asked for the checkpoint's remote code; None for other types."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = fields.get("model_type")
+    if model_type not in MODEL_TYPE_ALIASES or model_type in CONFIG_MAPPING or trust_remote_code:
+        return None
+    fields = {k: v for k, v in fields.items() if k not in ("auto_map", "model_type")}
+    return CONFIG_MAPPING[MODEL_TYPE_ALIASES[model_type]].from_dict(fields)
 
 
 class Checkpoint:

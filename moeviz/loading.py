@@ -47,6 +47,13 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
         from transformers import AutoConfig
 
         try:
+            from transformers import PretrainedConfig
+
+            from .checkpoint import aliased_config
+
+            fields = PretrainedConfig.get_config_dict(source, local_files_only=True)[0]
+            if (alias := aliased_config(fields, trust_remote_code)) is not None:
+                return alias
             return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
         except OSError:
             if not hub_reachable():
@@ -95,7 +102,7 @@ def load_model(
         model = load_exported(source, config, dtype=None if dtype == "auto" else dtype,
                               device="cpu" if offload or device_map else dev)
     else:
-        kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+        kwargs = dict(config=config, dtype=dtype, trust_remote_code=trust_remote_code)
         if device_map is not None:
             kwargs["device_map"] = device_map
         elif dev.type == "cuda" and not offload:

@@ -221,3 +221,26 @@ def test_composite_checkpoint_as_it_ships(tmp_path):
     torch.testing.assert_close(stock["clm"], wanted["remove"], **tol)
     torch.testing.assert_close(stock["itt"], wanted["remove"], **tol)
     torch.testing.assert_close(_logits(load_model(tmp_path / "novice", device="cpu")[0]), wanted["novice"], **tol)
+
+
+def test_an_aliased_model_type_reads_as_its_family(tmp_path):
+    """Kimi-K2's hub config says `model_type: kimi_k2` (remote code that is DeepSeek-V3's): moeviz
+    reads it as DeepSeek-V3 without running remote code, and its export keeps the original's type."""
+    model = _model("deepseek_v3")
+    source = tmp_path / "kimi"
+    model.save_pretrained(source)
+    config = json.loads((source / "config.json").read_text())
+    config.update(model_type="kimi_k2", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"})
+    (source / "config.json").write_text(json.dumps(config))
+    loaded = load_model(source, device="cpu")[0]
+    assert type(loaded).__name__ == "DeepseekV3ForCausalLM"
+    torch.testing.assert_close(_logits(loaded), _logits(model))
+    stats = calibrate(loaded, CalibConfig(data="random", num_samples=4, seq_len=16, cache_dir=tmp_path / "cache"),
+                      tokenizer=None)[0]
+    plan = make_plan(stats, PlanConfig("mone", 0.25, mode="remove"))
+    with applied(loaded, plan, stats):
+        wanted = _logits(loaded)
+    export_plan(source, plan, stats, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["model_type"] == "kimi_k2" and written["n_routed_experts"] == config["n_routed_experts"] - 2
+    torch.testing.assert_close(_logits(load_model(tmp_path / "out", device="cpu")[0]), wanted, atol=1e-5, rtol=1e-4)
