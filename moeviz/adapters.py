@@ -172,6 +172,12 @@ class MoELayer:
                 found.append((name, t, dim))
         return found
 
+    def id_tables(self) -> list[tuple[str, torch.Tensor]]:
+        """The router's tables of expert ids (name in the block, tensor): DeepSeek-V4's hash routing
+        `tid2eid` (V, k), the experts each token id goes to. Removal renumbers them."""
+        return [(f"{self.router_name}.{n}", t) for n, t in self.router.named_buffers()
+                if not t.is_floating_point() and t.dim() == 2 and t.shape[-1] == self.top_k]
+
     def kept_rows(self, keep: list[int], size: int) -> list[int]:
         """The entries of an expert-indexed dimension of `size` that a removal keeps: the kept
         experts, and the router classes after the routed experts (`extra_classes`), if it has them."""

@@ -26,6 +26,7 @@ import functools
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -88,7 +89,7 @@ def apply_plan(model: PreTrainedModel, plan: PruningPlan, stats: ExpertStats | N
         if plan.mode in ("novice", "drop"):
             install_novices(layer, keep, experts, novices_of(layer, plan, stats, row, experts))
         else:
-            remove_experts(layer, keep)
+            remove_experts(layer, keep, plan.merge_into.get(layer.layer_idx))
     if plan.mode in ("remove", "merge") and plan.num_pruned and plan.is_uniform():
         set_config_count(model.config, adapter.layers[0].num_experts, plan.model["num_experts"][0])
     model.__dict__.pop("_moeviz_source", None)  # no longer the weights of those files
@@ -136,7 +137,7 @@ class AppliedPlan:
                                         sliced=False)
                 self.edits.append(_ModuleSwap(layer.block, "experts", wrapper))
             else:
-                self.edits.append(_RemovalView(layer, experts))
+                self.edits.append(_RemovalView(layer, experts, plan.merge_into.get(layer.layer_idx)))
 
     @torch.no_grad()
     def swap(self) -> None:
@@ -208,14 +209,14 @@ class _RemovalView:
     kept ids with the model's own weights. That is the removed model's block, whatever its routing
     rule (groups, routed scaling, biases held by the block), and no expert weight is copied."""
 
-    def __init__(self, layer: MoELayer, experts: list[int]):
-        self.layer, self.block = layer, layer.block
+    def __init__(self, layer: MoELayer, experts: list[int], merge_into: dict[int, int] | None = None):
+        self.layer, self.block, self.merge_into = layer, layer.block, merge_into
         self.keep = [e for e in range(layer.num_experts) if e not in set(experts)]
         self.restore = None
 
     def swap(self) -> None:
         if self.restore is None:  # the view is cut when switched on: a merge has written its rows by then
-            view = slice_block(self.layer, self.keep, in_place=False)
+            view = slice_block(self.layer, self.keep, in_place=False, merge_into=self.merge_into)
             view._modules["experts"] = _KeptExperts(self.layer, self.keep)
             self.restore = swap_forward(self.block, functools.partial(type(self.block).forward, view))
         else:
@@ -274,10 +275,11 @@ def novices_of(layer: MoELayer, plan: PruningPlan, stats, row: int, experts: lis
 
 
 # ---- removal ----------------------------------------------------------------------------
-def remove_experts(layer: MoELayer, keep: list[int]) -> None:
-    """Slice every expert-indexed tensor of `layer` to the experts in `keep`, for good."""
+def remove_experts(layer: MoELayer, keep: list[int], merge_into: dict[int, int] | None = None) -> None:
+    """Slice every expert-indexed tensor of `layer` to the experts in `keep`, for good (a hash
+    routing table sends a removed expert's tokens where `merge_into` says, if it says)."""
     E = layer.num_experts
-    slice_block(layer, keep, in_place=True)
+    slice_block(layer, keep, in_place=True, merge_into=merge_into)
     idx = torch.tensor(keep, device=layer.router_weight.device)
     if layer.fused:
         for name, param in list(layer.experts.named_parameters(recurse=False)):
@@ -287,7 +289,27 @@ def remove_experts(layer: MoELayer, keep: list[int]) -> None:
         layer.experts = layer.block.experts = nn.ModuleList(layer.experts[i] for i in keep)
 
 
-def slice_block(layer: MoELayer, keep: list[int], in_place: bool) -> nn.Module:
+def renumber_ids(table: torch.Tensor, keep: list[int], router: torch.Tensor,
+                 merge_into: dict[int, int] | None = None) -> torch.Tensor:
+    """A table of expert ids (hash routing's token → k experts) in the removed model's numbering.
+    A slot of a removed expert goes to the expert it was merged into, or else to the kept expert
+    whose router row is closest to its own (cosine) among those the row does not hold already."""
+    E = router.shape[0]
+    new_id = torch.full((E,), -1, dtype=table.dtype, device=table.device)
+    new_id[keep] = torch.arange(len(keep), dtype=table.dtype, device=table.device)
+    out = new_id[table]
+    w = F.normalize(router.float(), dim=-1)
+    for e in sorted(set(range(E)) - set(keep)):
+        candidates = [merge_into[e]] if merge_into and e in merge_into else []
+        candidates += [keep[i] for i in (w[keep] @ w[e]).argsort(descending=True).tolist()]
+        for c in candidates:
+            slot = (table == e) & (out < 0) & ~(out == new_id[c]).any(dim=1, keepdim=True)
+            out[slot] = new_id[c]
+    return out.masked_fill(out < 0, int(new_id[keep[0]]))  # only if every kept expert is in the row already
+
+
+def slice_block(layer: MoELayer, keep: list[int], in_place: bool,
+                merge_into: dict[int, int] | None = None) -> nn.Module:
     """The layer's block with its expert-indexed tensors outside the experts (`MoELayer.indexed_tensors`)
     cut to `keep`, and every expert count on the way said anew. `in_place=False` leaves the model
     as it is and returns a view: a shallow copy of the block (and of the modules between it and each
@@ -295,7 +317,11 @@ def slice_block(layer: MoELayer, keep: list[int], in_place: bool) -> nn.Module:
     E, count = layer.num_experts, len(keep)
     root = layer.block if in_place else _shallow(layer.block)
     touched = {id(root): root}
-    for name, t, dim in layer.indexed_tensors():
+    tables = [(name, t, None) for name, t in layer.id_tables()]
+    router = layer.router_weight[:E] if tables else None  # before it is sliced
+    for name, t, dim in layer.indexed_tensors() + tables:
+        if dim is None and t.is_meta:
+            continue  # a skeleton's table keeps its shape: its values come from the files
         *path, attr = name.split(".")
         owner = root
         for part in path:
@@ -304,7 +330,10 @@ def slice_block(layer: MoELayer, keep: list[int], in_place: bool) -> nn.Module:
                 child = owner._modules[part] = _shallow(child)
             owner = child
             touched[id(owner)] = owner
-        sliced = t.detach().index_select(dim, torch.tensor(layer.kept_rows(keep, t.shape[dim]), device=t.device))
+        if dim is None:  # a table of expert ids
+            sliced = renumber_ids(t, keep, router, merge_into)
+        else:
+            sliced = t.detach().index_select(dim, torch.tensor(layer.kept_rows(keep, t.shape[dim]), device=t.device))
         if attr in owner._parameters:
             owner._parameters[attr] = nn.Parameter(sliced, requires_grad=False)
         else:

@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapters import Adapter, ExpertWeights, get_adapter
-from .apply import align_neurons, check_plan, novices_of, set_config_count
+from .apply import align_neurons, check_plan, novices_of, renumber_ids, set_config_count
 from .checkpoint import (MOEVIZ_MODEL_TYPE, ROLES, Checkpoint, ExpertKey, dequantize, fingerprint, local_dir,
                          parse_expert_key, read_config, readable, scale_key, skeleton)
 from .methods.moe_pruner import pruning_mask
@@ -326,11 +326,12 @@ class _Rewriter:
 
     def _router_keys(self, adapter: Adapter) -> dict[str, tuple[int, bool, int]]:
         """File key of every expert-indexed tensor outside the experts (router rows, biases held by
-        the router or the block) → (decoder layer, is it the router's weight, its expert dimension)."""
+        the router or the block, tables of expert ids) → (decoder layer, is it the router's weight,
+        its expert dimension, None for a table of ids)."""
         key_of = {id(t): k for k, t in file_tensors(adapter).items()}
         keys = {}
         for layer in adapter.layers:
-            for _, t, dim in layer.indexed_tensors():
+            for _, t, dim in layer.indexed_tensors() + [(name, t, None) for name, t in layer.id_tables()]:
                 if id(t) in key_of:
                     keys[key_of[id(t)]] = (layer.layer_idx, t is layer.router_weight, dim)
         return keys
@@ -500,16 +501,24 @@ class _Rewriter:
             tensor = self._sparsified(ek.layer_idx, ek.expert_idx, key, ek.name, self.ckpt.tensor(key))
         return (ek.renumbered(keep.index(ek.expert_idx)) if self.renumber else key), tensor
 
-    def _router(self, key: str, layer_idx: int, is_weight: bool, dim: int) -> torch.Tensor:
-        """Router rows (or biases) of the kept experts; a survivor's row merged as apply_plan does."""
-        tensor = self.ckpt.tensor(key)
+    def _router(self, key: str, layer_idx: int, is_weight: bool, dim: int | None) -> torch.Tensor:
+        """Router rows (or biases) of the kept experts; a survivor's row merged as apply_plan does;
+        a table of expert ids renumbered as `apply.renumber_ids` does."""
         if self.plan.mode not in ("remove", "merge") or not self.plan.pruned.get(layer_idx):
-            return tensor  # novices and drops: the router still routes to all E experts
+            return self.ckpt.tensor(key)  # novices and drops: the router still routes to all E experts
+        keep = self.plan.kept(layer_idx, self.num_experts[layer_idx])
+        if dim is None:
+            weight = next(k for k, (i, w, _) in self.routers.items() if i == layer_idx and w)
+            router = self._router(weight, layer_idx, True, 0)  # the kept rows; merged rows as merged
+            full = self.ckpt.tensor(weight)
+            full[keep] = router[:len(keep)]
+            return renumber_ids(self.ckpt.tensor(key), keep, full[:self.num_experts[layer_idx]],
+                                self.plan.merge_into.get(layer_idx))
+        tensor = self.ckpt.tensor(key)
         if is_weight:
             for members in self._groups(layer_idx).values():
                 w = self._merge_weights(layer_idx, members)
                 tensor[members[0]] = sum(wi * tensor[m].float() for wi, m in zip(w, members)).to(tensor.dtype)
-        keep = self.plan.kept(layer_idx, self.num_experts[layer_idx])
         return tensor.index_select(dim, torch.tensor(keep + list(range(self.num_experts[layer_idx], tensor.shape[dim]))))
 
     def _sparsified(self, layer_idx: int, e: int, key: str, name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -156,10 +156,14 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:
 
 
 def _spread_router_biases(model: PreTrainedModel) -> None:
-    """Random score-correction biases, so that tests exercise them (they start at zero)."""
+    """Random score-correction biases and hash tables (DeepSeek-V4's token → experts `tid2eid`,
+    k distinct experts a token), so that tests exercise them (they start at zero)."""
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             buf.copy_(torch.randn_like(buf) * 0.05)
+        if name.endswith("tid2eid"):
+            experts = model.config.get_text_config().num_local_experts
+            buf.copy_(torch.rand(buf.shape[0], experts).argsort(dim=1)[:, :buf.shape[1]])
 
 
 _CAUSAL_LM_WITHOUT_MAPPING = ("mistral4",)  # a causal-LM class, but no entry in transformers' auto mapping

@@ -91,3 +91,22 @@ def test_sparsity_keeps_only_a_bitmask_and_the_zeroed_values():
     kept = sum(e.bits.numel() + e.values.numel() * e.values.element_size() for e in handle.edits)
     assert kept <= routed * (0.25 + 1 / 32 + 0.01)  # zeroed values + one bit per weight
     handle.close()
+
+
+def test_hash_routing_tables_renumbered_to_surviving_experts():
+    """DeepSeek-V4's hash routing sends each token id to k fixed experts (`tid2eid`): removal keeps
+    every kept expert's tokens on it (renumbered) and sends a removed expert's tokens to the kept
+    expert with the closest router row that the token does not use already (or its merge survivor)."""
+    from moeviz.apply import renumber_ids
+
+    router = torch.eye(6)
+    router[5] = torch.tensor([0.1, 0.0, 0.0, 0.9, 0.5, 0.0])  # closest to expert 3, then 4
+    table = torch.tensor([[0, 5], [3, 5], [1, 2], [3, 4]])
+    keep = [0, 1, 3, 4]  # 2 and 5 removed
+    out = renumber_ids(table, keep, router)
+    assert out[0].tolist() == [0, 2]  # 5 → 3 (new id 2)
+    assert out[1].tolist() == [2, 3]  # 5 → 4: 3 is in the row already
+    assert out[3].tolist() == [2, 3]
+    assert all(len(set(row.tolist())) == 2 for row in out) and int(out.max()) < len(keep)
+    merged = renumber_ids(table, keep, router, merge_into={5: 1, 2: 1})
+    assert merged[0].tolist() == [0, 1] and merged[1].tolist() == [2, 1]
