@@ -1,10 +1,15 @@
 """Peak memory of the command line and of the dashboard, as a multiple of the checkpoint's size.
 
-    python bench/memory.py [--small] [--arch qwen3_moe|olmoe|mixtral] [--dir DIR] [--app] [--skip-cli]
+    python bench/memory.py [--small] [--arch qwen3_moe|olmoe|mixtral|qwen3_5_moe_text] [--dir DIR] [--app] [--skip-cli]
 
 Builds once (cached in --dir, default /tmp/moeviz-bench/<arch>[-small]; delete it to rebuild) a
 random bf16 MoE checkpoint in ~6 safetensors shards, with no tokenizer: 8 layers, 64 experts,
-top-8, hidden 1024 (1.66 GiB), or with --small 4 layers, hidden 768 (394 MiB). Then runs each
+top-8, hidden 1024 (1.66 GiB), or with --small 4 layers, hidden 768 (394 MiB). `qwen3_5_moe_text`
+(Qwen3.5-MoE's text decoder, 2026) keeps Qwen3.5-35B-A3B's own layer shapes (hidden 2048, experts
+512 wide, top-8, a shared expert 512 wide, 16 query heads of 256 and 2 K/V heads, gated-DeltaNet
+linear attention with 16 key and 32 value heads of 128, three linear-attention layers to one full
+one) with 64 of its 256 experts, 8 of its 40 layers and a 32,000-token vocabulary (3.77 GiB);
+--small: 4 layers, hidden 1024, experts 256 wide, half the heads. Then runs each
 command of COMMANDS in its own process, sampling every 50 ms the anonymous resident memory
 (RssAnon) of the process and all its descendants. The table gives each peak above the baseline
 (the same peak for `python -c "import moeviz, torch, transformers"`) in MiB and as a multiple of
@@ -62,19 +67,32 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 # Per family: the config keys of the number of experts and of an expert's intermediate size.
 ARCHS = {"qwen3_moe": ("num_experts", "moe_intermediate_size"), "olmoe": ("num_experts", "intermediate_size"),
-         "mixtral": ("num_local_experts", "intermediate_size")}
+         "mixtral": ("num_local_experts", "intermediate_size"),
+         "qwen3_5_moe_text": ("num_experts", "moe_intermediate_size")}
 SIZES = {"full": dict(num_hidden_layers=8, hidden_size=1024, num_attention_heads=16, expert_size=512),
          "small": dict(num_hidden_layers=4, hidden_size=768, num_attention_heads=12, expert_size=256)}
+_QWEN3_5_LAYERS = ["linear_attention"] * 3 + ["full_attention"]  # Qwen3.5-MoE's pattern, repeated
+# Per family and size, the keys that replace SIZES' and build_checkpoint's common ones.
+ARCH_SIZES = {
+    "qwen3_5_moe_text": {
+        "full": dict(hidden_size=2048, num_attention_heads=16, head_dim=256, num_key_value_heads=2,
+                     linear_num_key_heads=16, linear_num_value_heads=32, shared_expert_intermediate_size=512,
+                     layer_types=_QWEN3_5_LAYERS * 2),
+        "small": dict(hidden_size=1024, num_attention_heads=8, head_dim=256, num_key_value_heads=2,
+                      linear_num_key_heads=8, linear_num_value_heads=16, shared_expert_intermediate_size=256,
+                      layer_types=_QWEN3_5_LAYERS),
+    },
+}
 
 
 def build_checkpoint(path: Path, arch: str, size: str) -> None:
     """A random bf16 checkpoint (std 0.02) in ~6 shards, built on the meta device: no float32 copy."""
     experts_key, expert_size_key = ARCHS[arch]
-    dims = dict(SIZES[size])
-    config = AutoConfig.for_model(
-        arch, vocab_size=32000, head_dim=64, num_key_value_heads=4, num_experts_per_tok=8,
-        max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
-        pad_token_id=None, **{experts_key: 64, expert_size_key: dims.pop("expert_size")}, **dims)
+    dims = dict(vocab_size=32000, head_dim=64, num_key_value_heads=4, num_experts_per_tok=8,
+                max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                pad_token_id=None, **SIZES[size])
+    dims.update(ARCH_SIZES.get(arch, {}).get(size, {}))
+    config = AutoConfig.for_model(arch, **{experts_key: 64, expert_size_key: dims.pop("expert_size")}, **dims)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.to_empty(device="cpu")
@@ -333,7 +351,7 @@ def print_table(results: list[Result], baseline: int, size: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="4 layers, hidden 768 (394 MiB), for quick runs")
+    parser.add_argument("--small", action="store_true", help="4 layers, smaller widths (qwen3_moe: 394 MiB), for quick runs")
     parser.add_argument("--arch", choices=sorted(ARCHS), default="qwen3_moe")
     parser.add_argument("--dir", type=Path, help="where the checkpoint is built once and cached")
     parser.add_argument("--app", action="store_true", help="also measure the dashboard")
