@@ -252,6 +252,15 @@ def _drop_mtp_config(file: Path) -> None:
     file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def checkpoint_mtp_layers(source, adapter: Adapter) -> dict[int, str]:
+    """`mtp_layers` of a checkpoint (a directory, `demo` or a hub id already downloaded), from its
+    files' headers: none when its files are not here."""
+    try:
+        return mtp_layers(Checkpoint(local_dir(source)).keys(), adapter)
+    except OSError:
+        return {}
+
+
 def mtp_layers(keys, adapter: Adapter) -> dict[int, str]:
     """The multi-token-prediction layers the files hold beyond the decoder's: their number (≥ the
     config's `num_hidden_layers`, under the decoder layers' own prefix) → that prefix, `model.layers.`."""

@@ -8,7 +8,7 @@ import streamlit as st
 from moeviz import plots
 from moeviz.checkpoint import is_demo
 from moeviz.data import mix_sources
-from moeviz.export import export_kind, export_name
+from moeviz.export import STANDARD, checkpoint_mtp_layers, export_kind, export_name
 from moeviz.methods import PlanConfig, get_method, make_plan, method_names
 from moeviz.plan import PlanError
 from moeviz.runs import RunStore, against_original, plan_digest, recovery_pairs, run_name, setting
@@ -364,9 +364,16 @@ kind = export_kind(plan, getattr(skeleton.config, "quantization_config", None))
 out_dir = c2.text_input("Export to", value=str(Path(cache_dir()) / "exports" / export_name(name, plan)),
                         key=f"export_dir_{plan_digest(plan)}")  # follows the plan; a typed path stays with it
 c2.caption(f"Exports as **{kind.name}**: {kind.reason}. Loads with {kind.loaders}.")
+mtp = None
+if mtp_found := checkpoint_mtp_layers(name, adapter):  # DeepSeek-V3's model.layers.61 and the like
+    mtp = c2.radio(f"Multi-token-prediction layers in the files ({', '.join(map(str, mtp_found))})",
+                   ["prune", "drop"], horizontal=True, key="export_mtp",
+                   help="when the plan changes the expert count: cut them to the same count (largest router rows; "
+                        "they cannot be calibrated), or leave them out (num_nextn_predict_layers 0). "
+                        "Novice and drop exports keep them whole either way.")
 if c2.button("Export checkpoint"):
     job = submit(name, "export", plan=json.loads(plan.to_json()), stats=STATS, out=str(Path(out_dir).resolve()),
-                 runs=str(RUNS))
+                 runs=str(RUNS), mtp=mtp if kind.name == STANDARD else None)
     if job:
         st.session_state["export_job"] = job
         st.session_state.pop("export_job_error", None)

@@ -116,7 +116,7 @@ def test_a_hand_started_backend_is_found_with_its_token_file(backend, tmp_path):
 @pytest.mark.parametrize("kind, args, why", [
     ("format_disk", {}, "Unknown job kind"),
     ("export", dict(plan={}, stats=None, out="OUT", overwrite=True), "takes no argument 'overwrite'; its arguments: "
-                                                                     "out, plan, runs, stats"),
+                                                                     "mtp, out, plan, runs, stats"),
     ("calibrate", dict(data="demo", cache_dir="/tmp/elsewhere"), "takes no argument 'cache_dir'"),
     ("export", dict(plan={}, stats=None), "needs 'out'"),
     ("export", dict(plan={}, stats=None, out="MODEL/pruned"), "inside the model's own directory"),
