@@ -154,7 +154,7 @@ def test_the_apps_own_result_paths_and_paths_outside_are_accepted(tmp_path):
 
 
 def test_a_jobs_arguments_come_from_its_function_and_its_config():
-    assert arg_names("export") == ({"plan", "stats", "out", "runs"}, {"plan", "stats", "out"})  # runs: optional
+    assert arg_names("export") == ({"plan", "stats", "out", "runs", "mtp"}, {"plan", "stats", "out"})  # runs, mtp: optional
     allowed, required = arg_names("calibrate")
     assert {"data", "num_samples", "layer_by_layer"} <= allowed and "cache_dir" not in allowed and not required
     allowed, required = arg_names("recover")
