@@ -163,6 +163,24 @@ def sample_sequences(
     return torch.tensor(stream[:needed], dtype=torch.long).view(num_samples, seq_len)
 
 
+def sample_mixed(spec: str, num_samples: int, seq_len: int, tokenizer=None, seed: int = 0, split: str = "train",
+                 vocab_size: int | None = None, shares: list[float] | None = None) -> torch.Tensor:
+    """`num_samples` sequences of one source or of several (`parse_sources`: a mix's
+    NAME=SOURCE,… list), each source giving its share of them (`shares`, or even), shuffled
+    together: (N, L) int64. The same arguments give the same tensor."""
+    sources = parse_sources(spec)
+    if len(sources) == 1:
+        return sample_sequences(sources[0][1], num_samples, seq_len, tokenizer, seed, split, vocab_size)
+    weights = shares if shares is not None and len(shares) == len(sources) else [1.0] * len(sources)
+    total = sum(weights)
+    counts = [round(num_samples * w / total) for w in weights]
+    counts[max(range(len(counts)), key=weights.__getitem__)] += num_samples - sum(counts)  # exactly num_samples
+    parts = [sample_sequences(source, n, seq_len, tokenizer, seed, split, vocab_size)
+             for n, (_, source) in zip(counts, sources) if n > 0]
+    tokens = torch.cat(parts)
+    return tokens[torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))]
+
+
 def _pack(texts: list[str], tokenizer) -> list[int]:
     eos = tokenizer.eos_token_id
     stream: list[int] = []

@@ -76,8 +76,11 @@ def recover(server, progress, plan: dict, stats: str | list | None, runs: str, o
     """Export `plan` to `out`/pruned, distil it from the loaded original for `minutes` into
     `out`/recovered, evaluate it and store it beside the plan's own run:
     {"run_id", "parent_id", "baseline_id", "checkpoint", "kept", "why"}: the recovered model, or
-    the pruned one when recovery made it worse on held-out text."""
-    from .data import sample_sequences
+    the pruned one when recovery made it worse on held-out text. Trains and checks on the
+    evaluation's data: a mix's sources in the mix's own shares. A failed job leaves nothing."""
+    import shutil
+
+    from .data import sample_mixed
     from .evaluate import EvalConfig
     from .export import export_plan
     from .loading import resolve_source
@@ -91,19 +94,26 @@ def recover(server, progress, plan: dict, stats: str | list | None, runs: str, o
     loaded = load_mix(stats)
     config = EvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     out = Path(out)
-    export_plan(resolve_source(server.model_name), plan, loaded, out / "pruned",
-                progress=lambda done, total: progress("writing the pruned checkpoint", done, total))
-    tokens = sample_sequences(config.data, train_samples, config.seq_len, tokenizer, 0, split="train",
-                              vocab_size=model.config.vocab_size)
-    check = sample_sequences(config.data, 8, config.seq_len, tokenizer, 7, split="heldout",
-                             vocab_size=model.config.vocab_size)  # the result must beat the pruned model on these
-    budget = DistillConfig(steps=None, max_minutes=minutes, lr=lr)
-    student, report = recover_checkpoint(out / "pruned", model, server.model_name, tokens, budget, out / "recovered",
-                                         server.device, lambda step, steps, row: progress(
-                                             f"distilling, step {step}, loss {row['loss']:.3f}",
-                                             round(row["seconds"]), round(minutes * 60)), check)
-    ids = store_recovery(RunStore(runs), student, model, tokenizer, config, server.model_name, fingerprint, plan,
-                         loaded, mix_label(stats), report, progress)
+    if out.exists():
+        raise FileExistsError(f"{out} exists already; recovery writes into a new directory.")
+    # The page names a mix's sources in the mix's order, those with a share only.
+    shares = [m["share"] for m in (loaded.meta.get("mix") or []) if m["share"] > 0] if loaded is not None else None
+    try:
+        export_plan(resolve_source(server.model_name), plan, loaded, out / "pruned",
+                    progress=lambda done, total: progress("writing the pruned checkpoint", done, total))
+        vocab = model.config.vocab_size
+        tokens = sample_mixed(config.data, train_samples, config.seq_len, tokenizer, 0, "train", vocab, shares)
+        check = sample_mixed(config.data, 8, config.seq_len, tokenizer, 7, "heldout", vocab, shares)  # must beat the pruned
+        budget = DistillConfig(steps=None, max_minutes=minutes, lr=lr)
+        student, report = recover_checkpoint(
+            out / "pruned", model, server.model_name, tokens, budget, out / "recovered", server.device,
+            lambda step, steps, row: progress(f"distilling, step {step}, loss {row['loss']:.3f}",
+                                              round(row["seconds"]), round(minutes * 60)), check)
+        ids = store_recovery(RunStore(runs), student, model, tokenizer, config, server.model_name, fingerprint, plan,
+                             loaded, mix_label(stats), report, progress)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # the job's own new directory: nothing half-written stays
+        raise
     return dict(ids, checkpoint=report["checkpoint"], kept=report.get("kept"), why=report.get("why"))
 
 

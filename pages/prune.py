@@ -421,13 +421,16 @@ def recover_ui(run) -> None:
             st.session_state["recover_job"] = job
             st.session_state.pop("recover_job_error", None)
             st.rerun()  # to poll it: the jobs' fragment ran above
+    if error := st.session_state.get("recover_job_error"):
+        st.error(error)  # beside the button that started it
 
 
 if any(st.session_state.get(k) for k in ("eval_job", "export_job", "recover_job")):
     jobs_ui()
-for key in ("eval_job", "export_job", "recover_job"):
+for key in ("eval_job", "export_job"):
     if error := st.session_state.get(f"{key}_error"):
         st.error(error)
+recover_shown = False
 if result := st.session_state.get("eval_job_result"):
     store = RunStore(RUNS)
     run, baseline = store.get(result["run_id"]), store.get(result["baseline_id"])
@@ -437,6 +440,9 @@ if result := st.session_state.get("eval_job_result"):
     changes = plan is not None and (plan.num_pruned or plan.sparsity or plan.nm)
     if changes and run.metrics.get("plan_digest") == plan_digest(plan) and not st.session_state.get("recover_job"):
         recover_ui(run)
+        recover_shown = True
+if not recover_shown and (error := st.session_state.get("recover_job_error")):
+    st.error(error)
 shown_run = (st.session_state.get("eval_job_result") or {}).get("run_id")
 if (result := st.session_state.get("recover_job_result")) and result.get("parent_id") != shown_run:
     st.session_state.pop("recover_job_result")  # it ended while another run was shown: said once

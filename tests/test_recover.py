@@ -1,5 +1,7 @@
 """Recovery: expert-wise distillation of a pruned model from its original."""
 
+import json
+
 import pytest
 import torch
 
@@ -203,3 +205,45 @@ def test_recovery_that_makes_the_model_worse_keeps_the_pruned_one(tmp_path):
                                          DistillConfig(steps=8, batch_size=8, lr=1e-3), tmp_path / "recovered",
                                          device="cpu", check=check)
     assert report["kept"] == "recovered" and "fell from" in report["why"] and (tmp_path / "recovered").is_dir()
+
+
+def test_mixed_sources_give_their_shares_of_the_sequences():
+    from moeviz.data import sample_mixed
+
+    tok = load_model("demo", device="cpu")[1]
+    mixed = sample_mixed("a=demo:arithmetic,c=demo:code", 8, 32, tok, 0, "train", shares=[0.75, 0.25])
+    arithmetic = sample_sequences("demo:arithmetic", 6, 32, tok, 0, "train")
+    code = sample_sequences("demo:code", 2, 32, tok, 0, "train")
+    rows = {tuple(r) for r in mixed.tolist()}
+    assert len(mixed) == 8 and rows == {tuple(r) for r in torch.cat([arithmetic, code]).tolist()}
+    assert torch.equal(sample_mixed("demo:code", 2, 32, tok, 0, "train"), code)  # one source: as before
+
+
+def test_recovery_of_a_plan_made_from_a_mix_trains_on_the_mix_and_a_failure_leaves_nothing(tmp_path):
+    """The Prune page hands recovery a mix's NAME=SOURCE,… list (as evaluation takes it); it once
+    reached the dataset loader whole ("Could not load the dataset 'arithmetic=demo…'") and left
+    the exported checkpoint behind."""
+    from types import SimpleNamespace
+
+    from moeviz import jobs
+    from moeviz.data import mix_sources
+    from moeviz.stats import load_mix
+
+    model, tok = load_model("demo", device="cpu")
+    paths = []
+    for domain in ("arithmetic", "code"):
+        config = CalibConfig(data=f"demo:{domain}", num_samples=8, seq_len=64, cache_dir=tmp_path / "cache")
+        paths.append(str(calibrate(model, config, tok)[1]))
+    spec = [[paths[0], 0.75], [paths[1], 0.25]]
+    stats = load_mix(spec)
+    plan = make_plan(stats, PlanConfig("frequency", 0.25))
+    server = SimpleNamespace(model_name="demo", device="cpu", loaded=lambda: (model, tok, fingerprint(model)))
+    data = mix_sources(stats.meta["mix"])
+    assert data.startswith("arithmetic=demo:arithmetic,code=demo:code")
+    args = dict(plan=json.loads(plan.to_json()), stats=spec, runs=str(tmp_path / "runs.sqlite"), minutes=0.02, lr=1e-3,
+                train_samples=8, data=data, num_samples=4, seq_len=64)
+    done = jobs.recover(server, lambda *a: None, out=str(tmp_path / "rec"), **args)
+    assert (tmp_path / "rec" / "pruned" / "model.safetensors").is_file() and done["run_id"]
+    with pytest.raises(ValueError):
+        jobs.recover(server, lambda *a: None, out=str(tmp_path / "bad"), **{**args, "data": "a=demo:nonsense"})
+    assert not (tmp_path / "bad").exists()  # the checkpoint it had exported is gone with it
