@@ -53,14 +53,14 @@ if st.session_state.get("calibration_job"):
     poll(name, "calibration_job", "Calibration")
 if done := finished("calibration_job", "Calibration"):  # shown once, then gone; the list below has it
     paths = done.get("paths") or [done["path"]]
-    if len(paths) > 1:
+    if len(paths) > 1:  # offered for mixing; the calibration the pages use stays the one the user chose
         st.success(f"{'Found in the cache' if done['cached'] else 'Calibrated'}: {len(paths)} sources, "
                    f"{done['tokens']:,} tokens in all, one cache entry each. Mix them on the Prune page.")
-        st.session_state["mix_choice"] = paths
+        st.session_state.setdefault("stats_choice", paths[0])
     else:
         st.success(f"{'Found in the cache' if done['cached'] else 'Calibrated'}: {done['tokens']:,} tokens "
                    f"in {done['path']}. The other pages use it now.")
-    st.session_state["stats_choice"] = paths[0]
+        st.session_state["stats_choice"] = paths[0]
 
 st.subheader("Cached calibrations of this model")
 st.caption(f"In {Path(cache_dir()).resolve()}.")

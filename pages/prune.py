@@ -111,8 +111,8 @@ def _source(meta: dict) -> str:
 stats, STATS, EVEN = mix_ui(stats)
 STATS_LABEL = mix_label(STATS)
 config = settings_ui()
-if st.session_state.get("plan_settings") != config:  # new settings: forget the clicks
-    st.session_state.update(plan_settings=config, toggles=set(), history=[], last_selection=())
+if st.session_state.get("plan_settings") != (config, STATS_LABEL):  # new settings or calibration: forget the clicks
+    st.session_state.update(plan_settings=(config, STATS_LABEL), toggles=set(), history=[], last_selection=())
 
 
 def sequential_ui():

@@ -224,3 +224,29 @@ def test_prune_page_runs_moe_pruner_sequentially(tiny_dir, tmp_path):
     from moeviz.stats import ExpertStats
 
     assert ExpertStats.load(at.session_state["current_plan_stats"]).meta["calibration"]["sequential"]["sparsity"] == 0.25
+
+
+def test_the_calibration_the_user_chose_stays_and_edits_do_not_carry_over(tiny_dir, tmp_path):
+    """Calibrating several sources at once (demo:each) offers them for mixing without changing the
+    calibration the pages use; hand edits made on one calibration are dropped on another."""
+    model = tiny_model("mixtral")
+    model.name_or_path = str(tiny_dir)
+    paths = [str(calibrate(model, CalibConfig(data="random", num_samples=4, seq_len=16, seed=seed, probe_tokens=32,
+                                              cache_dir=tmp_path / "cache"))[1]) for seed in (0, 1, 2)]
+    at = _app(tiny_dir, "pages/prune.py")
+    chosen = at.session_state["stats_choice"]
+    at.session_state["plan_chart"] = {"selection": {"points": [{"customdata": [0, 7]}]}}
+    at.run()
+    assert at.session_state["toggles"] == {(0, 7)}
+    at.switch_page("pages/calibrate.py")
+    others = [p for p in paths if p != chosen]
+    at.session_state["calibration_job_status"] = dict(state="done", result=dict(paths=others, cached=True, tokens=128))
+    at.run()
+    assert not at.exception, at.exception
+    assert at.session_state["stats_choice"] == chosen and not at.session_state["mix_choice"]  # offered, not mixed in
+    at.switch_page("pages/prune.py")
+    at.run()
+    assert at.session_state["stats_choice"] == chosen and at.session_state["toggles"] == {(0, 7)}
+    at.selectbox(key="stats_dir").select(others[0]).run()
+    assert not at.exception, at.exception
+    assert at.session_state["toggles"] == set()  # the edits belonged to the other calibration
