@@ -633,12 +633,17 @@ def _distill(args) -> int:
         ids = store_recovery(store, student, teacher, tokenizer, eval_config, teacher_name,
                              model_fingerprint(teacher), plan, stats, stats_dir, report,
                              lambda step, done, total: print(f"{step}…", file=sys.stderr))
-        runs = {i: store.get(ids[i]).metrics for i in ("baseline_id", "parent_id", "run_id")}
-        for key in ("perplexity", "task_mean", "kl", "top1_agreement"):
-            if key in runs["run_id"]:
-                print(f"{key:>15}: original {runs['baseline_id'].get(key, 0):.4g}, pruned {runs['parent_id'][key]:.4g}, "
-                      f"recovered {runs['run_id'][key]:.4g}", file=sys.stderr)
-        print(f"stored as run {ids['run_id']} (before recovery: run {ids['parent_id']})", file=sys.stderr)
+        if ids["run_id"] is None:
+            print(f"not stored as a run: the pruned model is kept, evaluated as run {ids['parent_id']}", file=sys.stderr)
+        else:
+            runs = {i: store.get(ids[i]).metrics for i in ("baseline_id", "parent_id", "run_id")}
+            for key in ("perplexity", "task_mean", "kl", "top1_agreement"):
+                if key in runs["run_id"]:
+                    print(f"{key:>15}: original {runs['baseline_id'].get(key, 0):.4g}, pruned "
+                          f"{runs['parent_id'][key]:.4g}, recovered {runs['run_id'][key]:.4g}"
+                          + (" (trained on text of this source: not comparable with the other two)"
+                             if key == "perplexity" else ""), file=sys.stderr)
+            print(f"stored as run {ids['run_id']} (before recovery: run {ids['parent_id']})", file=sys.stderr)
     print(report["checkpoint"])
     return 0
 

@@ -159,12 +159,16 @@ def store_recovery(store: RunStore, student, teacher, tokenizer, config, name: s
     """Evaluate a recovered `student` against its `teacher` and store it as a run of the plan it
     was pruned with, linked to the plan's own run (stored first if it is not, with the original
     as the baseline): the pair before and after recovery, evaluated the same way.
-    Returns {"run_id", "parent_id", "baseline_id"}."""
+    Returns {"run_id", "parent_id", "baseline_id"}. A rejected recovery (`recovery["kept"] ==
+    "pruned"`: it made the model worse, the pruned model is kept) is no new model and stores no
+    run: its "run_id" is None."""
     from dataclasses import asdict
 
     from .evaluate import evaluate
 
     parent = store_evaluation(store, teacher, tokenizer, config, name, fingerprint, plan, stats, calibration, progress)
+    if recovery.get("kept") == "pruned":
+        return dict(run_id=None, parent_id=parent["run_id"], baseline_id=parent["baseline_id"])
     before = store.get(parent["run_id"]).metrics
     report = evaluate(student, config, tokenizer, reference=teacher, progress=progress)
     report.update({k: before[k] for k in ("params_saved", "bytes_saved", "params", "bytes") if k in before})

@@ -22,7 +22,9 @@ st.caption(
 )
 full = store.table(fingerprint=fingerprint)
 settings = list(dict.fromkeys(full["evaluated_on"]))
-chosen = st.selectbox("Evaluated on", settings, key="compare_setting",
+latest = setting(max(runs, key=lambda r: r.id))  # opens on the setting last evaluated
+chosen = st.selectbox("Evaluated on", settings, index=settings.index(latest) if latest in settings else 0,
+                      key="compare_setting",
                       help="runs evaluated on other text or sizes are not comparable: one setting at a time")
 shown = [run for run in runs if setting(run) == chosen]
 st.table(delta_table(shown, [r for r in runs if r.method == "original"]).drop(columns="evaluated_on"),

@@ -450,11 +450,11 @@ if (result := st.session_state.get("recover_job_result")) and result.get("parent
 elif result:  # the recovery of the run shown above
     store = RunStore(RUNS)
     if result.get("kept") == "pruned":
-        st.warning(f"Recovery made the model worse ({result['why']}). Stored as run {result['run_id']}: the "
-                   f"pruned model, unchanged, at {result['checkpoint']}.")
+        st.warning(f"Recovery made the model worse ({result['why']}): not stored as a run. The pruned model, "
+                   f"unchanged, is run {result['parent_id']}, at {result['checkpoint']}.")
     else:
         st.success(f"Recovered as run {result['run_id']}, saved to {result['checkpoint']}"
                    + (f" ({result['why']})." if result.get("why") else "."))
-    pairs = recovery_pairs(store.list(fingerprint=fingerprint))
-    st.table(pairs[pairs["run"] == result["run_id"]].drop(columns=["run", "plan"]), hide_index=True)
+        pairs = recovery_pairs(store.list(fingerprint=fingerprint))
+        st.table(pairs[pairs["run"] == result["run_id"]].drop(columns=["run", "plan"]), hide_index=True)
 

@@ -250,3 +250,17 @@ def test_the_calibration_the_user_chose_stays_and_edits_do_not_carry_over(tiny_d
     at.selectbox(key="stats_dir").select(others[0]).run()
     assert not at.exception, at.exception
     assert at.session_state["toggles"] == set()  # the edits belonged to the other calibration
+
+
+def test_compare_opens_on_the_setting_last_evaluated(tiny_dir, tmp_path):
+    from moeviz.checkpoint import fingerprint
+    from moeviz.runs import Run, RunStore
+
+    store, fp = RunStore(tmp_path / "cache" / "runs.sqlite"), fingerprint(str(tiny_dir))
+    for data, n in (("demo", 32), ("random", 8)):  # the second evaluated last
+        ev = dict(data=data, num_samples=n, seq_len=64)
+        store.add(Run(str(tiny_dir), "original", 0.0, dict(eval=ev, perplexity=10.0), fingerprint=fp))
+        store.add(Run(str(tiny_dir), "frequency", 0.25, dict(eval=ev, perplexity=12.0), "remove", "layer", fingerprint=fp))
+    at = _app(tiny_dir, "pages/compare.py")
+    assert not at.exception, at.exception
+    assert at.selectbox(key="compare_setting").value == "random, 8 × 64"

@@ -192,6 +192,13 @@ def test_recovery_that_makes_the_model_worse_keeps_the_pruned_one(tmp_path):
     assert report["kept"] == "pruned" and report["check"]["kl_after"] > report["check"]["kl_before"]
     assert "rose from" in report["why"] and report["checkpoint"] == str((tmp_path / "pruned").resolve())
     assert not (tmp_path / "recovered").exists()
+    from moeviz.evaluate import EvalConfig
+    from moeviz.runs import store_recovery
+
+    store = RunStore(tmp_path / "runs.sqlite")  # a rejected recovery is no new model: no run of its own
+    ids = store_recovery(store, student, teacher, None, EvalConfig(data="random", num_samples=2, seq_len=16), "original",
+                         fingerprint(teacher), plan, stats, None, report)
+    assert ids["run_id"] is None and sorted(r.method for r in store.list()) == ["mone", "original"]
     pruned, _ = load_model(str(tmp_path / "pruned"), device="cpu")
     with torch.no_grad():
         torch.testing.assert_close(student(TOKENS).logits, pruned(TOKENS).logits, rtol=0, atol=0)
