@@ -27,10 +27,10 @@ def model_card(plan: PruningPlan, kind, stats, parent: str, src: Path, adapter, 
     """The card's text. `parent` is how the original was named (a hub id, a path or a demo name),
     `src` its directory, `runs` a `RunStore` (or its path) that may hold this plan's evaluation,
     `mtp` what the export did with the checkpoint's multi-token-prediction layers."""
-    from .export import MOEVIZ_ONLY
+    from .export import STANDARD
 
-    front = dict(library_name="moeviz" if kind.name == MOEVIZ_ONLY else "transformers",
-                 tags=["moe", "pruned", "moeviz", plan.method])
+    front = dict(library_name="transformers" if kind.name == STANDARD else "moeviz",  # what can load it
+                 tags=["moe", "pruned", "moeviz", hub_tag(plan.method)])
     if _HUB_ID.match(parent) and not Path(parent).exists():
         front["base_model"] = parent
     front.update(_license(src))
@@ -52,6 +52,11 @@ def model_card(plan: PruningPlan, kind, stats, parent: str, src: Path, adapter, 
         "## Evaluation\n\n" + _evaluation(plan, fingerprint, runs),
     ]
     return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n\n".join(sections) + "\n"
+
+
+def hub_tag(text: str) -> str:
+    """A valid Hub tag: lower case, letters, digits and single hyphens (`mone (edited)` → `mone-edited`)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "plan"
 
 
 def _license(src: Path) -> dict:
@@ -125,15 +130,16 @@ def _loading(kind) -> str:
         return ("Its layers keep different numbers of experts, which no architecture's config can say: its model type "
                 "is `moeviz_pruned`, so transformers and serving engines refuse it by name rather than load it "
                 "wrongly. The original architecture is recorded under `moeviz` in `config.json`.\n\n" + moeviz)
-    serve = ("Serve it with a vLLM that supports expert substitution (`vllm serve PATH`), or load it with moeviz"
-             if "vLLM with" in kind.loaders else "Load it with moeviz (vLLM's expert substitution does not take "
-                                                  "quantized experts yet)")
+    serve = ("Serve it with vLLM 0.33.0 or later (`vllm serve PATH`; 0.32.0 refuses it, and with substitution vLLM "
+             "refuses quantized experts, expert parallelism, data parallelism, EPLB and LoRA), or load it with moeviz"
+             if "vLLM from 0.33.0" in kind.loaders else "Load it with moeviz (vLLM's expert substitution refuses "
+                                                         "quantized experts)")
     return ("`config.json` keeps the original architecture and adds "
             "`compression_config.transform_config.expert_substitution` (version 1): per MoE layer, the router's "
             "logical experts, the retained experts' weights (stored under their original ids) and one constant "
             f"vector per substituted expert (`…expert_replacements.<id>.value`). {serve}:\n\n" + moeviz
-            + "\n\nStock transformers does not read the block: it would warn that the substituted experts are "
-              "missing and fill them with random weights.")
+            + "\n\nStock transformers does not read the block and refuses the checkpoint (5.19 and 5.25: a size "
+              "mismatch between the stored experts and the config's count).")
 
 
 def _evaluation(plan: PruningPlan, fingerprint: str, runs) -> str:

@@ -13,8 +13,9 @@ Every plan exports as one of three kinds, named by `export_kind` before anything
   alone. The architecture's own checkpoint (expert counts in the config updated, kept
   experts renumbered 0…K-1): stock transformers, vLLM and any engine that reads it.
 - **expert substitution**: novices and drops, with any counts. The original config plus
-  `compression_config.transform_config.expert_substitution` (version 1, the format vLLM's
-  loader and llm-compressor's MoNE modifier share): the router keeps all E rows and logical
+  `compression_config.transform_config.expert_substitution` (version 1, the format vLLM reads
+  from 0.33.0; llm-compressor has no MoNE modifier in any release as of 0.14.0.1, and its open
+  pull request writes the older `approximate_experts` form): the router keeps all E rows and logical
   ids, only kept experts' weights are stored (under their original ids), and each pruned
   expert is one constant vector of the hidden size (zeros for a drop).
 - **moeviz-only**: removal or merging with uneven counts across layers, which one config
@@ -42,8 +43,8 @@ from safetensors.torch import save_file
 
 from .adapters import Adapter, ExpertWeights, get_adapter
 from .apply import align_neurons, check_plan, novices_of, renumber_ids, set_config_count
-from .checkpoint import (MOEVIZ_MODEL_TYPE, ROLES, Checkpoint, ExpertKey, dequantize, fingerprint, local_dir,
-                         parse_expert_key, read_config, readable, scale_key, skeleton)
+from .checkpoint import (MOEVIZ_MODEL_TYPE, ROLES, Checkpoint, ExpertKey, demo_names, demo_path, dequantize, fingerprint,
+                         local_dir, parse_expert_key, read_config, readable, scale_key, skeleton)
 from .methods.moe_pruner import pruning_mask
 from .plan import LINEAGE_FILE, PLAN_FILE, PruningPlan
 from .reload import ROUTER_SEMANTICS, expert_file_tensors, file_tensors, is_pruned_export
@@ -74,8 +75,8 @@ MOEVIZ_ONLY = "moeviz-only"
 LOADERS = {
     STANDARD: "stock transformers (AutoModelForCausalLM.from_pretrained), vLLM, SGLang and any engine that "
               "reads the architecture; moeviz.load_model",
-    SUBSTITUTION: "vLLM with expert-substitution support (unquantized experts) and moeviz.load_model; stock "
-                  "transformers cannot (it would fill the pruned experts with random weights)",
+    SUBSTITUTION: "vLLM from 0.33.0 (0.32.0 refuses it: \"no module or parameter named …expert_replacements\"; with substitution vLLM refuses quantized experts, expert parallelism, data parallelism, EPLB and LoRA) and moeviz.load_model; "
+                  "stock transformers refuses it (5.19 and 5.25: a size mismatch, the checkpoint's [K, …] expert tensors against the model's [E, …])",
     MOEVIZ_ONLY: "moeviz.load_model only; stock loaders refuse it by name (its model type is moeviz_pruned)",
 }
 
@@ -92,8 +93,8 @@ def export_kind(plan: PruningPlan, quantization: dict | None = None) -> ExportKi
         if quantization:
             method = (quantization.get("quant_method") if isinstance(quantization, dict)
                       else getattr(quantization, "quant_method", None)) or "quantized"
-            loaders = (f"moeviz.load_model; vLLM's expert substitution does not take {method} experts yet; stock "
-                       "transformers cannot (it would fill the pruned experts with random weights)")
+            loaders = (f"moeviz.load_model; vLLM's expert substitution (0.33.0) refuses {method} experts; "
+                       "stock transformers refuses it (5.19 and 5.25: a size mismatch, the checkpoint's [K, …] expert tensors against the model's [E, …])")
         return ExportKind(SUBSTITUTION, f"{what}: the router keeps every expert, pruned ones answer with a "
                                         "constant vector", loaders)
     if plan.is_uniform():
@@ -154,7 +155,8 @@ def export_plan(source, plan: PruningPlan, stats: ExpertStats | None, out_dir,
         _write_config(src, tmp, config, adapter, plan, kind, rewriter.replacement_names)
         if rewriter.mtp and mtp == "drop":
             _drop_mtp_config(tmp / "config.json")
-        parent = str(Path(source).resolve()) if Path(source).exists() else str(source)  # demo, a hub id
+        demo = [n for n in demo_names() if demo_path(n).resolve() == src.resolve()]  # the app passes the path
+        parent = demo[0] if demo else str(Path(source).resolve()) if Path(source).exists() else str(source)
         lineage = dict(parent=parent, parent_fingerprint=parent_fingerprint, kind=kind.name,
                        plan=json.loads(plan.to_json()))
         if rewriter.mtp_note:

@@ -1,6 +1,7 @@
 """Streamed export: shard by shard from the source files, the same logits as the plan in memory."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -378,9 +379,13 @@ def test_every_export_has_a_model_card_with_the_hubs_front_matter_and_the_plans_
         front, body = text.removeprefix("---\n").split("\n---\n", 1)
         cards[name] = meta = yaml.safe_load(front), body
         assert meta[0]["license"] == "apache-2.0" and {"moe", "pruned", "moeviz"} <= set(meta[0]["tags"])
-    assert cards["novice"][0]["library_name"] == "transformers" and cards["uneven"][0]["library_name"] == "moeviz"
+    # what can load it: transformers cannot load a substitution export (5.25 refuses it with a size mismatch)
+    assert [cards[k][0]["library_name"] for k in ("novice", "uneven", "remove")] == ["moeviz", "moeviz", "transformers"]
+    assert all(re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", tag) for card, _ in cards.values() for tag in card["tags"])
     body = cards["novice"][1]
     assert "**expert substitution**" in body and "6 of 8 in every MoE layer" in body and "vllm serve" in body
+    assert "vLLM 0.33.0 or later" in body and "0.32.0 refuses it" in body and "random weights" not in body
+    assert "refuses the checkpoint (5.19 and 5.25" in body
     run = store.get(ids["run_id"])
     assert f"run {run.id} of the runs store" in body
     assert f"| perplexity | {store.get(ids['baseline_id']).metrics['perplexity']:.4g} ± " in body
@@ -529,3 +534,19 @@ def test_mtp_layers_export_as_the_user_chooses(with_mtp):
     kept = {k: v for k, v in load_file(root / "novice" / "model.safetensors").items() if f"layers.{n}." in k}
     assert kept.keys() == {k for k in src if f"layers.{n}." in k} and kept[router].shape[0] == E
     assert "kept whole" in (root / "novice" / "README.md").read_text()
+
+
+def test_an_export_of_a_demo_model_names_it_by_its_name_and_tags_are_valid(tmp_path):
+    """The app exports from the demo's directory: the card still calls the original `demo-fine`,
+    not its path; an edited plan's method `mone (edited)` becomes the Hub tag `mone-edited`."""
+    from moeviz.card import hub_tag
+    from moeviz.checkpoint import resolve_source
+
+    assert hub_tag("mone (edited)") == "mone-edited" and hub_tag("moe_pruner") == "moe-pruner"
+    model, tok = load_model("demo-fine", device="cpu")
+    stats = calibrate(model, CalibConfig(data="demo", num_samples=4, seq_len=32, cache_dir=tmp_path / "c"), tok)[0]
+    plan = make_plan(stats, PlanConfig("frequency", 0.25))
+    export_plan(resolve_source("demo-fine"), plan, stats, tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "# demo-fine, pruned by moeviz" in card and "`demo-fine` with" in card
+    assert json.loads((tmp_path / "out" / "moeviz_lineage.json").read_text())["parent"] == "demo-fine"
