@@ -246,7 +246,7 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel, tokens: torch.Te
     device = execution_device(student)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     if config.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+        (getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable)()
     student.train(config.gradient_checkpointing)  # train mode only where checkpointing needs it (no jitter)
     gen = torch.Generator().manual_seed(config.seed)
     order, cursor = torch.randperm(len(tokens), generator=gen), 0
@@ -306,7 +306,7 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel, tokens: torch.Te
         for hook in hooks:
             hook.remove()
         if config.gradient_checkpointing:
-            student.gradient_checkpointing_disable()
+            (getattr(student, "activation_checkpointing_disable", None) or student.gradient_checkpointing_disable)()
             student.disable_input_require_grads()  # the embedding hook checkpointing set
         student.requires_grad_(False)
         student.eval()
