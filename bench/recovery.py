@@ -9,6 +9,11 @@ the original, the plan before recovery and after it the same way as the README's
 (128 held-out sequences of 128 tokens, 200 examples per demo task), all stored in DIR/runs.sqlite.
 Prints one markdown row per plan as it finishes: mean task accuracy and perplexity of each,
 the steps and the minutes. Calibration: 256 × 128 tokens of demo text, as the sweep's.
+
+    python bench/recovery.py --model demo-fine --step-cost [--steps 40]
+
+prints instead the seconds per recovery step of MoNE at 25 % with novices and with removal
+(the same data and settings; the first 5 steps not counted), and their ratio.
 """
 
 from __future__ import annotations
@@ -46,8 +51,13 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated methods")
     parser.add_argument("--ratios", help="comma-separated ratios (default: PLANS' own)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="moeviz-recovery-")))
+    parser.add_argument("--step-cost", action="store_true", help="time recovery steps: novices against removal")
+    parser.add_argument("--steps", type=int, default=40, help="with --step-cost: steps timed per plan")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.step_cost:
+        step_cost(args)
+        return
 
     teacher, tokenizer = load_model(args.model, device="cpu")
     fingerprint = model_fingerprint(teacher)
@@ -77,6 +87,29 @@ def main() -> None:
         print(f"| {method} | {mode or 'sparsity'} | {ratio:g} | {t[0]:.2f} → {t[1]:.2f} → **{t[2]:.2f}** | "
               f"{p[0]:.1f} → {p[1]:.1f} → {p[2]:.1f} | {report['steps']} | {report['minutes']:.1f} |", flush=True)
         del student
+
+
+def step_cost(args) -> None:
+    """Seconds per recovery step of the same plan with novices and with removal."""
+    import time
+
+    from moeviz.recover import distill
+
+    teacher, tokenizer = load_model(args.model, device="cpu")
+    stats, _ = calibrate(teacher, CalibConfig(data="demo", num_samples=64, seq_len=128, cache_dir=args.out / "cache"),
+                         tokenizer)
+    tokens = sample_sequences("demo", 512, 128, tokenizer, seed=0, split="train")
+    cost = {}
+    for mode in ("remove", "novice"):
+        plan = make_plan(stats, PlanConfig("mone", ratio=0.25, mode=mode))
+        export_plan(args.model, plan, stats, args.out / mode)
+        student, _ = load_model(str(args.out / mode), device="cpu")
+        seen = []
+        distill(student, teacher, tokens, DistillConfig(steps=args.steps + 5, lr=args.lr), plan,
+                lambda step, steps, row: seen.append(row["seconds"]))
+        cost[mode] = (seen[-1] - seen[4]) / (len(seen) - 5)
+        print(f"{args.model}, mone 25 % {mode}: {cost[mode]:.3f} s/step over {len(seen) - 5} steps", flush=True)
+    print(f"novice / remove: {cost['novice'] / cost['remove']:.2f}")
 
 
 if __name__ == "__main__":
