@@ -501,8 +501,10 @@ def _prune(args) -> int:
 def _check_new_dir(path) -> None:
     """Refuse, before any work, an output directory that exists and is not empty (or is a file)."""
     out = Path(path)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new directory.")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file: give a new directory (or an empty one) for the output.")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is a directory that is not empty: give a new directory (or an empty one).")
 
 
 def _check_fraction(value: float, name: str) -> None:

@@ -181,7 +181,8 @@ def _prepare_target(out: Path, size: int) -> Path:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"Cannot export to {out}: it is a file, not a directory.")
     if out.is_dir() and any(out.iterdir()):
-        raise FileExistsError(f"Cannot export to {out}: it exists and is not empty; choose a new directory.")
+        raise FileExistsError(f"Cannot export to {out}: it is a directory that is not empty; give a new directory "
+                              "(or an empty one).")
     existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
     if not existing.is_dir():
         raise NotADirectoryError(f"Cannot export to {out}: {existing} is a file, not a directory.")

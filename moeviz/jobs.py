@@ -107,7 +107,7 @@ def recover(server, progress, plan: dict, stats: str | list | None, runs: str, o
         budget = DistillConfig(steps=None, max_minutes=minutes, lr=lr)
         student, report = recover_checkpoint(
             out / "pruned", model, server.model_name, tokens, budget, out / "recovered", server.device,
-            lambda step, steps, row: progress(f"distilling, step {step}, loss {row['loss']:.3f}",
+            lambda step, steps, row: progress(f"distilling, step {step}, loss {row['loss']:.3f}; seconds",
                                               round(row["seconds"]), round(minutes * 60)), check)
         ids = store_recovery(RunStore(runs), student, model, tokenizer, config, server.model_name, fingerprint, plan,
                              loaded, mix_label(stats), report, progress)
@@ -287,7 +287,8 @@ def check_output(server, kind: str, name: str, value) -> None:
             raise ValueError(f"{name} {value!r} is inside the cache directory {cache}, which moeviz manages; "
                              f"a {kind} job's {name} goes there only {where}")
     if kind in NEW_DIRS and name == "out" and path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ValueError(f"{name} {value!r} exists and is not empty; choose a new directory")
+        what = "is a file" if not path.is_dir() else "is a directory that is not empty"
+        raise ValueError(f"The {name} folder {value} {what}: give a new directory (or an empty one)")
 
 
 def _protected(server) -> list[tuple[Path, str]]:

@@ -207,6 +207,7 @@ def _layer_count(num_experts: int, ratio: float, top_k: int, groups: int, layer_
     n = int(round(ratio * num_experts))
     n -= n % groups  # every group loses the same number
     if num_experts - n < top_k:
-        raise PlanError(f"Ratio {ratio} would leave {num_experts - n} experts in layer {layer_idx}, "
+        left = num_experts - n
+        raise PlanError(f"Ratio {ratio} would leave {left} expert{'s' * (left != 1)} in layer {layer_idx}, "
                         f"fewer than top-k = {top_k}.")
     return n

@@ -485,7 +485,8 @@ def mix_tradeoff(rows: list[dict], a: str, b: str, current: float | None = None,
                 ), row=panel, col=1)
         fig.update_yaxes(title_text=label, row=panel, col=1, rangemode="tozero")
     fig.update_xaxes(tickformat=".0%", range=[-0.04, 1.04])
-    fig.update_xaxes(title_text=f"share of {a} in the calibration (the rest: {b})", row=len(panels), col=1)
+    rest = "" if b == "the rest" else f" (the rest: {b})"
+    fig.update_xaxes(title_text=f"share of {a} in the calibration{rest}", row=len(panels), col=1)
     if current is not None:
         fig.update_layout(shapes=[dict(type="line", xref="x", yref="paper", x0=current, x1=current, y0=0, y1=1,
                                        line=dict(color="#000000", width=1.5, dash="dash"))])

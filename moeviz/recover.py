@@ -332,8 +332,10 @@ def save_recovered(student: PreTrainedModel, pruned_dir, out_dir, lineage: dict 
     from .reload import ExportLayout
 
     src, out = Path(pruned_dir), Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new directory.")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file: give a new directory (or an empty one) for the output.")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is a directory that is not empty: give a new directory (or an empty one).")
     ckpt = Checkpoint(src)
     _refuse_quantized(ckpt)
     layout = ExportLayout(src, read_config(src))

@@ -64,10 +64,11 @@ if done := finished("calibration_job", "Calibration"):  # shown once, then gone;
 
 st.subheader("Cached calibrations of this model")
 st.caption(f"In {Path(cache_dir()).resolve()}.")
-rows = [dict(directory=path.name, **{k: meta["calibration"].get(k) for k in ("data", "num_samples", "seq_len", "seed",
-                                                                               "probe_tokens")},
-             tokens=meta.get("tokens")) for path, meta in list_stats(cache_dir(), fingerprint)]
+rows = [{"source": meta["calibration"].get("data"), "sequences": meta["calibration"].get("num_samples"),
+         "tokens per sequence": meta["calibration"].get("seq_len"), "seed": meta["calibration"].get("seed"),
+         "probe tokens": meta["calibration"].get("probe_tokens"), "tokens": meta.get("tokens"), "folder": path.name}
+        for path, meta in list_stats(cache_dir(), fingerprint)]
 if rows:
-    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    st.dataframe(pd.DataFrame(rows), hide_index=True, column_config={"source": st.column_config.TextColumn(width="large")})
 else:
     st.write("None yet.")

@@ -4,6 +4,10 @@ import streamlit as st
 from moeviz import plots, router_norms
 from pages.common import checkpoint, current_model
 
+SUMMARY_COLUMNS = {"layer_idx": "layer", "num_experts": "routed experts", "top_k": "top-k", "hidden_size": "hidden size",
+                   "intermediate_size": "expert width", "layout": "expert layout",
+                   "expert_params": "routed expert parameters", "shared_params": "shared expert parameters"}
+
 name, skeleton, adapter, fingerprint = current_model()
 st.title("Overview")
 st.write(
@@ -12,11 +16,11 @@ st.write(
 )
 st.markdown(
     "**Where to start:** 1. *Calibrate* — one pass over some text records what every expert does "
-    "(on the demo model, the defaults take a few seconds). 2. *Experts*, *Similarity*, *Layers* — "
+    "(on the demo model, the defaults take about half a minute on two CPU cores). 2. *Experts*, *Similarity*, *Layers* — "
     "which experts matter, which are alike, how layers differ. 3. *Prune* — pick a method and a "
     "ratio, click experts in or out, evaluate, and compare the runs on *Compare*."
 )
-st.dataframe(pd.DataFrame(adapter.summary()), hide_index=True)
+st.dataframe(pd.DataFrame(adapter.summary()).rename(columns=SUMMARY_COLUMNS), hide_index=True)
 
 st.subheader("Router rows")
 st.caption(

@@ -124,7 +124,7 @@ def test_a_hand_started_backend_is_found_with_its_token_file(backend, tmp_path):
     ("similarity", dict(space="weights", out="CACHE/exports/weights.npy"), "goes there only inside"),  # not its folder
     ("export", dict(plan={}, stats=None, out="CACHE/exports"), "goes there only inside"),  # the folder itself
     ("evaluate", dict(plan={}, stats=None, runs="CACHE/other.sqlite"), "runs.sqlite"),
-    ("export", dict(plan={}, stats=None, out="FULL"), "exists and is not empty"),
+    ("export", dict(plan={}, stats=None, out="FULL"), "is a directory that is not empty"),
 ])
 def test_a_job_with_arguments_it_does_not_take_or_outputs_out_of_place_is_refused(backend, tmp_path, kind, args, why):
     client, cache = backend

@@ -60,7 +60,7 @@ def test_overview_shows_the_layers(tiny_dir):
     at = _app(tiny_dir)
     assert at.title[0].value == "Overview"
     table = at.dataframe[0].value
-    assert list(table["layer_idx"]) == [0, 1] and set(table["num_experts"]) == {8}
+    assert list(table["layer"]) == [0, 1] and set(table["routed experts"]) == {8}  # words, not snake_case
     assert "top-2" in at.markdown[0].value
 
 

@@ -216,7 +216,7 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     assert "Evaluated in place" in (out / "README.md").read_text()  # the card has the run just evaluated
     _no_error(page)
     page.get_by_role("button", name="Export checkpoint").click()  # again, to the same directory: refused
-    refused = page.get_by_text("exists and is not empty")
+    refused = page.get_by_text("is a directory that is not empty")
     refused.wait_for(timeout=60_000)
     page.wait_for_timeout(3000)
     assert refused.is_visible()  # the message stays until the user acts

@@ -213,9 +213,9 @@ def test_bad_arguments_are_refused_before_any_work_in_one_line(tiny_dir, tmp_pat
          "--sequential-sparsity is a fraction"),
         (["distill", "--model", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "d")], "No such directory"),
         (["distill", "--model", str(tiny_dir), "--teacher", str(tiny_dir), "--out", str(tmp_path / "full")],
-         "exists and is not empty"),
+         "is a directory that is not empty"),
         (["prune", "--model", str(tiny_dir), "--plan", str(tmp_path / "none.json"), "--out", str(tmp_path / "full")],
-         "exists and is not empty"),
+         "is a directory that is not empty"),
         (["info", "--model", "demo_fine"], "did you mean 'demo-fine'"),
     ]
     for argv, message in cases:

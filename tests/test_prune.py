@@ -226,7 +226,7 @@ def test_bad_plans_are_refused():
     with pytest.raises(PlanError, match="another model"):
         apply_plan(model, other)
     stats = _stats(model)
-    with pytest.raises(PlanError, match="fewer than top-k"):
+    with pytest.raises(PlanError, match="would leave 1 expert in layer 0, fewer than top-k"):
         make_plan(stats, PlanConfig("frequency", ratio=0.9))
     with pytest.raises(KeyError, match="methods: cprune"):
         make_plan(stats, PlanConfig("magic"))
