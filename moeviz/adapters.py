@@ -466,7 +466,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)
              and name.rsplit(".", 1)[-1] in ("layers", "blocks") and not re.search(r"mtp|vision|audio|visual", name)]
     if not lists:
-        raise ValueError(f"Cannot find decoder layers in {type(model).__name__}.")
+        raise ValueError(f"Unsupported architecture: {_arch(config) if config is not None else type(model).__name__}: "
+                         "no list of decoder layers (`layers` or `blocks`), so no sparse MoE block moeviz can find.")
     exact = [(name, m) for name, m in lists if len(m) == count]
     name, layers = min(exact or lists, key=lambda nm: ("language_model" not in nm[0], -len(nm[1]), nm[0]))
     return layers

@@ -478,6 +478,9 @@ def _prune(args) -> int:
     from .plan import PruningPlan
 
     _check_new_dir(args.out)  # before any work, and before a progress bar
+    from .loading import load_skeleton
+
+    load_skeleton(args.model)  # an architecture moeviz cannot prune: refused before anything is said or written
     if args.sequential:
         _check_fraction(args.ratio, "--ratio")
         plan, stats = _sequential_plan(args)
@@ -560,13 +563,17 @@ def _evaluate(args) -> int:
     def progress(step, done, total):
         print(f"{step}…", file=sys.stderr)
 
+    original = None  # a plan's figures are printed beside the original's, evaluated the same way
     if args.runs:  # the plan in place, against the original; the original stored once as the baseline
         from .runs import RunStore, store_evaluation
 
-        ids = store_evaluation(RunStore(args.runs), model, tokenizer, config, args.model, model_fingerprint(model),
+        store = RunStore(args.runs)
+        ids = store_evaluation(store, model, tokenizer, config, args.model, model_fingerprint(model),
                                plan, stats, _calibration(args, stats) or (plan.calibration if plan else None),
                                progress)
-        report = RunStore(args.runs).get(ids["run_id"]).metrics
+        report = store.get(ids["run_id"]).metrics
+        if plan is not None and ids.get("baseline_id") is not None:
+            original = store.get(ids["baseline_id"]).metrics
         print(f"stored as run {ids['run_id']}" + (" (already stored)" if ids["cached"] else ""), file=sys.stderr)
     else:
         reference = None
@@ -574,11 +581,31 @@ def _evaluate(args) -> int:
             reference, _ = load_model(args.reference, device=args.device, dtype=args.dtype,
                                       trust_remote_code=args.trust_remote_code)
         report = evaluate(model, config, tokenizer, reference, progress=progress, plan=plan, stats=stats)
-    text = json.dumps(report, indent=2, default=float)
+        if plan is not None:
+            original = evaluate(model, config, tokenizer, progress=progress)
+    text = json.dumps(report if original is None else dict(report, original=original), indent=2, default=float)
     if args.out:
         Path(args.out).write_text(text)
-    print(text if args.json else _summary(report))
+    print(text if args.json else _summary(report) if original is None else _beside(original, report))
     return 0
+
+
+def _beside(original: dict, pruned: dict) -> str:
+    """The plan's main figures beside the original's, evaluated the same way, with the change."""
+    itself = dict(kl=0.0, top1_agreement=1.0, params_saved=0.0)  # the original against itself
+
+    def cell(report: dict, key: str) -> str:
+        value = report.get(key, itself.get(key))
+        err = report.get(f"{key}_se", (report.get("se") or {}).get(key))
+        return "" if value is None else f"{value:.4g}" + (f" ± {err:.2g}" if err else "")
+
+    lines = [f"{'':>15}  {'original':>16}  {'pruned':>16}  change"]
+    for key in ("perplexity", "task_mean", "kl", "top1_agreement", "params_saved"):
+        if key in pruned:
+            before = original.get(key, itself.get(key))
+            change = "" if before is None else f"{pruned[key] - before:+.3g}"
+            lines.append(f"{key:>15}  {cell(original, key):>16}  {cell(pruned, key):>16}  {change}")
+    return "\n".join(lines)
 
 
 def _distill(args) -> int:

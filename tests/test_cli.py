@@ -118,6 +118,13 @@ def test_evaluate_a_plan_stores_the_original_once_as_the_baseline(tiny_dir, tmp_
     assert main(["evaluate", "--model", str(tiny_dir), "--plan", str(plan), "--stats", stats_dir, "--data", "random",
                  "--samples", "4", "--seq-len", "16", "--runs", str(runs)]) == 0
     assert "already stored" in capsys.readouterr().err and len(RunStore(runs).list()) == 3  # not twice
+    for stored in ([], ["--runs", str(runs)]):  # the plan's figures beside the original's, evaluated the same way
+        assert main(["evaluate", "--model", str(tiny_dir), "--plan", str(plan), "--stats", stats_dir, "--data",
+                     "random", "--samples", "4", "--seq-len", "16", *stored]) == 0
+        head, *rows = capsys.readouterr().out.strip().splitlines()
+        assert head.split() == ["original", "pruned", "change"]
+        kl = next(r for r in rows if r.split()[0] == "kl").split()
+        assert kl[1] == "0" and float(kl[2]) > 0 and kl[3].startswith("+")
 
 
 def test_each_run_is_compared_with_the_original_evaluated_the_same_way(tmp_path, capsys):
@@ -223,3 +230,14 @@ def test_bad_arguments_are_refused_before_any_work_in_one_line(tiny_dir, tmp_pat
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, (argv, err)  # no traceback, no progress bar
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+def test_prune_refuses_a_model_without_experts_before_saying_anything(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    assert main(["prune", "--model", str(tmp_path / "gpt2"), "--plan", str(plan), "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err
+    assert "Unsupported architecture" in err and "exporting as" not in err and not (tmp_path / "o").exists()
