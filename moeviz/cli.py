@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = runs.add_mutually_exclusive_group()
     out.add_argument("--csv", action="store_true", help="the table as CSV")
     out.add_argument("--json", action="store_true", help="every run's full record as JSON")
+    out.add_argument("--wide", action="store_true", help="also the model and each task's accuracy, in one wide table")
     runs.set_defaults(func=_runs)
     return parser
 
@@ -821,11 +822,17 @@ def _runs(args) -> int:
     if args.csv:  # numbers, each standard error in a column of its own
         print(store.table(**where).to_csv(index=False), end="")
         return 0
+    import shutil
+
     table = delta_table(runs, store.list(method="original"))
-    if len(tasks := task_table(runs)):  # a terminal line may be as wide as it takes
-        table = table.merge(tasks.drop(columns="run"), on="id", how="left")
-    table.insert(1, "model", [r.model for r in runs])
-    print(table.to_string(index=False) if len(table) else "no runs")
+    if args.wide:  # the model and every task's accuracy too, as wide as it takes
+        if len(tasks := task_table(runs)):
+            table = table.merge(tasks.drop(columns="run"), on="id", how="left")
+        table.insert(1, "model", [r.model for r in runs])
+        print(table.to_string(index=False) if len(table) else "no runs")
+        return 0
+    # the main columns, wrapped in blocks that fit the terminal
+    print(table.to_string(index=False, line_width=shutil.get_terminal_size().columns) if len(table) else "no runs")
     return 0
 
 

@@ -140,6 +140,23 @@ def test_each_run_is_compared_with_the_original_evaluated_the_same_way(tmp_path,
     assert "+3" in row and "demo, 64 × 128" in row  # against 14, not 20
 
 
+def test_the_runs_table_fits_the_terminal_unless_asked_wide(tmp_path, capsys, monkeypatch):
+    from moeviz.runs import Run, RunStore
+
+    store = RunStore(tmp_path / "runs.sqlite")
+    ev = dict(data="demo", num_samples=64, seq_len=128, demo_tasks=True)
+    metrics = dict(eval=ev, perplexity=17.0, perplexity_se=0.5, task_mean=0.8, kl=0.3, top1_agreement=0.8,
+                   params_saved=0.21, **{f"task_{d}": 0.8 for d in ("arithmetic", "sequences", "prose", "code", "dates")})
+    store.add(Run("a-model-with-a-long-name/of-some-size", "original", 0.0, dict(metrics, kl=0.0), fingerprint="fp"))
+    store.add(Run("a-model-with-a-long-name/of-some-size", "mone", 0.25, metrics, "novice", "layer", fingerprint="fp"))
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["runs", "--runs", str(tmp_path / "runs.sqlite")]) == 0
+    assert max(map(len, capsys.readouterr().out.splitlines())) <= 100
+    assert main(["runs", "--runs", str(tmp_path / "runs.sqlite"), "--wide"]) == 0
+    out = capsys.readouterr().out
+    assert max(map(len, out.splitlines())) > 100 and "arithmetic" in out and "a-model-with-a-long-name" in out
+
+
 def test_runs_prints_a_compact_table_csv_and_json(tmp_path, capsys):
     import json
 
