@@ -113,9 +113,10 @@ def _summary(rows: dict[str, torch.Tensor], seq_len: int, perplexity: bool = Tru
 
 
 def fidelity(model: PreTrainedModel, reference: PreTrainedModel, tokens: torch.Tensor,
-             batch_size: int = 8) -> dict[str, float]:
-    """Mean KL(reference ‖ model) of next-token distributions, and top-1 agreement."""
-    return _summary(_rows(model, tokens, batch_size, reference), tokens.shape[1], perplexity=False)
+             batch_size: int = 8, perplexity: bool = False) -> dict[str, float]:
+    """Mean KL(reference ‖ model) of next-token distributions, and top-1 agreement (and the
+    model's perplexity on the same tokens, with `perplexity`)."""
+    return _summary(_rows(model, tokens, batch_size, reference), tokens.shape[1], perplexity=perplexity)
 
 
 def plan_fidelity(handle, tokens: torch.Tensor, batch_size: int = 8) -> dict:

@@ -383,20 +383,27 @@ def recover_checkpoint(pruned_dir, teacher: PreTrainedModel, teacher_name: str, 
     plan = plan_of(student)
     teacher_fingerprint = model_fingerprint(teacher)
     plan.validate(model_info(teacher, fingerprint=teacher_fingerprint))  # the teacher is its original
-    before = fidelity(student, teacher, check)["kl"] if check is not None else None
+    def held_out() -> dict:  # the training objective's text terms on held-out sequences
+        found = fidelity(student, teacher, check, perplexity=True)
+        ce = math.log(found["perplexity"])
+        return dict(ce=ce, kl=found["kl"], loss=ce + config.logit_kl * found["kl"])
+
+    objective = "cross-entropy" + (f" + {config.logit_kl:g} × KL to the original" if config.logit_kl else "")
+    before = held_out() if check is not None else None
     report = distill(student, teacher, tokens, config, plan, progress)
     if check is not None:
-        after = fidelity(student, teacher, check)["kl"]
-        report["check"] = dict(kl_before=before, kl_after=after, sequences=len(check))
-        if after > before:  # recovery made it worse: the pruned model stays what it was
+        after = held_out()
+        report["check"] = dict(sequences=len(check), objective=objective,
+                               **{f"{k}_{when}": v[k] for when, v in (("before", before), ("after", after)) for k in v})
+        said = (f"on {len(check)} held-out sequences the loss ({objective}) went from {before['loss']:.4g} to "
+                f"{after['loss']:.4g} (KL to the original {before['kl']:.4g} → {after['kl']:.4g})")
+        if after["loss"] > before["loss"]:  # recovery made it worse: the pruned model stays what it was
             del student
             student, _ = load_model(pruned_dir, device=device)
             report.update(kept="pruned", checkpoint=str(Path(pruned_dir).resolve()),
-                          why=f"on {len(check)} held-out sequences the KL to the original rose from {before:.4g} to "
-                              f"{after:.4g}: the pruned model is kept")
+                          why=f"{said}: it rose, the pruned model is kept")
             return student, report
-        report.update(kept="recovered", why=f"on {len(check)} held-out sequences the KL to the original fell from "
-                                            f"{before:.4g} to {after:.4g}")
+        report.update(kept="recovered", why=said)
     lineage = dict(parent=str(Path(pruned_dir).resolve()), teacher=teacher_name,
                    teacher_fingerprint=teacher_fingerprint, plan=json.loads(plan.to_json()), recovery=report)
     out = save_recovered(student, pruned_dir, out_dir, lineage)
