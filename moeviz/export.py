@@ -108,8 +108,10 @@ def export_kind(plan: PruningPlan, quantization: dict | None = None) -> ExportKi
 def export_name(model: str, plan: PruningPlan) -> str:
     """A directory name for the export of `plan` on `model`, in safe characters:
     `demo-fine-mone-novice-18.75pct-edited`."""
+    total = sum(plan.model.get("num_experts") or []) or 1
+    share = plan.num_pruned / total if plan.num_pruned else plan.ratio  # what was pruned, hand edits included
     parts = [Path(str(model)).name, plan.method, plan.mode if plan.num_pruned else None,
-             f"{plan.ratio * 100:g}pct", "global" if plan.scope == "global" else None]
+             f"{share * 100:.4g}pct", "global" if plan.scope == "global" else None]
     if plan.sparsity or plan.nm:
         parts.append(f"{plan.nm[0]}of{plan.nm[1]}" if plan.nm else f"sparsity{plan.sparsity * 100:g}pct")
     return re.sub(r"[^A-Za-z0-9._]+", "-", "-".join(p for p in parts if p)).strip("-.")

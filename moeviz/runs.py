@@ -186,6 +186,7 @@ def run_name(run: dict) -> str:
         return "original"
     parts = [run["method"], run.get("mode"), f"{float(run['ratio']) * 100:g} %",
              "global" if run.get("scope") == "global" else None,
+             "on a mix" if "@" in str(run.get("calibration") or "") else None,  # calibrations at shares
              "+ recovery" if (run.get("metrics") or {}).get("recovery") else None]
     return " ".join(p for p in parts if p)
 

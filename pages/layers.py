@@ -44,7 +44,9 @@ def specialisation_ui() -> None:
         st.info("Calibrate this model on two or more sources (for the demo model: each demo domain, "
                 "demo:arithmetic, demo:code, … on the Calibrate page) to see which experts each one uses.")
         return
-    chosen = st.multiselect("Sources", list(sources), default=list(sources)[:8], key="sources")
+    parts = [s for s in sources if "," not in s and s not in ("demo", "random")]  # not the mix of the others
+    chosen = st.multiselect("Sources", list(sources), default=(parts if len(parts) >= 2 else list(sources))[:8],
+                            key="sources")
     if len(chosen) < 2:
         return
     names, shares = analysis.specialisation({src: load_stats(sources[src]) for src in chosen})

@@ -84,7 +84,7 @@ def mix_ui(stats):
     for key, value in st.session_state.pop("pending_mix", {}).items():  # a mix taken from the trade-off view
         st.session_state[key] = value
     columns = st.columns(len(paths))
-    weights = [col.slider(_source(found.get(p, stats.meta)), 0.0, 1.0, step=0.05, key=f"mix_{Path(p).name}",
+    weights = [col.slider(_source(found.get(p, stats.meta)), 0.0, 1.0, step=0.01, key=f"mix_{Path(p).name}",
                           **({} if f"mix_{Path(p).name}" in st.session_state else dict(value=1.0)))
                for col, p in zip(columns, paths)]
     if sum(weights) == 0:

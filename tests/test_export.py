@@ -550,3 +550,16 @@ def test_an_export_of_a_demo_model_names_it_by_its_name_and_tags_are_valid(tmp_p
     card = (tmp_path / "out" / "README.md").read_text()
     assert "# demo-fine, pruned by moeviz" in card and "`demo-fine` with" in card
     assert json.loads((tmp_path / "out" / "moeviz_lineage.json").read_text())["parent"] == "demo-fine"
+
+
+def test_export_and_run_names_say_what_was_done():
+    """A plan edited by hand to 51 of 256 experts is named by that share, not the method's ratio; a
+    run calibrated on a mix says so."""
+    from moeviz.export import export_name
+    from moeviz.runs import run_name
+
+    info = dict(model_fingerprint="f", layer_indices=[3], num_experts=[256])
+    plan = PruningPlan("mone (edited)", 0.1875, "layer", "novice", info, pruned={3: list(range(51))})
+    assert export_name("demo-fine", plan) == "demo-fine-mone-edited-novice-19.92pct"
+    run = dict(method="mone", mode="novice", ratio=0.25, scope="layer", calibration="a@0.75,b@0.25")
+    assert run_name(run) == "mone novice 25 % on a mix" and run_name({**run, "calibration": "a"}) == "mone novice 25 %"
