@@ -565,7 +565,18 @@ def _evaluate(args) -> int:
         print(f"{step}…", file=sys.stderr)
 
     original = None  # a plan's figures are printed beside the original's, evaluated the same way
-    if args.runs:  # the plan in place, against the original; the original stored once as the baseline
+    if args.runs and args.reference:  # an exported checkpoint against its original: a run of its plan
+        from .recover import plan_of
+        from .runs import RunStore, store_export_evaluation
+
+        store = RunStore(args.runs)
+        reference, _ = load_model(args.reference, device=args.device, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code)
+        ids = store_export_evaluation(store, model, reference, tokenizer, config, args.model, args.reference,
+                                      plan_of(model), progress)
+        report, original = store.get(ids["run_id"]).metrics, store.get(ids["baseline_id"]).metrics
+        print(f"stored as run {ids['run_id']}", file=sys.stderr)
+    elif args.runs:  # the plan in place, against the original; the original stored once as the baseline
         from .runs import RunStore, store_evaluation
 
         store = RunStore(args.runs)

@@ -154,6 +154,26 @@ def store_evaluation(store: RunStore, model, tokenizer, config, name: str, finge
     return dict(run_id=store.add(run), baseline_id=baseline.id, cached=False)
 
 
+def store_export_evaluation(store: RunStore, exported, reference, tokenizer, config, export_path: str, name: str,
+                            plan, progress=None) -> dict:
+    """Evaluate an exported checkpoint against its original `reference` and store it as a run of
+    the plan it was exported with (its lineage's), beside the original's baseline, evaluated the
+    same way: comparable with the same plan evaluated in place. Returns {"run_id", "baseline_id"}."""
+    from dataclasses import asdict
+
+    from .checkpoint import fingerprint as model_fingerprint
+    from .evaluate import evaluate
+
+    fp = model_fingerprint(reference)
+    baseline = store_evaluation(store, reference, tokenizer, config, name, fp, progress=progress)["baseline_id"]
+    report = evaluate(exported, config, tokenizer, reference=reference, progress=progress)
+    report.update(plan_digest=plan_digest(plan), eval=json.loads(json.dumps(asdict(config), default=list)),
+                  export=str(export_path))
+    mode = "sparsity" if plan.sparsity or plan.nm else plan.mode
+    run = Run(name, plan.method, plan.ratio, report, mode, plan.scope, plan.calibration, fp)
+    return dict(run_id=store.add(run), baseline_id=baseline)
+
+
 def store_recovery(store: RunStore, student, teacher, tokenizer, config, name: str, fingerprint: str, plan,
                    stats, calibration: str | None, recovery: dict, progress=None) -> dict:
     """Evaluate a recovered `student` against its `teacher` and store it as a run of the plan it

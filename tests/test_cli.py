@@ -258,3 +258,21 @@ def test_prune_refuses_a_model_without_experts_before_saying_anything(tmp_path, 
     assert main(["prune", "--model", str(tmp_path / "gpt2"), "--plan", str(plan), "--out", str(tmp_path / "o")]) != 0
     err = capsys.readouterr().err
     assert "Unsupported architecture" in err and "exporting as" not in err and not (tmp_path / "o").exists()
+
+
+def test_an_export_evaluated_against_its_original_is_stored_as_a_run_of_its_plan(tmp_path, capsys):
+    from moeviz.runs import RunStore
+
+    assert main(["calibrate", "--model", "demo", "--data", "demo", "--samples", "4", "--seq-len", "32",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    stats_dir = capsys.readouterr().out.strip().splitlines()[-1]
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "--stats", stats_dir, "--method", "frequency", "--ratio", "0.25", "--out", str(plan)]) == 0
+    assert main(["prune", "--model", "demo", "--plan", str(plan), "--out", str(tmp_path / "pruned")]) == 0
+    runs = tmp_path / "runs.sqlite"
+    assert main(["evaluate", "--model", str(tmp_path / "pruned"), "--reference", "demo", "--runs", str(runs),
+                 "--samples", "4", "--seq-len", "32", "--tasks", "none"]) == 0
+    assert "stored as run" in capsys.readouterr().err
+    stored = {r.method: r for r in RunStore(runs).list()}
+    assert set(stored) == {"original", "frequency"} and stored["frequency"].metrics["kl"] > 0
+    assert stored["frequency"].fingerprint == stored["original"].fingerprint  # compared with the demo's own runs
