@@ -9,6 +9,7 @@ expert numbers stay the original ones.
 
 from __future__ import annotations
 
+import colorsys
 import html
 import math
 from contextlib import contextmanager
@@ -48,7 +49,7 @@ def trace(model, tokenizer, text: str, plan=None, stats=None, fingerprint: str |
     ids = encode(tokenizer, text, getattr(model.config, "max_position_embeddings", None))
     adapter = get_adapter(model)
     result = dict(tokens=[tokenizer.decode([i]) for i in ids[0].tolist()], layers=adapter.layer_indices,
-                  **_routed_pass(model, adapter, ids))
+                  num_experts=max(adapter.num_experts), **_routed_pass(model, adapter, ids))
     if plan is not None:
         from .apply import applied
 
@@ -112,8 +113,32 @@ def loss_changes(result: dict, top: int = 10) -> list[dict]:
 
 
 # ---- drawing ------------------------------------------------------------------------------
-def expert_colour(expert: int) -> str:
-    return PALETTE[expert % len(PALETTE)]
+def expert_colour(expert: int, num_experts: int = len(PALETTE)) -> str:
+    """A colour per expert, distinct among `num_experts`: the palette up to 16, beyond it hues a
+    golden angle apart at three lightnesses (no two of 64 or 256 experts share one)."""
+    if num_experts <= len(PALETTE):
+        return PALETTE[expert % len(PALETTE)]
+    r, g, b = colorsys.hls_to_rgb((expert * 0.381966) % 1.0, (0.35, 0.5, 0.65)[expert % 3], 0.75)
+    return f"#{round(r * 255):02X}{round(g * 255):02X}{round(b * 255):02X}"
+
+
+def shown_token(token: str) -> str:
+    """A token as it reads on the page: spaces as ␣, line breaks as ↵, an empty token as ·."""
+    return token.replace(" ", "␣").replace("\n", "↵") or "·"
+
+
+def legend_html(result: dict, layer_idx: int) -> str:
+    """Each first-choice expert of the layer with its colour and token count, largest first; a chip
+    never breaks across lines."""
+    row = result["layers"].index(layer_idx)
+    counts: dict[int, int] = {}
+    for experts in result["experts"][row]:
+        counts[experts[0]] = counts.get(experts[0], 0) + 1
+    E = result.get("num_experts", len(PALETTE))
+    chips = [f'<span style="background:{expert_colour(e, E)}33;border-bottom:3px solid {expert_colour(e, E)};'
+             f'padding:0 4px;font-family:monospace;white-space:nowrap;display:inline-block">expert {e}: {n}</span>'
+             for e, n in sorted(counts.items(), key=lambda en: (-en[1], en[0]))]
+    return f'<div style="line-height:2">{" ".join(chips)}</div>'
 
 
 def tokens_html(result: dict, layer_idx: int, highlight: int | None = None, pruned: bool = False) -> str:
@@ -126,13 +151,14 @@ def tokens_html(result: dict, layer_idx: int, highlight: int | None = None, prun
     for t, token in enumerate(result["tokens"]):
         experts, weights = source["experts"][row][t], source["weights"][row][t]
         hover = ", ".join(f"expert {e}: {w:.2f}" for e, w in zip(experts, weights))
-        style = f"background:{expert_colour(experts[0])}33;border-bottom:3px solid {expert_colour(experts[0])};"
+        colour = expert_colour(experts[0], result.get("num_experts", len(PALETTE)))
+        style = f"background:{colour}33;border-bottom:3px solid {colour};"
         if "pruned" in result and set(result["experts"][row][t]) != set(result["pruned"]["experts"][row][t]):
             style += "text-decoration:underline wavy #D55E00;"
             hover += " · rerouted by the plan"
         if highlight is not None and highlight in experts:
             style += "outline:2px solid #000;"
-        shown = html.escape(token).replace("\n", "↵") or "·"
+        shown = html.escape(shown_token(token))
         spans.append(f'<span class="tok" title="{html.escape(hover)}" style="{style}">{shown}</span>')
     # font-size set: monospace alone gets the browser's 13px, smaller than the text around it
     look = "line-height:2;font-family:monospace;font-size:1rem;white-space:pre-wrap"
@@ -148,9 +174,9 @@ def page_html(result: dict, title: str = "moeviz trace") -> str:
     for i, layer_idx in enumerate(result["layers"]):
         note = f" — {result['rerouted'][i]:.0%} of tokens rerouted" if "rerouted" in result else ""
         parts.append(f"<h3>Decoder layer {layer_idx}{note}</h3>"
-                     + tokens_html(result, layer_idx, pruned="pruned" in result))
+                     + tokens_html(result, layer_idx, pruned="pruned" in result) + legend_html(result, layer_idx))
     if rows := loss_changes(result):
-        cells = "".join(f"<tr><td>{r['position']}</td><td>{html.escape(repr(r['token']))}</td>"
+        cells = "".join(f"<tr><td>{r['position']}</td><td>{html.escape(shown_token(r['token']))}</td>"
                         f"<td>{r['p_before']:.3f}</td><td>{r['p_after']:.3f}</td></tr>" for r in rows)
         parts.append("<h3>Where the prediction got worse</h3><table><tr><th>position</th><th>next token</th>"
                      f"<th>p before</th><th>p after</th></tr>{cells}</table>")

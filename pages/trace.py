@@ -2,7 +2,7 @@ import pandas as pd
 import streamlit as st
 
 from moeviz.data import load_texts
-from moeviz.trace import NONE_WORSE, expert_colour, loss_changes, tokens_html
+from moeviz.trace import NONE_WORSE, legend_html, loss_changes, shown_token, tokens_html
 from pages.common import current_model, finished, persistent, poll, stats_ui, submit
 
 name, skeleton, adapter, fingerprint = current_model()
@@ -41,18 +41,17 @@ if not result:
 c1, c2 = st.columns(2)
 layer_idx = persistent(c1.selectbox, "Layer", options=result["layers"], key="trace_layer", default=result["layers"][0])
 row = result["layers"].index(layer_idx)
-used = sorted({e for experts in result["experts"][row] for e in experts})
-highlight = c2.selectbox("Frame the tokens of expert", [None, *used], key="trace_highlight",
+# every expert of the model: the options (and so the choice) stay when the trace is run again with a plan
+highlight = c2.selectbox("Frame the tokens of expert", [None, *range(result["num_experts"])], key="trace_highlight",
                          format_func=lambda e: "none" if e is None else f"expert {e}")
 st.html(tokens_html(result, layer_idx, highlight, pruned="pruned" in result))
-firsts = pd.Series([experts[0] for experts in result["experts"][row]]).value_counts()
-st.html(" ".join(f'<span style="background:{expert_colour(e)}33;border-bottom:3px solid {expert_colour(e)};'
-                 f'padding:0 4px;font-family:monospace">expert {e}: {n}</span>' for e, n in firsts.items()))
+st.html(legend_html(result, layer_idx))
 if "pruned" in result:
     st.write(f"The plan sends **{result['rerouted'][row]:.0%}** of this layer's tokens to other experts "
              f"(all layers: {', '.join(f'{r:.0%}' for r in result['rerouted'])}).")
     st.subheader("Where the prediction got worse")
     if worse := loss_changes(result):
-        st.dataframe(pd.DataFrame(worse), hide_index=True)
+        st.dataframe(pd.DataFrame(worse).assign(token=lambda d: d["token"].map(shown_token),
+                                                context=lambda d: d["context"].map(shown_token)), hide_index=True)
     else:
         st.write(NONE_WORSE)

@@ -141,3 +141,17 @@ def test_cli_json_and_an_offline_page(demo, tmp_path, capsys):
             assert page_.locator("span.tok").nth(1).evaluate(size) >= page_.locator("body").evaluate(size)  # readable
             browser.close()
     assert main(["trace", "--model", "demo", "--text", ""]) == 2
+
+
+def test_colours_stay_distinct_at_many_experts_and_the_page_has_a_legend_and_visible_spaces(demo):
+    from moeviz.trace import expert_colour, legend_html, page_html
+
+    for E in (16, 64, 256):
+        assert len({expert_colour(e, E) for e in range(E)}) == E  # 15 and 2 were both teal at 64
+    model, tok, _, _ = demo
+    result = trace(model, tok, TEXT)
+    page = page_html(result)
+    assert page.count("white-space:nowrap") >= len(result["layers"])  # a legend per layer, chips not broken
+    assert "␣" in page if " " in "".join(result["tokens"]) else True
+    chips = legend_html(result, result["layers"][0])
+    assert sum(int(c.split(": ")[1].split("<")[0]) for c in chips.split("expert ")[1:]) == len(result["tokens"])
