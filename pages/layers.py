@@ -108,6 +108,8 @@ def stability_ui() -> None:
     finished("stability_job", "Stability")
     if not out.exists():
         return
+    st.caption(f"Measured for these settings (kept in {out.parent.name}/{out.name}): change the ratio, the "
+               "sequences, the chunks or the methods to measure again.")
     for method, rows in json.loads(out.read_text()).items():
         st.plotly_chart(plots.stability_curves(rows, f"{method}: agreement with the full calibration"),
                         key=f"stability_{method}")

@@ -187,7 +187,8 @@ def test_layers_page_measures_calibration_stability_in_a_worker(tiny_dir, tmp_pa
     at.run()
     assert not at.exception, at.exception
     assert len(at.get("plotly_chart")) == charts + 3  # mone, reap, frequency
-    assert not at.button  # measured once, kept on disk
+    assert not at.button  # measured once, kept on disk, and the page says why there is no button
+    assert any("Measured for these settings" in c.value and "to measure again" in c.value for c in at.caption)
 
 
 def test_settings_survive_page_switches_and_live_in_the_url(tiny_dir, tmp_path):
