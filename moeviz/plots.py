@@ -49,7 +49,7 @@ def layer_expert_heatmap(
     ))
     text = [f"{colorbar}: {v:{hover_format}}" for v in values.ravel()]
     fig.add_trace(_cell_overlay(layer_indices, values.shape[1], text))
-    return _grid_layout(fig, title, values.shape[1])
+    return _grid_layout(fig, title, values.shape[1], len(layer_indices))
 
 
 def plan_heatmap(pruned: dict[int, list[int]], layer_indices: list[int], num_experts: int,
@@ -72,28 +72,33 @@ def plan_heatmap(pruned: dict[int, list[int]], layer_indices: list[int], num_exp
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, hoverinfo="skip", showlegend=True,
                                  marker=dict(symbol="square", size=12, color=colour)))
     cells = set(map(tuple, _cells(layer_indices, num_experts).tolist()))
+    side = min(cell_px(num_experts, len(layer_indices)))  # overlays stay inside their cells
     moved = sorted({(int(layer), int(e)) for layer, e in changed} & cells)
     if moved:
         fig.add_trace(go.Scatter(  # an outline, not a fill: the cell's colour still says kept or pruned
             x=[e for _, e in moved], y=[str(layer) for layer, _ in moved], mode="markers",
             name="changed against the even mix", showlegend=True, hoverinfo="skip",
-            marker=dict(symbol="square-open", size=15, color="#000000", line=dict(width=2.5)),
+            marker=dict(symbol="square-open", size=max(2.0, min(15.0, side - 2)), color="#000000",
+                        line=dict(width=max(0.5, min(2.0, side / 8)))),
             selected=dict(marker=dict(opacity=1)), unselected=dict(marker=dict(opacity=1)),
         ))
     hand = sorted(pair for pair in toggled if pair[0] in layer_indices and 0 <= pair[1] < num_experts)
     if hand:
-        fig.add_trace(go.Scatter(  # a white ring: readable on both colours; skip: clicks reach the overlay
+        fig.add_trace(go.Scatter(  # a small white dot ringed in black: readable on both colours, the fate colour
+            # around it; skip: clicks reach the overlay
             x=[e for _, e in hand], y=[str(layer) for layer, _ in hand], mode="markers", name="changed by hand",
             showlegend=True, hoverinfo="skip",
-            marker=dict(symbol="circle", size=9, color="#FFFFFF", line=dict(color="#000000", width=2)),
+            marker=dict(symbol="circle", size=max(2.0, min(9.0, side * 0.5)), color="#FFFFFF",
+                        line=dict(color="#000000", width=max(0.5, min(2.0, side / 8)))),
             selected=dict(marker=dict(opacity=1)), unselected=dict(marker=dict(opacity=1)),  # not dimmed by a click
         ))
     state = np.where(grid > 0, "pruned", "kept")
     text = [f"{s} (by hand)" if (layer, e) in toggled else s
             for (layer, e), s in zip(_cells(layer_indices, num_experts).tolist(), state.ravel().tolist())]
     fig.add_trace(_cell_overlay(layer_indices, num_experts, text))
-    fig = _grid_layout(fig, title, num_experts)
-    fig.update_layout(showlegend=True, legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
+    fig = _grid_layout(fig, title, num_experts, len(layer_indices))
+    fig.update_layout(showlegend=True, height=fig.layout.height + 40, margin=dict(b=90),  # the legend below the axis
+                      legend=dict(orientation="h", yanchor="top", y=-0.12 * 240 / fig.layout.height, xanchor="left", x=0))
     return fig
 
 
@@ -120,20 +125,35 @@ def _cells(layer_indices, num_experts) -> np.ndarray:
     return np.stack([layers, np.tile(np.arange(num_experts), len(layer_indices))], axis=1)
 
 
+GRID_WIDTH = 700  # px of plot area a grid gets at 1280 px with the sidebar open (measured: 702 px in Chromium)
+ROW_HEIGHT = 22  # px per decoder layer in a grid (at least; a few layers get more)
+
+
+def cell_px(num_experts: int, layers: int) -> tuple[float, float]:
+    """(width, height) of one grid cell in px, as `_grid_layout` sizes the figure."""
+    return GRID_WIDTH / num_experts, max(ROW_HEIGHT, 240 / layers)
+
+
 def _cell_overlay(layer_indices, num_experts, text: list[str]) -> go.Scatter:
+    """The grid's clickable points, one per cell centre. Plotly gives a click to the point whose
+    marker edge is nearest (distance minus the radius, at least 3 px): markers wider than a cell
+    tie with their neighbours and the neighbour may win (a click on expert 0 flipped expert 1).
+    At 1 px the nearest centre wins, and on a grid the nearest centre is the cell under the pointer."""
     cells = _cells(layer_indices, num_experts)
     return go.Scatter(
         x=cells[:, 1], y=[str(i) for i in cells[:, 0]], mode="markers", customdata=cells, text=text,
-        marker=dict(size=12, opacity=0), showlegend=False, hoverinfo="none",
+        marker=dict(size=1, opacity=0), showlegend=False, hoverinfo="none",
         hovertemplate="layer %{customdata[0]}, expert %{customdata[1]}<br>%{text}<extra></extra>",
     )
 
 
-def _grid_layout(fig: go.Figure, title: str, num_experts: int) -> go.Figure:
+def _grid_layout(fig: go.Figure, title: str, num_experts: int, layers: int) -> go.Figure:
     fig.update_layout(
         title=title, xaxis_title="expert", yaxis_title="decoder layer", hoverdistance=-1,
-        yaxis=dict(type="category", autorange="reversed"), margin=dict(l=60, r=20, t=60, b=50),
+        yaxis=dict(type="category", autorange="reversed"), margin=dict(l=60, r=50, t=60, b=50),  # r: the toolbar
         xaxis=dict(range=[-0.5, num_experts - 0.5], dtick=1 if num_experts <= 32 else None),
+        height=int(110 + layers * cell_px(num_experts, layers)[1]),
+        modebar=dict(orientation="v"),  # beside the plot, not over its title
     )
     return fig
 
@@ -451,7 +471,9 @@ def ratio_curve(curves: dict[str, list[dict]], current_ratio: float | None = Non
             annotations=[dict(x=current_ratio, xref="x", y=1, yref="paper", yanchor="bottom", showarrow=False,
                               text=f"current: {current_ratio:.1%}")],
         )
-    fig.update_layout(title=title, hovermode="closest", legend=dict(title_text="method"), margin=dict(t=70))
+    fig.update_layout(title=title, hovermode="closest", height=520, margin=dict(t=70, b=90),
+                      legend=dict(title_text="method", orientation="h", yanchor="top", y=-0.14, x=0),
+                      modebar=dict(orientation="v"))  # the legend below, the toolbar beside: the title stays clear
     return fig
 
 

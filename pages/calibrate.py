@@ -69,6 +69,6 @@ rows = [{"source": meta["calibration"].get("data"), "sequences": meta["calibrati
          "probe tokens": meta["calibration"].get("probe_tokens"), "tokens": meta.get("tokens"), "folder": path.name}
         for path, meta in list_stats(cache_dir(), fingerprint)]
 if rows:
-    st.dataframe(pd.DataFrame(rows), hide_index=True, column_config={"source": st.column_config.TextColumn(width="large")})
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
 else:
     st.write("None yet.")

@@ -223,12 +223,8 @@ except (PlanError, KeyError) as err:
     st.error(str(err))
     plan = None
 
-left, right = st.columns([3, 2])
-with right:
-    if error := st.session_state.pop("curve_error", None):
-        st.error(f"The estimate failed: {error}")
-    curve_ui()
-with left:
+plan_area = st.container()  # the plan across the page's width; the ratio curve in a row of its own below
+with plan_area:
     if plan is not None:
         sparsity = f" Weight sparsity {plan.sparsity or plan.nm} inside every kept expert." if plan.sparsity or plan.nm else ""
         st.caption("What am I looking at: the plan, one cell per expert. Click a cell to keep or prune that "
@@ -256,6 +252,13 @@ with left:
             st.session_state["history"].append(set(st.session_state["toggles"]))
             st.session_state.update(toggles=set(), last_selection=())
             st.rerun()
+        if st.session_state["toggles"]:  # the hand edits in words: what a click did, and what the plan holds
+            st.caption("Changed by hand: " + "; ".join(
+                f"layer {layer}: {', '.join(str(e) for e in sorted(e for l2, e in st.session_state['toggles'] if l2 == layer))}"
+                for layer in sorted({layer for layer, _ in st.session_state["toggles"]})))
+if error := st.session_state.pop("curve_error", None):
+    st.error(f"The estimate failed: {error}")
+curve_ui()
 
 if plan is None:
     st.stop()

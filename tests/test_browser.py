@@ -306,7 +306,14 @@ def test_a_calibration_mix_moves_the_plan_at_once(server, page):
     _no_error(page)
     entries = sorted(p.parent.name for p in CACHE["dir"].glob("*/meta.json"))
 
-    _open(page, "Prune")
+    _open(page, "Prune")  # the new sources are offered for mixing, not mixed in behind the user's back
+    mix = page.get_by_role("combobox", name="Mix with other calibrations")
+    mix.wait_for(timeout=60_000)
+    assert page.get_by_text("Shares of the calibration tokens").count() == 0
+    mix.click()
+    page.get_by_role("option", name="demo:code").click()
+    page.keyboard.press("Escape")
+    _idle(page)
     page.get_by_text("Shares of the calibration tokens").wait_for(timeout=60_000)
     _idle(page)
     math = page.get_by_role("slider", name="demo:arithmetic")  # one slider per source
@@ -349,4 +356,41 @@ def test_a_calibration_mix_moves_the_plan_at_once(server, page):
                            "t => t.name === 'current mix' && t.x[0] === 1); }", timeout=60_000)
     page.get_by_text("Shares of the calibration tokens: demo:arithmetic 100%").wait_for(timeout=30_000)  # the sliders
     _no_error(page)
+    page.close()
+
+
+def test_a_click_lands_on_the_cell_under_the_pointer_at_64_experts(server, page):
+    """demo-fine's plan (4 layers × 64 experts) at 1280 × 900: a click at the centre of each of ten
+    cells spread over the plan, neighbours among them, flips exactly those ten experts, as the
+    page's own list of hand edits says (a click on expert 0 once flipped expert 1)."""
+    page = page.context.browser.new_page(viewport={"width": 1280, "height": 900})  # a session of its own
+    page.goto(f"{server}/?model=demo-fine")
+    _idle(page)
+    _open(page, "Calibrate")
+    _type(page, page.get_by_label("Sequences"), "16")
+    page.get_by_role("button", name="Calibrate").click()
+    page.get_by_text("Calibrated").wait_for(timeout=240_000)
+    _open(page, "Prune")
+    _plan_chart(page).locator(".js-plotly-plot").wait_for(timeout=60_000)
+    _idle(page)
+    cells = [(0, 0), (0, 1), (0, 63), (1, 31), (1, 32), (2, 5), (2, 6), (3, 17), (3, 62), (2, 40)]
+    for n, (layer, expert) in enumerate(cells, start=1):
+        page.mouse.click(*_cell(page, _plan_chart(page), layer, expert))
+        _idle(page)
+        page.wait_for_function("n => [...document.querySelectorAll('.js-plotly-plot')].some(gd => gd.data && "
+                               "gd.data.some(t => t.name === 'changed by hand' && t.x.length === n))", arg=n,
+                               timeout=60_000)
+    _idle(page)
+    said = page.get_by_text("Changed by hand:").inner_text().removeprefix("Changed by hand: ")
+    flipped = {(int(part.split(":")[0].removeprefix("layer ")), int(e))
+               for part in said.split("; ") for e in part.split(": ")[1].split(", ")}
+    assert flipped == set(cells)
+    # every marker over the grid fits inside one cell: none can take a neighbour's click or hide its colour
+    cell, sizes = _plan_chart(page).evaluate("""el => { const gd = el.querySelector('.js-plotly-plot');
+        const l = gd._fullLayout, cell = Math.min(l.xaxis._length / 64, l.yaxis._length / 4);
+        return [cell, gd._fullData.filter(t => t.type === 'scatter' && t.x.length && t.x[0] !== null)
+                                    .map(t => t.marker.size)]; }""")
+    assert cell >= 10 and sizes and max(sizes) < cell, (cell, sizes)  # about 11 px a cell at 1280 px
+    _no_error(page)
+    _nothing_cut(page)
     page.close()

@@ -251,7 +251,8 @@ def test_recovery_of_a_plan_made_from_a_mix_trains_on_the_mix_and_a_failure_leav
     args = dict(plan=json.loads(plan.to_json()), stats=spec, runs=str(tmp_path / "runs.sqlite"), minutes=0.02, lr=1e-3,
                 train_samples=8, data=data, num_samples=4, seq_len=64)
     done = jobs.recover(server, lambda *a: None, out=str(tmp_path / "rec"), **args)
-    assert (tmp_path / "rec" / "pruned" / "model.safetensors").is_file() and done["run_id"]
+    assert (tmp_path / "rec" / "pruned" / "model.safetensors").is_file() and done["parent_id"]  # trained, checked
+    assert done["kept"] in ("recovered", "pruned") and "held-out sequences" in done["why"]
     with pytest.raises(ValueError):
         jobs.recover(server, lambda *a: None, out=str(tmp_path / "bad"), **{**args, "data": "a=demo:nonsense"})
     assert not (tmp_path / "bad").exists()  # the checkpoint it had exported is gone with it
