@@ -102,6 +102,74 @@ def plan_heatmap(pruned: dict[int, list[int]], layer_indices: list[int], num_exp
     return fig
 
 
+CLOSEUP_CELL = 12  # px: the smallest cell a person clicks without aiming twice
+
+
+def closeup_rows(num_experts: int) -> int:
+    """How many rows one layer's experts wrap into so that each cell is at least CLOSEUP_CELL px wide."""
+    return -(-num_experts * CLOSEUP_CELL // GRID_WIDTH)
+
+
+def plan_closeup(pruned: dict[int, list[int]], layer_indices: list[int], num_experts: int, *,
+                 scores: np.ndarray | None = None, frequency: np.ndarray | None = None, by_score: bool = False,
+                 toggled=(), title: str = "Close-up") -> go.Figure:
+    """A few layers of the plan at a size where every cell can be clicked: each layer's experts
+    wrapped into rows (`closeup_rows`) of cells at least 12 px wide, kept and pruned as in
+    `plan_heatmap`, in expert order or, with `by_score`, the method's order (highest score first:
+    the method's cut shows as the line where the colours change). `scores` and `frequency` are
+    (len(layer_indices), E) rows for the hover. Cells are selectable like the overview's."""
+    rows_per_layer = closeup_rows(num_experts)
+    per_row = -(-num_experts // rows_per_layer)
+    z, labels, xs, ys, data, text, hand_x, hand_y = [], [], [], [], [], [], [], []
+    toggled = {(int(layer), int(e)) for layer, e in toggled}
+    for i, layer in enumerate(layer_indices):
+        order = (np.argsort(-scores[i], kind="stable") if by_score and scores is not None
+                 else np.arange(num_experts)).tolist()
+        rank = {e: r + 1 for r, e in enumerate(np.argsort(-scores[i], kind="stable").tolist())} if scores is not None else {}
+        gone = set(pruned.get(layer, []))
+        for r in range(rows_per_layer):
+            part = order[r * per_row:(r + 1) * per_row]
+            label = f"layer {layer}" + (f" · {r + 1}/{rows_per_layer}" if rows_per_layer > 1 else "")
+            labels.append(label)
+            z.append([1.0 if e in gone else 0.0 for e in part] + [np.nan] * (per_row - len(part)))
+            for pos, e in enumerate(part):
+                xs.append(pos)
+                ys.append(label)
+                data.append([layer, e])
+                hover = [f"{'pruned' if e in gone else 'kept'}{' (by hand)' if (layer, e) in toggled else ''}"]
+                if frequency is not None:
+                    hover.append(f"frequency {frequency[i][e]:.3g}")
+                if scores is not None:
+                    hover.append(f"score {scores[i][e]:.4g}, rank {rank[e]} of {num_experts}")
+                text.append("<br>".join(hover))
+                if (layer, e) in toggled:
+                    hand_x.append(pos)
+                    hand_y.append(label)
+    fig = go.Figure(go.Heatmap(z=z, x=np.arange(per_row), y=labels, zmin=0, zmax=1, showscale=False, hoverinfo="skip",
+                               colorscale=[[0, KEPT], [0.5, KEPT], [0.5, PRUNED], [1, PRUNED]]))
+    for name, colour in (("kept", KEPT), ("pruned", PRUNED)):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, hoverinfo="skip",
+                                 marker=dict(symbol="square", size=12, color=colour)))
+    side = min(GRID_WIDTH / per_row, 22.0)
+    if hand_x:
+        fig.add_trace(go.Scatter(x=hand_x, y=hand_y, mode="markers", name="changed by hand", hoverinfo="skip",
+                                 marker=dict(symbol="circle", size=side * 0.5, color="#FFFFFF",
+                                             line=dict(color="#000000", width=1.5)),
+                                 selected=dict(marker=dict(opacity=1)), unselected=dict(marker=dict(opacity=1))))
+    fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", customdata=data, text=text, showlegend=False,
+                             marker=dict(size=1, opacity=0), hoverinfo="none",
+                             hovertemplate="layer %{customdata[0]}, expert %{customdata[1]}<br>%{text}<extra></extra>"))
+    fig.update_layout(
+        title=title, hoverdistance=-1, showlegend=True, modebar=dict(orientation="v"),
+        height=int(150 + len(labels) * side), margin=dict(l=110, r=50, t=60, b=80),
+        legend=dict(orientation="h", yanchor="top", y=-40 / (len(labels) * side + 1), x=0),
+        xaxis=dict(range=[-0.5, per_row - 0.5], title="position" + (" in the method's order" if by_score else ""),
+                   showticklabels=not by_score),
+        yaxis=dict(type="category", autorange="reversed"),
+    )
+    return fig
+
+
 def selected_cells(event) -> list[tuple[int, int]]:
     """(layer_idx, expert_idx) of every point selected in a Streamlit event on a grid above.
 

@@ -9,7 +9,7 @@ from moeviz import plots
 from moeviz.checkpoint import is_demo
 from moeviz.data import mix_sources
 from moeviz.export import STANDARD, checkpoint_mtp_layers, export_kind, export_name
-from moeviz.methods import PlanConfig, get_method, make_plan, method_names
+from moeviz.methods import PlanConfig, get_method, make_plan, method_names, method_scores
 from moeviz.plan import PlanError
 from moeviz.runs import RunStore, against_original, plan_digest, recovery_pairs, run_name, setting
 from moeviz.stats import ExpertStats, StatsError, list_stats, mix_label
@@ -112,7 +112,8 @@ stats, STATS, EVEN = mix_ui(stats)
 STATS_LABEL = mix_label(STATS)
 config = settings_ui()
 if st.session_state.get("plan_settings") != (config, STATS_LABEL):  # new settings or calibration: forget the clicks
-    st.session_state.update(plan_settings=(config, STATS_LABEL), toggles=set(), history=[], last_selection=())
+    st.session_state.update(plan_settings=(config, STATS_LABEL), toggles=set(), history=[], last_selection=(),
+                            last_closeup_selection=())
 
 
 def sequential_ui():
@@ -223,6 +224,41 @@ except (PlanError, KeyError) as err:
     st.error(str(err))
     plan = None
 
+def flip(selection: list, last: str) -> None:
+    """Flip the experts of a new click, box or lasso on a plan chart (`last`: where that chart's
+    previous selection is kept). A figure that changed clears its selection: the same cell may come again."""
+    selection = tuple(selection)
+    if not selection:
+        st.session_state[last] = ()
+    elif selection != st.session_state.get(last, ()):
+        st.session_state["history"].append(set(st.session_state["toggles"]))
+        st.session_state["toggles"] ^= set(selection)
+        st.session_state[last] = selection
+        st.rerun()
+
+
+def closeup_ui(plan) -> None:
+    """A few layers at a size where every cell can be clicked (at least 12 px), in step with the
+    overview: the same plan, edits, undo and reset; optionally in the method's score order."""
+    layers = stats.layer_indices
+    c1, c2 = st.columns([3, 1])
+    lo, hi = (c1.select_slider("Close-up of layers", options=layers, value=(layers[0], layers[0]), key="closeup_layers",
+                               help="one layer or a range (up to 8), every cell large enough to click")
+              if len(layers) > 1 else (layers[0], layers[0]))
+    shown = [layer for layer in layers if lo <= layer <= hi][:8]
+    scored = not get_method(config.method).makes_plan
+    by_score = c2.toggle("In the method's order", key="closeup_by_score", disabled=not scored,
+                         help="highest score first: the method's cut is where the colours change")
+    rows = [layers.index(layer) for layer in shown]
+    scores = method_scores(stats, config)[rows] if scored else None
+    fig = plots.plan_closeup(plan.pruned, shown, stats.num_experts, scores=scores,
+                             frequency=stats.frequency[rows].numpy(), by_score=by_score and scored,
+                             toggled=st.session_state["toggles"],
+                             title=f"Close-up: layer{'s' * (len(shown) > 1)} {', '.join(map(str, shown))}")
+    event = st.plotly_chart(fig, key="closeup_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
+    flip(plots.selected_cells(event), "last_closeup_selection")
+
+
 plan_area = st.container()  # the plan across the page's width; the ratio curve in a row of its own below
 with plan_area:
     if plan is not None:
@@ -234,28 +270,22 @@ with plan_area:
                                  f"{plan.method}: {plan.num_pruned} experts pruned ({plan.mode})",
                                  toggled=st.session_state["toggles"], changed=changed)
         event = st.plotly_chart(fig, key="plan_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
-        selection = tuple(plots.selected_cells(event))
-        if not selection:  # the figure changed, which clears the chart's selection: the same cell may come again
-            st.session_state["last_selection"] = ()
-        elif selection != st.session_state["last_selection"]:  # a new click or box: flip those
-            st.session_state["history"].append(set(st.session_state["toggles"]))
-            st.session_state["toggles"] ^= set(selection)
-            st.session_state["last_selection"] = selection
-            st.rerun()
+        flip(plots.selected_cells(event), "last_selection")
         c1, c2, c3 = st.columns([2, 2, 3])
         c1.metric("Experts pruned", plan.num_pruned)
         if c2.button("Undo", disabled=not st.session_state["history"]):
             st.session_state["toggles"] = st.session_state["history"].pop()
-            st.session_state["last_selection"] = ()
+            st.session_state.update(last_selection=(), last_closeup_selection=())
             st.rerun()
         if c3.button("Reset to the method's plan", disabled=not st.session_state["toggles"]):
             st.session_state["history"].append(set(st.session_state["toggles"]))
-            st.session_state.update(toggles=set(), last_selection=())
+            st.session_state.update(toggles=set(), last_selection=(), last_closeup_selection=())
             st.rerun()
         if st.session_state["toggles"]:  # the hand edits in words: what a click did, and what the plan holds
             st.caption("Changed by hand: " + "; ".join(
                 f"layer {layer}: {', '.join(str(e) for e in sorted(e for l2, e in st.session_state['toggles'] if l2 == layer))}"
                 for layer in sorted({layer for layer, _ in st.session_state["toggles"]})))
+        closeup_ui(plan)
 if error := st.session_state.pop("curve_error", None):
     st.error(f"The estimate failed: {error}")
 curve_ui()

@@ -394,3 +394,39 @@ def test_a_click_lands_on_the_cell_under_the_pointer_at_64_experts(server, page)
     _no_error(page)
     _nothing_cut(page)
     page.close()
+
+
+def test_the_close_up_flips_the_expert_under_the_pointer_in_step_with_the_overview(server, page):
+    """The close-up of one layer, in the method's score order: a click on a cell flips that expert,
+    in the overview too, and Undo takes it back in both."""
+    page = page.context.browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{server}/?model=demo-fine")
+    _idle(page)
+    _open(page, "Calibrate")  # found in the cache when the test before ran
+    _type(page, page.get_by_label("Sequences"), "16")
+    page.get_by_role("button", name="Calibrate").click()
+    page.get_by_text(re.compile("Calibrated|Found in the cache")).wait_for(timeout=240_000)
+    _open(page, "Prune")
+    closeup = page.locator("[data-testid='stPlotlyChart']").filter(has_text="Close-up").first
+    closeup.locator(".js-plotly-plot").wait_for(timeout=120_000)
+    page.get_by_text("In the method's order").click()
+    _idle(page)
+    closeup = page.locator("[data-testid='stPlotlyChart']").filter(has_text="Close-up").first
+    target = closeup.evaluate("""el => { const gd = el.querySelector('.js-plotly-plot');
+        const t = gd._fullData.find(t => t.customdata && t.customdata.length), l = gd._fullLayout, i = 3;
+        const box = gd.getBoundingClientRect();
+        return {expert: t.customdata[i][1], layer: t.customdata[i][0], cell: l.xaxis._length / l.xaxis.range[1],
+                x: box.x + l.xaxis._offset + l.xaxis.d2p(t.x[i]), y: box.y + l.yaxis._offset + l.yaxis.d2p(t.y[i])}; }""")
+    assert target["cell"] >= 12  # every cell clickable by hand
+    page.mouse.click(target["x"], target["y"])
+    _idle(page)
+    page.get_by_text("Changed by hand:").wait_for(timeout=60_000)
+    said = page.get_by_text("Changed by hand:").inner_text()
+    assert said == f"Changed by hand: layer {target['layer']}: {target['expert']}"
+    assert _plan_chart(page).evaluate("el => el.querySelector('.js-plotly-plot').data.some("
+                                      "t => t.name === 'changed by hand' && t.x.length === 1)")  # the overview too
+    page.get_by_role("button", name="Undo").click()
+    _idle(page)
+    assert page.get_by_text("Changed by hand:").count() == 0
+    _no_error(page)
+    page.close()
