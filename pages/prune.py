@@ -214,15 +214,22 @@ try:
         even = make_plan(EVEN, config)
         changed = {(layer, e) for layer in stats.layer_indices
                    for e in set(plan.pruned.get(layer, [])) ^ set(even.pruned.get(layer, []))}
+except (PlanError, KeyError) as err:
+    st.error(str(err))
+    plan = None
+invalid = None  # hand edits the model cannot take yet (a group-limited router's groups lose unequal numbers)
+if plan is not None:
     for layer_idx, expert_idx in st.session_state["toggles"]:
         plan.pruned[layer_idx] = sorted(set(plan.pruned.get(layer_idx, [])) ^ {expert_idx})
     if st.session_state["toggles"]:
         plan.merge_into = {}
         plan.method = f"{config.method} (edited)"  # stored and named apart from the method's own plan
-    plan.validate()
-except (PlanError, KeyError) as err:
-    st.error(str(err))
-    plan = None
+    try:
+        plan.validate()
+    except PlanError as err:  # the edits stay on screen, to be completed or undone
+        invalid = str(err)
+        st.warning(f"{invalid} Keep editing (or Undo); evaluation and export wait for a plan the model can take.")
+
 
 def flip(selection: list, last: str) -> None:
     """Flip the experts of a new click, box or lasso on a plan chart (`last`: where that chart's
@@ -237,14 +244,35 @@ def flip(selection: list, last: str) -> None:
         st.rerun()
 
 
+OPEN_BELOW_PX = 8  # overview cells narrower than this are not flipped by a click: it opens their layer
+
+
+def open_layer(selection: list) -> None:
+    """A click on an overview whose cells are too small to aim at opens the clicked layer in the
+    close-up, where every cell can be clicked (a box opens the layers it spans)."""
+    selection = tuple(selection)
+    if not selection:
+        st.session_state["last_selection"] = ()
+    elif selection != st.session_state.get("last_selection", ()):
+        layers = sorted({layer for layer, _ in selection})
+        st.session_state.update(last_selection=selection, closeup_range=(layers[0], layers[-1]),
+                                closeup_opened=st.session_state.get("closeup_opened", 0) + 1)  # a new slider
+        st.rerun()
+
+
 def closeup_ui(plan) -> None:
     """A few layers at a size where every cell can be clicked (at least 12 px), in step with the
     overview: the same plan, edits, undo and reset; optionally in the method's score order."""
     layers = stats.layer_indices
     c1, c2 = st.columns([3, 1])
-    lo, hi = (c1.select_slider("Close-up of layers", options=layers, value=(layers[0], layers[0]), key="closeup_layers",
+    wanted = st.session_state.get("closeup_range", (layers[0], layers[0]))  # the slider's, or a click's
+    if not set(wanted) <= set(layers):  # another model's or calibration's
+        wanted = (layers[0], layers[0])
+    lo, hi = (c1.select_slider("Close-up of layers", options=layers, value=wanted,
+                               key=f"closeup_layers_{st.session_state.get('closeup_opened', 0)}",
                                help="one layer or a range (up to 8), every cell large enough to click")
               if len(layers) > 1 else (layers[0], layers[0]))
+    st.session_state["closeup_range"] = (lo, hi)
     shown = [layer for layer in layers if lo <= layer <= hi][:8]
     scored = not get_method(config.method).makes_plan
     by_score = c2.toggle("In the method's order", key="closeup_by_score", disabled=not scored,
@@ -263,14 +291,20 @@ plan_area = st.container()  # the plan across the page's width; the ratio curve 
 with plan_area:
     if plan is not None:
         sparsity = f" Weight sparsity {plan.sparsity or plan.nm} inside every kept expert." if plan.sparsity or plan.nm else ""
-        st.caption("What am I looking at: the plan, one cell per expert. Click a cell to keep or prune that "
-                   "expert by hand; drag a box or lasso (modebar) to flip several; ringed cells were changed "
-                   "by hand." + sparsity)
+        small = plots.cell_px(stats.num_experts, len(stats.layer_indices))[0] < OPEN_BELOW_PX
+        st.caption("What am I looking at: the plan, one cell per expert. "
+                   + ("A click opens that layer in the close-up below, where each expert can be kept or pruned "
+                      "by hand; " if small else
+                      "Click a cell to keep or prune that expert by hand (or in the close-up below); ")
+                   + "drag a box or lasso (modebar) to flip several; ringed cells were changed by hand." + sparsity)
         fig = plots.plan_heatmap(plan.pruned, stats.layer_indices, stats.num_experts,
                                  f"{plan.method}: {plan.num_pruned} experts pruned ({plan.mode})",
                                  toggled=st.session_state["toggles"], changed=changed)
         event = st.plotly_chart(fig, key="plan_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
-        flip(plots.selected_cells(event), "last_selection")
+        if plots.cell_px(stats.num_experts, len(stats.layer_indices))[0] < OPEN_BELOW_PX:  # too small to aim at
+            open_layer(plots.selected_cells(event))
+        else:
+            flip(plots.selected_cells(event), "last_selection")
         c1, c2, c3 = st.columns([2, 2, 3])
         c1.metric("Experts pruned", plan.num_pruned)
         if c2.button("Undo", disabled=not st.session_state["history"]):
@@ -290,7 +324,7 @@ if error := st.session_state.pop("curve_error", None):
     st.error(f"The estimate failed: {error}")
 curve_ui()
 
-if plan is None:
+if plan is None or invalid:
     st.stop()
 st.session_state.update(current_plan=json.loads(plan.to_json()), current_plan_stats=STATS)  # for the Trace page
 

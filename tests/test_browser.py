@@ -121,9 +121,22 @@ def _cell(page, chart, layer, expert):
     xy = chart.evaluate("""(el, [layer, expert]) => {
         const gd = el.querySelector('.js-plotly-plot'), l = gd._fullLayout;
         const box = gd.getBoundingClientRect();
-        return [box.x + l.xaxis._offset + l.xaxis.d2p(expert), box.y + l.yaxis._offset + l.yaxis.d2p(String(layer))];
+        const row = l.yaxis._categories.indexOf(String(layer));  // by position: "20" alone would read as index 20
+        return [box.x + l.xaxis._offset + l.xaxis.d2p(expert), box.y + l.yaxis._offset + l.yaxis.c2p(row)];
     }""", [layer, expert])
     return xy[0], xy[1]
+
+
+def _in_view(page, chart, point):
+    """Scroll the page until `point()` (page coordinates) is in the viewport's middle; return them."""
+    x, y = point()
+    height = page.viewport_size["height"]
+    if not 80 < y < height - 80:
+        page.mouse.move(x if x > 0 else 600, height / 2)
+        page.mouse.wheel(0, y - height / 2)
+        page.wait_for_timeout(500)
+        x, y = point()
+    return x, y
 
 
 def _pruned(page) -> int:
@@ -199,6 +212,7 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     curve.wait_for(timeout=180_000)
     marked = curve.evaluate("el => el.querySelector('.js-plotly-plot').layout.shapes.length")
     assert marked >= 1  # the slider's ratio as a line
+    assert curve.evaluate("el => el.querySelector('.js-plotly-plot')._fullLayout.xaxis._length") >= 400  # readable
     _no_error(page)
 
     page.get_by_role("button", name="Apply and evaluate").click()
@@ -429,4 +443,63 @@ def test_the_close_up_flips_the_expert_under_the_pointer_in_step_with_the_overvi
     _idle(page)
     assert page.get_by_text("Changed by hand:").count() == 0
     _no_error(page)
+    page.close()
+
+
+def test_a_deepseek_v3_shaped_plan_opens_a_layer_and_its_clicks_show_in_the_overview(server, page, tmp_path):
+    """58 MoE layers × 256 experts (DeepSeek-V3's shape, tiny hidden size): the overview's cells are
+    too small to aim at, so a click there opens that layer in the close-up; ten clicks in the
+    close-up flip exactly those experts, in the overview as well; nothing on the page is cut."""
+    import torch
+
+    from moeviz.adapters import get_adapter
+    from moeviz.calibrate import CalibConfig, calibrate
+    from moeviz.loading import load_model
+    from moeviz.tiny import tiny_model
+
+    model = tiny_model("deepseek_v3", num_hidden_layers=61, first_k_dense_replace=3, n_routed_experts=256,
+                       num_experts_per_tok=8, n_group=8, topk_group=4, moe_intermediate_size=4)
+    with torch.no_grad():
+        for layer in get_adapter(model).layers:
+            layer.router_weight.mul_(20)
+    model.save_pretrained(tmp_path / "dsv3")  # 23 MB
+    loaded = load_model(tmp_path / "dsv3", device="cpu")[0]
+    calibrate(loaded, CalibConfig(data="random", num_samples=4, seq_len=32, probe_tokens=64, cache_dir=CACHE["dir"]))
+    page = page.context.browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{server}/?model={tmp_path / 'dsv3'}")
+    _idle(page)
+    _open(page, "Prune")
+    chart = _plan_chart(page)
+    chart.locator(".js-plotly-plot").wait_for(timeout=120_000)
+    _idle(page)
+    assert page.get_by_text("A click opens that layer in the close-up below").count() == 1
+    page.mouse.click(*_in_view(page, chart, lambda: _cell(page, chart, 20, 100)))  # layer 20: opened, not flipped
+    _idle(page)
+    closeup = page.locator("[data-testid='stPlotlyChart']").filter(has_text="Close-up: layer 20").first
+    closeup.locator(".js-plotly-plot").wait_for(timeout=60_000)
+    assert page.get_by_text("Changed by hand:").count() == 0
+    targets = closeup.evaluate("""el => { const gd = el.querySelector('.js-plotly-plot');
+        const t = gd._fullData.find(t => t.customdata && t.customdata.length), l = gd._fullLayout;
+        return [0, 1, 40, 77, 128, 129, 200, 231, 254, 255].map(i => ({expert: t.customdata[i][1], x: t.x[i], y: t.y[i],
+            cell: l.xaxis._length / (l.xaxis.range[1] - l.xaxis.range[0])})); }""")
+    assert min(t["cell"] for t in targets) >= 12
+    for n, target in enumerate(targets, start=1):
+        closeup = page.locator("[data-testid='stPlotlyChart']").filter(has_text="Close-up: layer 20").first
+        def point(closeup=closeup, target=target):
+            return closeup.evaluate("""(el, [x, y]) => { const gd = el.querySelector('.js-plotly-plot');
+                const l = gd._fullLayout, box = gd.getBoundingClientRect();
+                const row = l.yaxis._categories.indexOf(y);
+                return [box.x + l.xaxis._offset + l.xaxis.d2p(x), box.y + l.yaxis._offset + l.yaxis.c2p(row)]; }""",
+                                    [target["x"], target["y"]])
+        page.mouse.click(*_in_view(page, closeup, point))
+        _idle(page)
+        page.wait_for_function("n => [...document.querySelectorAll('.js-plotly-plot')].some(gd => gd.data && "
+                               "(gd.layout.title.text || '').includes('experts pruned') && "
+                               "gd.data.some(t => t.name === 'changed by hand' && t.x.length === n))", arg=n,
+                               timeout=60_000)
+    said = page.get_by_text("Changed by hand:").inner_text()
+    assert said == "Changed by hand: layer 20: " + ", ".join(str(e) for e in sorted(t["expert"] for t in targets))
+    # eight groups of 32 that lose unequal numbers: said, and the plan stays on screen to be completed or undone
+    assert page.get_by_text("must each lose the same number of experts").count() == 1
+    _nothing_cut(page)
     page.close()
