@@ -112,8 +112,7 @@ stats, STATS, EVEN = mix_ui(stats)
 STATS_LABEL = mix_label(STATS)
 config = settings_ui()
 if st.session_state.get("plan_settings") != (config, STATS_LABEL):  # new settings or calibration: forget the clicks
-    st.session_state.update(plan_settings=(config, STATS_LABEL), toggles=set(), history=[], last_selection=(),
-                            last_closeup_selection=())
+    st.session_state.update(plan_settings=(config, STATS_LABEL), toggles=set(), history=[], last_selection=())
 
 
 def sequential_ui():
@@ -207,6 +206,42 @@ def _stored_runs() -> list[dict]:
 
 
 # ---- the plan, clickable ---------------------------------------------------------------
+def flip(selection: list) -> None:
+    """Flip the experts of a click, box or lasso on a plan chart. A flip changes the figure, and a
+    changed figure is a new chart whose selection starts empty: each selection is taken once."""
+    if selection:
+        st.session_state["history"].append(set(st.session_state["toggles"]))
+        st.session_state["toggles"] ^= set(selection)
+
+
+OPEN_BELOW_PX = 8  # overview cells narrower than this are not flipped by a click: it opens their layer
+
+
+def open_layer(selection: list) -> None:
+    """A click on an overview whose cells are too small to aim at opens the clicked layer in the
+    close-up, where every cell can be clicked (a box opens the layers it spans)."""
+    selection = tuple(selection)
+    if not selection:
+        st.session_state["last_selection"] = ()
+    elif selection != st.session_state.get("last_selection", ()):
+        layers = sorted({layer for layer, _ in selection})
+        st.session_state.update(last_selection=selection, closeup_range=(layers[0], layers[-1]),
+                                closeup_opened=st.session_state.get("closeup_opened", 0) + 1)  # a new slider
+
+
+def take_clicks() -> None:
+    """A chart's selection is in session state when the run starts: flip (or open) now, before the
+    plan is made and drawn, so that one run, not two, shows what a click did."""
+    small = plots.cell_px(stats.num_experts, len(stats.layer_indices))[0] < OPEN_BELOW_PX
+    overview = plots.selected_cells(st.session_state.get("plan_chart"))
+    if small:
+        open_layer(overview)
+    else:
+        flip(overview)
+    flip(plots.selected_cells(st.session_state.get("closeup_chart")))
+
+
+take_clicks()
 try:
     plan = make_plan(stats, config, calibration=STATS_LABEL)
     changed = set()  # against the even mix: what the mix decides
@@ -229,35 +264,6 @@ if plan is not None:
     except PlanError as err:  # the edits stay on screen, to be completed or undone
         invalid = str(err)
         st.warning(f"{invalid} Keep editing (or Undo); evaluation and export wait for a plan the model can take.")
-
-
-def flip(selection: list, last: str) -> None:
-    """Flip the experts of a new click, box or lasso on a plan chart (`last`: where that chart's
-    previous selection is kept). A figure that changed clears its selection: the same cell may come again."""
-    selection = tuple(selection)
-    if not selection:
-        st.session_state[last] = ()
-    elif selection != st.session_state.get(last, ()):
-        st.session_state["history"].append(set(st.session_state["toggles"]))
-        st.session_state["toggles"] ^= set(selection)
-        st.session_state[last] = selection
-        st.rerun()
-
-
-OPEN_BELOW_PX = 8  # overview cells narrower than this are not flipped by a click: it opens their layer
-
-
-def open_layer(selection: list) -> None:
-    """A click on an overview whose cells are too small to aim at opens the clicked layer in the
-    close-up, where every cell can be clicked (a box opens the layers it spans)."""
-    selection = tuple(selection)
-    if not selection:
-        st.session_state["last_selection"] = ()
-    elif selection != st.session_state.get("last_selection", ()):
-        layers = sorted({layer for layer, _ in selection})
-        st.session_state.update(last_selection=selection, closeup_range=(layers[0], layers[-1]),
-                                closeup_opened=st.session_state.get("closeup_opened", 0) + 1)  # a new slider
-        st.rerun()
 
 
 def closeup_ui(plan) -> None:
@@ -283,8 +289,7 @@ def closeup_ui(plan) -> None:
                              frequency=stats.frequency[rows].numpy(), by_score=by_score and scored,
                              toggled=st.session_state["toggles"],
                              title=f"Close-up: layer{'s' * (len(shown) > 1)} {', '.join(map(str, shown))}")
-    event = st.plotly_chart(fig, key="closeup_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
-    flip(plots.selected_cells(event), "last_closeup_selection")
+    st.plotly_chart(fig, key="closeup_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
 
 
 plan_area = st.container()  # the plan across the page's width; the ratio curve in a row of its own below
@@ -300,20 +305,16 @@ with plan_area:
         fig = plots.plan_heatmap(plan.pruned, stats.layer_indices, stats.num_experts,
                                  f"{plan.method}: {plan.num_pruned} experts pruned ({plan.mode})",
                                  toggled=st.session_state["toggles"], changed=changed)
-        event = st.plotly_chart(fig, key="plan_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
-        if plots.cell_px(stats.num_experts, len(stats.layer_indices))[0] < OPEN_BELOW_PX:  # too small to aim at
-            open_layer(plots.selected_cells(event))
-        else:
-            flip(plots.selected_cells(event), "last_selection")
+        st.plotly_chart(fig, key="plan_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
         c1, c2, c3 = st.columns([2, 2, 3])
         c1.metric("Experts pruned", plan.num_pruned)
         if c2.button("Undo", disabled=not st.session_state["history"]):
             st.session_state["toggles"] = st.session_state["history"].pop()
-            st.session_state.update(last_selection=(), last_closeup_selection=())
+            st.session_state["last_selection"] = ()
             st.rerun()
         if c3.button("Reset to the method's plan", disabled=not st.session_state["toggles"]):
             st.session_state["history"].append(set(st.session_state["toggles"]))
-            st.session_state.update(toggles=set(), last_selection=(), last_closeup_selection=())
+            st.session_state.update(toggles=set(), last_selection=())
             st.rerun()
         if st.session_state["toggles"]:  # the hand edits in words: what a click did, and what the plan holds
             st.caption("Changed by hand: " + "; ".join(
