@@ -93,9 +93,21 @@ def plan_heatmap(pruned: dict[int, list[int]], layer_indices: list[int], num_exp
             selected=dict(marker=dict(opacity=1)), unselected=dict(marker=dict(opacity=1)),  # not dimmed by a click
         ))
     state = np.where(grid > 0, "pruned", "kept")
-    text = [f"{s} (by hand)" if (layer, e) in toggled else s
-            for (layer, e), s in zip(_cells(layer_indices, num_experts).tolist(), state.ravel().tolist())]
-    fig.add_trace(_cell_overlay(layer_indices, num_experts, text))
+    cell = cell_px(num_experts, len(layer_indices))[0]
+    if cell >= AIM_PX:
+        text = [f"{s} (by hand)" if (layer, e) in toggled else s
+                for (layer, e), s in zip(_cells(layer_indices, num_experts).tolist(), state.ravel().tolist())]
+        fig.add_trace(_cell_overlay(layer_indices, num_experts, text))
+    else:  # too fine to aim at: a point per stretch of AIM_PX, whose click opens the layer (thousands fewer to draw)
+        stride = int(np.ceil(AIM_PX / cell))
+        starts = np.arange(0, num_experts, stride)
+        cells = np.array([(layer, e) for layer in layer_indices for e in starts])
+        text = [f"experts {e}–{min(e + stride, num_experts) - 1}: {int(grid[layer_indices.index(layer), e:e + stride].sum())} "
+                f"pruned; click to open the layer" for layer, e in cells.tolist()]
+        fig.add_trace(go.Scatter(
+            x=cells[:, 1] + (stride - 1) / 2, y=[str(i) for i in cells[:, 0]], mode="markers", customdata=cells,
+            text=text, marker=dict(size=1, opacity=0), showlegend=False, hoverinfo="none",
+            hovertemplate="layer %{customdata[0]}, %{text}<extra></extra>"))
     fig = _grid_layout(fig, title, num_experts, len(layer_indices))
     fig.update_layout(showlegend=True, height=fig.layout.height + 40, margin=dict(b=90),  # the legend below the axis
                       legend=dict(orientation="h", yanchor="top", y=-0.12 * 240 / fig.layout.height, xanchor="left", x=0))
@@ -193,6 +205,7 @@ def _cells(layer_indices, num_experts) -> np.ndarray:
     return np.stack([layers, np.tile(np.arange(num_experts), len(layer_indices))], axis=1)
 
 
+AIM_PX = 8  # overview cells narrower than this cannot be aimed at: a click there opens the layer instead
 GRID_WIDTH = 700  # px of plot area a grid gets at 1280 px with the sidebar open (measured: 702 px in Chromium)
 ROW_HEIGHT = 22  # px per decoder layer in a grid (at least; a few layers get more)
 

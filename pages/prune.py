@@ -214,9 +214,6 @@ def flip(selection: list) -> None:
         st.session_state["toggles"] ^= set(selection)
 
 
-OPEN_BELOW_PX = 8  # overview cells narrower than this are not flipped by a click: it opens their layer
-
-
 def open_layer(selection: list) -> None:
     """A click on an overview whose cells are too small to aim at opens the clicked layer in the
     close-up, where every cell can be clicked (a box opens the layers it spans)."""
@@ -232,7 +229,7 @@ def open_layer(selection: list) -> None:
 def take_clicks() -> None:
     """A chart's selection is in session state when the run starts: flip (or open) now, before the
     plan is made and drawn, so that one run, not two, shows what a click did."""
-    small = plots.cell_px(stats.num_experts, len(stats.layer_indices))[0] < OPEN_BELOW_PX
+    small = plots.cell_px(stats.num_experts, len(stats.layer_indices))[0] < plots.AIM_PX
     overview = plots.selected_cells(st.session_state.get("plan_chart"))
     if small:
         open_layer(overview)
@@ -296,7 +293,7 @@ plan_area = st.container()  # the plan across the page's width; the ratio curve 
 with plan_area:
     if plan is not None:
         sparsity = f" Weight sparsity {plan.sparsity or plan.nm} inside every kept expert." if plan.sparsity or plan.nm else ""
-        small = plots.cell_px(stats.num_experts, len(stats.layer_indices))[0] < OPEN_BELOW_PX
+        small = plots.cell_px(stats.num_experts, len(stats.layer_indices))[0] < plots.AIM_PX
         st.caption("What am I looking at: the plan, one cell per expert. "
                    + ("A click opens that layer in the close-up below, where each expert can be kept or pruned "
                       "by hand; " if small else
