@@ -440,6 +440,7 @@ def test_the_close_up_flips_the_expert_under_the_pointer_in_step_with_the_overvi
     assert _plan_chart(page).evaluate("el => el.querySelector('.js-plotly-plot').data.some("
                                       "t => t.name === 'changed by hand' && t.x.length === 1)")  # the overview too
     page.get_by_role("button", name="Undo").click()
+    page.get_by_text("Changed by hand:").wait_for(state="detached", timeout=60_000)  # Undo reruns the page once more
     _idle(page)
     assert page.get_by_text("Changed by hand:").count() == 0
     _no_error(page)
