@@ -13,18 +13,14 @@ the overview shows that edit (the page rerun, both charts redrawn), and their me
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from memory import start_app  # bench/memory.py: the dashboard on a model, its own cache, up and healthy
+
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 CLOSEUP_POINT = """(el, i) => { const gd = el.querySelector('.js-plotly-plot'), l = gd._fullLayout, box = gd.getBoundingClientRect();
     const t = gd._fullData.find(t => t.customdata && t.customdata.length), row = l.yaxis._categories.indexOf(t.y[i]);
@@ -58,28 +54,15 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/moeviz-bench/dsv3-tiny"))
     args = parser.parse_args()
-    cache = Path(tempfile.mkdtemp(prefix="moeviz-bench-prune-"))
-    build(args.dir, cache)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
-                            "--server.port", str(port), "--server.address", "127.0.0.1"], cwd=ROOT,
-                           env={**os.environ, "MOEVIZ_CACHE_DIR": str(cache)},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    tmp = Path(tempfile.mkdtemp(prefix="moeviz-bench-prune-"))
+    build(args.dir, tmp / "app-cache")  # the cache `start_app` gives the dashboard
+    app, url = start_app(args.dir, tmp)
     try:
-        for _ in range(240):
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.5)
         measure(url, args)
     finally:
         app.terminate()
         app.wait(timeout=20)
-        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def measure(url: str, args) -> None:

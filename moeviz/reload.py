@@ -97,6 +97,11 @@ def read_substitution(config) -> dict[int, tuple[int | None, dict[int, str]]]:
     return found
 
 
+def _part(key: str) -> str:
+    """The first two parts of a tensor name (`model.visual`, `model.language_model`)."""
+    return ".".join(key.split(".")[:2])
+
+
 # ---- reloading ----------------------------------------------------------------------------
 def is_pruned_export(path) -> bool:
     """Whether a checkpoint directory needs `load_exported` (substitution or moeviz-only)."""
@@ -185,6 +190,7 @@ class ExportLayout:
         self.adapter = adapter
         self.layers = {layer.layer_idx: layer for layer in adapter.layers}
         self.named = file_tensors(adapter)
+        self.parts = {_part(name) for name in self.named}  # `model.language_model`, `lm_head`: what the model holds
         kept = {id(t) for layer in adapter.layers for t in layer.experts.parameters()}
         for key, (_, t) in expert_file_tensors(adapter).items():
             ek = parse_expert_key(key, self.layers)
@@ -257,8 +263,7 @@ class ExportLayout:
         if key.endswith(("_scale_inv", "weight_scale")):
             return None
         if ek is None:
-            part = ".".join(key.split(".")[:2]) + "."
-            if not any(name.startswith(part) for name in self.named):
+            if _part(key) not in self.parts:
                 return None  # a part of a composite checkpoint that its causal LM does not hold: a vision tower
             raise ValueError(f"{self.path}: {key} has no place in this {self.adapter.model.config.model_type} model.")
         if ek.layer_idx in self.physical and ek.expert_idx is not None:

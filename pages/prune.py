@@ -226,12 +226,14 @@ def open_layer(selection: list) -> None:
                                 closeup_opened=st.session_state.get("closeup_opened", 0) + 1)  # a new slider
 
 
+SMALL = plots.cell_px(stats.num_experts, len(stats.layer_indices))[0] < plots.AIM_PX  # a click opens a layer
+
+
 def take_clicks() -> None:
     """A chart's selection is in session state when the run starts: flip (or open) now, before the
     plan is made and drawn, so that one run, not two, shows what a click did."""
-    small = plots.cell_px(stats.num_experts, len(stats.layer_indices))[0] < plots.AIM_PX
     overview = plots.selected_cells(st.session_state.get("plan_chart"))
-    if small:
+    if SMALL:
         open_layer(overview)
     else:
         flip(overview)
@@ -293,10 +295,9 @@ plan_area = st.container()  # the plan across the page's width; the ratio curve 
 with plan_area:
     if plan is not None:
         sparsity = f" Weight sparsity {plan.sparsity or plan.nm} inside every kept expert." if plan.sparsity or plan.nm else ""
-        small = plots.cell_px(stats.num_experts, len(stats.layer_indices))[0] < plots.AIM_PX
         st.caption("What am I looking at: the plan, one cell per expert. "
                    + ("A click opens that layer in the close-up below, where each expert can be kept or pruned "
-                      "by hand; " if small else
+                      "by hand; " if SMALL else
                       "Click a cell to keep or prune that expert by hand (or in the close-up below); ")
                    + "drag a box or lasso (modebar) to flip several; ringed cells were changed by hand." + sparsity)
         fig = plots.plan_heatmap(plan.pruned, stats.layer_indices, stats.num_experts,
