@@ -166,7 +166,9 @@ def similarity(server, progress, space: str, out: str) -> dict:
 def curve(server, progress, stats: str | list, methods: list[str], ratios: list[float], out: str, mode: str | None = None,
           scope: str = "layer", num_samples: int = 8, seq_len: int = 128, data: str | None = None) -> dict:
     """A quick fidelity estimate (KL, top-1 agreement) of each method at each ratio, on a small
-    held-out batch, every plan applied in place; written to `out` (JSON {method: rows})."""
+    held-out batch, every plan applied in place; written to `out` (JSON {method: rows}), or, where
+    `out` holds "{method}", one file a method (JSON {method: rows}), so a method's curve is
+    kept on its own while one job (and one progress bar) estimates them all."""
     import json
 
     from .evaluate import ratio_curve
@@ -178,8 +180,12 @@ def curve(server, progress, stats: str | list, methods: list[str], ratios: list[
     data = data or (calibration[0] if isinstance(calibration, list) else calibration).get("data", "demo")
     result = ratio_curve(model, tokenizer, loaded, methods, ratios, mode, scope, data, num_samples, seq_len,
                          fingerprint, progress)
-    _write(out, lambda tmp: tmp.write_text(json.dumps(result)))
-    return dict(out=str(out))
+    if "{method}" not in out:
+        _write(out, lambda tmp: tmp.write_text(json.dumps(result)))
+        return dict(out=str(out))
+    for method, rows in result.items():
+        _write(out.format(method=method), lambda tmp: tmp.write_text(json.dumps({method: rows})))
+    return dict(out=[out.format(method=method) for method in result])
 
 
 def trace(server, progress, text: str, plan: dict | None = None, stats: str | list | None = None) -> dict:

@@ -163,9 +163,9 @@ def curve_ui() -> None:
             if st.button("Estimate quality at every ratio", help="KL to the original and top-1 agreement on a small "
                                                                 "held-out batch, each ratio's plan applied in place "
                                                                 "in the backend"):
-                st.session_state["curve_jobs"] = [submit(
-                    name, "curve", stats=STATS, methods=[method], ratios=CURVE_RATIOS, mode=config.mode,
-                    scope=config.scope, out=str(_curve_file(method))) for method in missing]
+                st.session_state["curve_jobs"] = [submit(  # one job, so one bar and one time estimate
+                    name, "curve", stats=STATS, methods=missing, ratios=CURVE_RATIOS, mode=config.mode,
+                    scope=config.scope, out=str(_curve_file("{method}")))]
                 st.rerun()
         else:
             curve_job_ui(jobs)
@@ -181,14 +181,14 @@ def curve_ui() -> None:
 
 
 def _curve_file(method: str) -> Path:
-    key = json.dumps(dict(stats=STATS, method=method, mode=config.mode, scope=config.scope,
-                          ratios=CURVE_RATIOS), sort_keys=True)
-    return Path(cache_dir()).resolve() / "curves" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    """Where a method's curve is kept: named by the calibration, mode, scope and ratios, then the method."""
+    key = json.dumps(dict(stats=STATS, mode=config.mode, scope=config.scope, ratios=CURVE_RATIOS), sort_keys=True)
+    return Path(cache_dir()).resolve() / "curves" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}-{method}.json"
 
 
 @st.fragment(run_every=1)
 def curve_job_ui(jobs: list[str]) -> None:
-    """Polls the backend while the estimates run (one job per method, run in order)."""
+    """Polls the backend while the estimate runs (one job for every method not yet estimated)."""
     statuses = [job_status(name, job) for job in jobs]
     if all(s["state"] in ("done", "failed") for s in statuses):
         st.session_state.pop("curve_jobs", None)
@@ -197,7 +197,7 @@ def curve_job_ui(jobs: list[str]) -> None:
             st.session_state["curve_error"] = errors[0]
         st.rerun()
     running = next((s for s in statuses if s["state"] == "running"), statuses[0])
-    progress_ui(running, f"Estimating ({sum(s['state'] == 'done' for s in statuses)}/{len(jobs)} methods done)")
+    progress_ui(running, "Estimating the curve")
 
 
 def _stored_runs() -> list[dict]:

@@ -98,9 +98,13 @@ def test_experts_page_shows_heatmaps_and_one_expert(tiny_dir, tmp_path):
     at.selectbox[1].select("reap").run()
     assert not at.exception
     # a click on a heatmap cell arrives as a selection event carrying (layer, expert)
+    assert at.subheader[0].value == "Layer 0, expert 0"  # before any click, the first
     at.session_state["expert_heatmap"] = {"selection": {"points": [{"customdata": [1, 5]}]}}
     at.run()
     assert at.subheader[0].value == "Layer 1, expert 5"
+    assert (at.selectbox(key="expert_layer").value, at.number_input(key="expert_number").value) == (1, 5)
+    at.number_input(key="expert_number").set_value(6).run()  # a number typed after the click wins
+    assert at.subheader[0].value == "Layer 1, expert 6"
 
 
 @pytest.mark.parametrize("page", ["pages/similarity.py", "pages/layers.py"])

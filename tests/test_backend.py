@@ -48,6 +48,15 @@ def test_two_evaluations_load_the_weights_once_in_one_process(backend):
     assert (cache / "recovered" / "run" / "recovered" / "model.safetensors").is_file()
     assert client.info()["loads"] == 1
 
+    # The ratio curve of two methods: one job, counted over both, each method's rows in a file of its own
+    curve = client.wait(client.submit("curve", stats=cal["result"]["path"], methods=["mone", "random"],
+                                      ratios=[0.25, 0.5], out=str(cache / "curves" / "key-{method}.json"),
+                                      num_samples=2, seq_len=32))
+    assert curve["state"] == "done" and curve["total"] == 4 and curve["done"] == 4, curve
+    for method in ("mone", "random"):
+        rows = json.loads((cache / "curves" / f"key-{method}.json").read_text())
+        assert list(rows) == [method] and [r["ratio"] for r in rows[method]] == [0.25, 0.5]
+
 
 def test_a_failing_job_is_reported_and_the_backend_goes_on(backend):
     client, cache = backend

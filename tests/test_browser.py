@@ -503,4 +503,42 @@ def test_a_deepseek_v3_shaped_plan_opens_a_layer_and_its_clicks_show_in_the_over
     # eight groups of 32 that lose unequal numbers: said, and the plan stays on screen to be completed or undone
     assert page.get_by_text("must each lose the same number of experts").count() == 1
     _nothing_cut(page)
+
+    # The pages beside Prune at 256 experts: every figure within the page's width, nothing cut. On
+    # the Experts heatmap (cells about 2 px wide) a click takes the expert its hover label names,
+    # within a cell of the one aimed at; the number beside it takes the exact one
+    _open(page, "Experts")
+    heatmap = page.locator("[data-testid='stPlotlyChart']").first
+    heatmap.locator(".js-plotly-plot").wait_for(timeout=60_000)
+    x, y = _in_view(page, heatmap, lambda: _cell(page, heatmap, 40, 177))
+    page.mouse.move(x, y)
+    page.wait_for_selector(".hovertext")
+    named = re.search(r"layer (\d+), expert (\d+)", page.locator(".hovertext").first.text_content()).groups()
+    page.mouse.click(x, y)
+    _idle(page)
+    page.get_by_role("heading", name=f"Layer {named[0]}, expert {named[1]}").wait_for(timeout=30_000)
+    assert named[0] == "40" and abs(int(named[1]) - 177) <= 1, named
+    _type(page, page.get_by_role("spinbutton", name="Expert", exact=True), "177")
+    page.get_by_role("heading", name="Layer 40, expert 177").wait_for(timeout=30_000)
+    for name in ("Experts", "Similarity", "Layers"):
+        _open(page, name)
+        page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+        _no_error(page)
+        _nothing_cut(page)
+        _figures_fit(page)
     page.close()
+
+
+def _figures_fit(page):
+    """Every figure lies within the page's main column, its plot area inside the figure."""
+    over = page.evaluate("""() => {
+        const main = document.querySelector("[data-testid='stMain'] [data-testid='stMainBlockContainer']")
+            .getBoundingClientRect(), over = [];
+        for (const gd of document.querySelectorAll('.js-plotly-plot')) {
+            const box = gd.getBoundingClientRect(), l = gd._fullLayout;
+            if (box.left < main.left - 1 || box.right > main.right + 1)
+                over.push(`${l.title.text}: ${box.left}-${box.right} outside ${main.left}-${main.right}`);
+            if (l.xaxis && l.xaxis._offset + l.xaxis._length > l.width + 1) over.push(`${l.title.text}: plot area cut`);
+        }
+        return over; }""")
+    assert not over, over
