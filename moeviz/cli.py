@@ -442,8 +442,8 @@ def _start_data_parallel(device: str) -> tuple[int, str]:
 
 
 def _plan(args) -> int:
-    from .export import export_kind
     from .methods import PlanConfig, make_plan
+    from .plan import export_kind
 
     stats = _stats_of(args)
     nm = tuple(int(x) for x in args.nm.split(":")) if args.nm else None
@@ -475,8 +475,8 @@ def _weight_features(model_name, stats):
 
 
 def _prune(args) -> int:
-    from .export import export_kind, export_plan
-    from .plan import PruningPlan
+    from .export import export_plan
+    from .plan import PruningPlan, export_kind
 
     _check_new_dir(args.out)  # before any work, and before a progress bar
     from .loading import load_skeleton
