@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .adapters import Adapter
-from .stats import ExpertStats
+from .stats import ExpertStats, cosine_matrix, gram_to_cosine
 
 SPACES = ("weights", "weights_invariant", "outputs", "router", "coactivation")
 
@@ -87,20 +87,6 @@ def weight_gram(layer, block: int = 2**20) -> np.ndarray:
             part = part.float()
             gram += (part @ part.T).double().cpu()
     return gram.numpy()
-
-
-def cosine_matrix(features: np.ndarray) -> np.ndarray:
-    """Cosine similarity of rows: (E, D) → (E, E), exactly 1 on the diagonal."""
-    f = np.asarray(features, dtype=np.float64)
-    return gram_to_cosine(f @ f.T)
-
-
-def gram_to_cosine(gram: np.ndarray) -> np.ndarray:
-    """Inner products (E, E) → cosines, symmetric, exactly 1 on the diagonal."""
-    norms = np.sqrt(np.maximum(np.diag(gram), 1e-24))
-    sim = np.clip(gram / np.outer(norms, norms), -1.0, 1.0)
-    np.fill_diagonal(sim, 1.0)
-    return (sim + sim.T) / 2
 
 
 def similarity(stats: ExpertStats | None, space: str, adapter: Adapter | None = None) -> np.ndarray:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .plan import PruningPlan
+from .plan import MOEVIZ_ONLY, STANDARD, PruningPlan
 
 MODES = {
     "remove": "removed: each pruned expert and its router row are gone",
@@ -27,8 +27,6 @@ def model_card(plan: PruningPlan, kind, stats, parent: str, src: Path, adapter, 
     """The card's text. `parent` is how the original was named (a hub id, a path or a demo name),
     `src` its directory, `runs` a `RunStore` (or its path) that may hold this plan's evaluation,
     `mtp` what the export did with the checkpoint's multi-token-prediction layers."""
-    from .export import STANDARD
-
     front = dict(library_name="transformers" if kind.name == STANDARD else "moeviz",  # what can load it
                  tags=["moe", "pruned", "moeviz", hub_tag(plan.method)])
     if _HUB_ID.match(parent) and not Path(parent).exists():
@@ -120,8 +118,6 @@ def _calibration(plan: PruningPlan, stats) -> str:
 
 
 def _loading(kind) -> str:
-    from .export import MOEVIZ_ONLY, STANDARD
-
     moeviz = "```python\nfrom moeviz import load_model\nmodel, tokenizer = load_model(\"PATH\")\n```"
     if kind.name == STANDARD:
         return ("```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained"

@@ -8,7 +8,8 @@ Files hold experts as transformers saves them: one key per expert and projection
 block-wise FP8 checkpoint) or fused (E, …) tensors (`…layers.3.mlp.experts.gate_up_proj`,
 GPT-OSS). Quantized tensors of kept experts are copied byte for byte.
 
-Every plan exports as one of three kinds, named by `export_kind` before anything is written:
+Every plan exports as one of three kinds, named by `moeviz.plan.export_kind` before anything
+is written:
 - **standard**: removal or merging with the same count in every layer, or weight sparsity
   alone. The architecture's own checkpoint (expert counts in the config updated, kept
   experts renumbered 0…K-1): stock transformers, vLLM and any engine that reads it.
@@ -35,7 +36,6 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,7 +46,9 @@ from .apply import align_neurons, check_plan, novices_of, renumber_ids, set_conf
 from .checkpoint import (MOEVIZ_MODEL_TYPE, ROLES, Checkpoint, ExpertKey, demo_names, demo_path, dequantize, fingerprint,
                          local_dir, parse_expert_key, read_config, readable, scale_key, skeleton)
 from .methods.moe_pruner import pruning_mask
-from .plan import LINEAGE_FILE, PLAN_FILE, PruningPlan
+from .card import model_card
+from .plan import (LINEAGE_FILE, MOEVIZ_ONLY, PLAN_FILE, STANDARD, SUBSTITUTION, ExportKind, PruningPlan,
+                   export_kind)
 from .reload import ROUTER_SEMANTICS, expert_file_tensors, file_tensors, is_pruned_export
 from .stats import ExpertStats
 
@@ -56,52 +58,6 @@ REPLACEMENTS_FILE = "model-expert-replacements.safetensors"  # the substitution'
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
                     "spiece.model", "*.tiktoken", "chat_template*")
 Progress = Callable[[int, int], None]  # (done, total) in source tensors
-
-
-# ---- the three kinds ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ExportKind:
-    name: str  # "standard", "expert substitution", "moeviz-only"
-    reason: str  # why this plan exports as this kind
-    loaders: str  # what loads it
-
-    def __str__(self) -> str:
-        return f"{self.name} ({self.reason}); loads with {self.loaders}"
-
-
-STANDARD = "standard"
-SUBSTITUTION = "expert substitution"
-MOEVIZ_ONLY = "moeviz-only"
-LOADERS = {
-    STANDARD: "stock transformers (AutoModelForCausalLM.from_pretrained), vLLM, SGLang and any engine that "
-              "reads the architecture; moeviz.load_model",
-    SUBSTITUTION: "vLLM from 0.33.0 (0.32.0 refuses it: \"no module or parameter named …expert_replacements\"; with substitution vLLM refuses quantized experts, expert parallelism, data parallelism, EPLB and LoRA) and moeviz.load_model; "
-                  "stock transformers refuses it (5.19 and 5.25: a size mismatch, the checkpoint's [K, …] expert tensors against the model's [E, …])",
-    MOEVIZ_ONLY: "moeviz.load_model only; stock loaders refuse it by name (its model type is moeviz_pruned)",
-}
-
-
-def export_kind(plan: PruningPlan, quantization: dict | None = None) -> ExportKind:
-    """Which kind of checkpoint `plan` exports as, and why (see the module's docstring); for a
-    checkpoint with this `quantization_config`, when given."""
-    if not plan.num_pruned:
-        why = "weight sparsity inside every expert" if plan.sparsity or plan.nm else "nothing pruned"
-        return ExportKind(STANDARD, why, LOADERS[STANDARD])
-    if plan.mode in ("novice", "drop"):
-        what = "novices" if plan.mode == "novice" else "drops"
-        loaders = LOADERS[SUBSTITUTION]
-        if quantization:
-            method = (quantization.get("quant_method") if isinstance(quantization, dict)
-                      else getattr(quantization, "quant_method", None)) or "quantized"
-            loaders = (f"moeviz.load_model; vLLM's expert substitution (0.33.0) refuses {method} experts; "
-                       "stock transformers refuses it (5.19 and 5.25: a size mismatch, the checkpoint's [K, …] expert tensors against the model's [E, …])")
-        return ExportKind(SUBSTITUTION, f"{what}: the router keeps every expert, pruned ones answer with a "
-                                        "constant vector", loaders)
-    if plan.is_uniform():
-        return ExportKind(STANDARD, f"{plan.mode}: every MoE layer keeps the same number of experts", LOADERS[STANDARD])
-    kept = sorted({n - len(plan.pruned.get(i, ())) for i, n in zip(plan.model["layer_indices"], plan.model["num_experts"])})
-    return ExportKind(MOEVIZ_ONLY, f"{plan.mode} with {kept[0]}–{kept[-1]} experts kept per layer: one config "
-                                   "holds one expert count", LOADERS[MOEVIZ_ONLY])
 
 
 # ---- export -----------------------------------------------------------------------------
@@ -166,8 +122,6 @@ def export_plan(source, plan: PruningPlan, stats: ExpertStats | None, out_dir,
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2))  # which original expert each one is
         if kind.name == MOEVIZ_ONLY:
             plan.save(tmp / PLAN_FILE)
-        from .card import model_card
-
         (tmp / CARD_FILE).write_text(model_card(plan, kind, stats, parent, src, adapter, parent_fingerprint, runs,
                                                 rewriter.mtp_note))
         readable(tmp)  # mkdtemp made it private, safetensors its files

@@ -30,11 +30,6 @@ SUM_SHAPES = {
     "coactivation": lambda E, H, I: (E, E),  # tokens that select both e and e'
     "tokens": lambda E, H, I: (),  # tokens seen
 }
-PROBE_SHAPES = {
-    "probe_out_sum": lambda E, H, I: (E, H),  # Σ over probe tokens of f_e(x), every expert
-    "probe_sim_sum": lambda E, H, I: (E, E),  # Σ over probe tokens of cos(f_e(x), f_e'(x))
-    "probe_tokens": lambda E, H, I: (),
-}
 
 
 class LayerObserver:

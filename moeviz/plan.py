@@ -7,6 +7,8 @@ A plan is JSON:
 `mode` is `remove` (experts and their router rows go), `novice` (MoNE: a pruned expert is
 replaced by its mean output; the router still routes to it), `drop` (a novice of zeros) or
 `merge` (folded into a named survivor). `sparsity`/`nm` prune weights inside kept experts.
+`export_kind` says which of three kinds of checkpoint a plan exports as (standard, expert
+substitution, moeviz-only): it follows from the plan alone (and the checkpoint's quantization).
 """
 
 from __future__ import annotations
@@ -132,6 +134,52 @@ def _check_layer(layer_idx: int, experts: list[int], num_experts: int, top_k: in
         if len(set(per_group.tolist())) > 1:
             raise PlanError(f"Layer {layer_idx}: the router's {group_count} expert groups must each lose "
                             f"the same number of experts (they would lose {per_group.tolist()}).")
+
+
+# ---- the export kind: which checkpoint a plan becomes ------------------------------------
+@dataclass(frozen=True)
+class ExportKind:
+    name: str  # "standard", "expert substitution", "moeviz-only"
+    reason: str  # why this plan exports as this kind
+    loaders: str  # what loads it
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.reason}); loads with {self.loaders}"
+
+
+STANDARD = "standard"
+SUBSTITUTION = "expert substitution"
+MOEVIZ_ONLY = "moeviz-only"
+LOADERS = {
+    STANDARD: "stock transformers (AutoModelForCausalLM.from_pretrained), vLLM, SGLang and any engine that "
+              "reads the architecture; moeviz.load_model",
+    SUBSTITUTION: "vLLM from 0.33.0 (0.32.0 refuses it: \"no module or parameter named …expert_replacements\"; with substitution vLLM refuses quantized experts, expert parallelism, data parallelism, EPLB and LoRA) and moeviz.load_model; "
+                  "stock transformers refuses it (5.19 and 5.25: a size mismatch, the checkpoint's [K, …] expert tensors against the model's [E, …])",
+    MOEVIZ_ONLY: "moeviz.load_model only; stock loaders refuse it by name (its model type is moeviz_pruned)",
+}
+
+
+def export_kind(plan: PruningPlan, quantization: dict | None = None) -> ExportKind:
+    """Which kind of checkpoint `plan` exports as, and why (see `moeviz.export`'s docstring); for a
+    checkpoint with this `quantization_config`, when given."""
+    if not plan.num_pruned:
+        why = "weight sparsity inside every expert" if plan.sparsity or plan.nm else "nothing pruned"
+        return ExportKind(STANDARD, why, LOADERS[STANDARD])
+    if plan.mode in ("novice", "drop"):
+        what = "novices" if plan.mode == "novice" else "drops"
+        loaders = LOADERS[SUBSTITUTION]
+        if quantization:
+            method = (quantization.get("quant_method") if isinstance(quantization, dict)
+                      else getattr(quantization, "quant_method", None)) or "quantized"
+            loaders = (f"moeviz.load_model; vLLM's expert substitution (0.33.0) refuses {method} experts; "
+                       "stock transformers refuses it (5.19 and 5.25: a size mismatch, the checkpoint's [K, …] expert tensors against the model's [E, …])")
+        return ExportKind(SUBSTITUTION, f"{what}: the router keeps every expert, pruned ones answer with a "
+                                        "constant vector", loaders)
+    if plan.is_uniform():
+        return ExportKind(STANDARD, f"{plan.mode}: every MoE layer keeps the same number of experts", LOADERS[STANDARD])
+    kept = sorted({n - len(plan.pruned.get(i, ())) for i, n in zip(plan.model["layer_indices"], plan.model["num_experts"])})
+    return ExportKind(MOEVIZ_ONLY, f"{plan.mode} with {kept[0]}–{kept[-1]} experts kept per layer: one config "
+                                   "holds one expert count", LOADERS[MOEVIZ_ONLY])
 
 
 # ---- selection: the one place where scores become pruned sets ---------------------------

@@ -9,6 +9,9 @@ Tensors, L MoE layers × E experts (H hidden, I intermediate):
   count, gate_sum, prob_sum, ean_sum, reap_sum (L, E); out_mean, out_var, in_sqnorm (L, E, H);
   mid_sqnorm (L, E, I); coactivation (L, E, E); tokens (L,);
   with probes: probe_out_sum (L, E, H), probe_sim_sum (L, E, E), probe_tokens (L,).
+
+`cosine_matrix` and `gram_to_cosine` turn feature rows (or their inner products) into the
+E × E cosine similarities that `moeviz.analysis` and C-Prune both read.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -292,6 +296,21 @@ VIEWS = {
     "reap": ("REAP: mean g_e(x)·‖f_e(x)‖ over routed tokens", lambda s: s.reap),
     "mone": ("MoNE score RS × ‖σ_e‖₂ (low: a novice can replace it)", lambda s: s.gate_frequency * s.output_std.norm(dim=-1)),
 }
+
+
+# ---- similarity of experts: cosines of feature rows (analysis and C-Prune read these) ----
+def cosine_matrix(features: np.ndarray) -> np.ndarray:
+    """Cosine similarity of rows: (E, D) → (E, E), exactly 1 on the diagonal."""
+    f = np.asarray(features, dtype=np.float64)
+    return gram_to_cosine(f @ f.T)
+
+
+def gram_to_cosine(gram: np.ndarray) -> np.ndarray:
+    """Inner products (E, E) → cosines, symmetric, exactly 1 on the diagonal."""
+    norms = np.sqrt(np.maximum(np.diag(gram), 1e-24))
+    sim = np.clip(gram / np.outer(norms, norms), -1.0, 1.0)
+    np.fill_diagonal(sim, 1.0)
+    return (sim + sim.T) / 2
 
 
 def list_stats(cache_dir: str | os.PathLike, fingerprint: str | None = None) -> list[tuple[Path, dict]]:

@@ -8,9 +8,9 @@ import streamlit as st
 from moeviz import plots
 from moeviz.checkpoint import is_demo
 from moeviz.data import mix_sources
-from moeviz.export import STANDARD, checkpoint_mtp_layers, export_kind, export_name
+from moeviz.export import checkpoint_mtp_layers, export_name
 from moeviz.methods import PlanConfig, get_method, make_plan, method_names, method_scores
-from moeviz.plan import PlanError
+from moeviz.plan import STANDARD, PlanError, export_kind
 from moeviz.runs import RunStore, against_original, plan_digest, recovery_pairs, run_name, setting
 from moeviz.stats import ExpertStats, StatsError, list_stats, mix_label
 from pages.common import (cache_dir, current_model, finished, job_status, load_stats, persistent, poll, progress_ui,

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from moeviz.adapters import check_reading, get_adapter
 from moeviz.apply import applied, apply_plan
 from moeviz.calibrate import CalibConfig, calibrate
-from moeviz.export import STANDARD, SUBSTITUTION, export_plan
+from moeviz.export import export_plan
 from moeviz.loading import load_model
 from moeviz.methods import PlanConfig, make_plan
-from moeviz.plan import PlanError
+from moeviz.plan import STANDARD, SUBSTITUTION, PlanError
 from moeviz.tiny import moe_families, tiny_model
 
 # Families moeviz refuses, with the words of the reason it gives.

@@ -147,8 +147,8 @@ def test_cprune_merges_at_the_heights_scipy_finds(linkage):
     from scipy.cluster.hierarchy import linkage as scipy_linkage
     from scipy.spatial.distance import pdist
 
-    from moeviz.analysis import cosine_matrix
     from moeviz.methods.cprune import _Layer
+    from moeviz.stats import cosine_matrix
 
     feats = torch.randn(12, 6, generator=torch.Generator().manual_seed(1))
     dist = 1 - cosine_matrix(feats.numpy())

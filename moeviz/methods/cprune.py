@@ -20,8 +20,8 @@ similarity of expert outputs on the same tokens, as the authors' code) or `weigh
 import numpy as np
 import torch
 
-from ..analysis import cosine_matrix
 from ..plan import PlanError, PruningPlan
+from ..stats import cosine_matrix
 from . import register
 
 

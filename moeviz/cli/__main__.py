@@ -1,0 +1,7 @@
+"""`python -m moeviz.cli` (and `torchrun … -m moeviz.cli`)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
