@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-JOB_KINDS = ("calibrate", "evaluate", "export", "recover", "stability", "similarity", "curve", "trace", "tradeoff")
+JOB_KINDS = ("calibrate", "evaluate", "export", "verify", "recover", "stability", "similarity", "curve", "trace",
+             "tradeoff")
 MAX_BODY = 1 << 20  # bytes; a plan for 61 layers × 256 experts is about 0.1 MB of JSON
 
 

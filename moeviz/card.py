@@ -48,8 +48,23 @@ def model_card(plan: PruningPlan, kind, stats, parent: str, src: Path, adapter, 
         f"## How to load it\n\nKind: **{kind.name}** ({kind.reason}). It loads with {kind.loaders}.\n\n"
         + _loading(kind),
         "## Evaluation\n\n" + _evaluation(plan, fingerprint, runs),
+        "## Verification\n\n" + NOT_VERIFIED,
     ]
     return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n\n".join(sections) + "\n"
+
+
+NOT_VERIFIED = ("Not verified yet. `moeviz verify <this directory>` checks the files against the checksums in "
+                "`moeviz_lineage.json`, then serves the model in the engine that serves its kind (stock transformers, "
+                "vLLM or moeviz) and compares its outputs with the plan's.")
+
+
+def with_verification(card: str, lines: list[str]) -> str:
+    """The card with its Verification section replaced by `lines` (or by "not verified yet" for
+    none), where it stands; appended when the card has none."""
+    head, _, rest = card.partition("\n## Verification\n")
+    tail = rest[rest.find("\n## "):] if "\n## " in rest else "\n"
+    body = "\n".join(f"- {line}" for line in lines) if lines else NOT_VERIFIED
+    return head.rstrip("\n") + "\n\n## Verification\n\n" + body + "\n" + tail
 
 
 def hub_tag(text: str) -> str:

@@ -119,9 +119,10 @@ def export_plan(source, plan: PruningPlan, stats: ExpertStats | None, out_dir,
                        plan=json.loads(plan.to_json()))
         if rewriter.mtp_note:
             lineage["mtp"] = rewriter.mtp_note
-        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2))  # which original expert each one is
         if kind.name == MOEVIZ_ONLY:
             plan.save(tmp / PLAN_FILE)
+        lineage["files"] = file_checksums(tmp)  # what `moeviz verify` checks a copy against
+        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2))  # which original expert each one is
         (tmp / CARD_FILE).write_text(model_card(plan, kind, stats, parent, src, adapter, parent_fingerprint, runs,
                                                 rewriter.mtp_note))
         readable(tmp)  # mkdtemp made it private, safetensors its files
@@ -130,6 +131,39 @@ def export_plan(source, plan: PruningPlan, stats: ExpertStats | None, out_dir,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return kind
+
+
+UNHASHED = (CARD_FILE, LINEAGE_FILE)  # rewritten after the export (each verification updates both)
+
+
+def file_checksums(directory, names=None) -> dict[str, dict]:
+    """{file name: {"bytes", "sha256"}} of an export's files (`names`, or all but the card and
+    the lineage), hashed in threads (hashlib lets go of the GIL): about a second a GB."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    directory = Path(directory)
+    names = names or sorted(p.name for p in directory.iterdir()
+                            if p.is_file() and p.name not in UNHASHED and not p.name.startswith("."))
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        hashes = list(pool.map(lambda name: _sha256(directory / name), names))
+    return {name: dict(bytes=(directory / name).stat().st_size, sha256=h) for name, h in zip(names, hashes)}
+
+
+def _sha256(file: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_atomically(file: Path, text: str) -> None:
+    """Replace a small text file at once: written beside it, then renamed over it."""
+    tmp = file.with_name(f".tmp.{file.name}")
+    tmp.write_text(text)
+    tmp.replace(file)
 
 
 def _prepare_target(out: Path, size: int) -> Path:

@@ -71,6 +71,24 @@ def export(server, progress, plan: dict, stats: str | list | None, out: str, run
     return dict(path=str(out), kind=kind.name, loaders=kind.loaders)
 
 
+def verify(server, progress, export: str, engine: str | None = None) -> dict:
+    """`moeviz.verify.verify` of an export of the loaded model, its intended outputs from the
+    loaded original with the plan applied in place: {"ok", "summary", "rows"}, or {"ok": False,
+    "problems"} for files that are not whole."""
+    from .verify import VerifyError, read_lineage
+    from .verify import verify as run
+
+    model, _, fingerprint = server.loaded()
+    lineage = read_lineage(export) or {}
+    steps = iter(range(4))
+    try:
+        result = run(export, engine=engine, model=model if lineage.get("parent_fingerprint") == fingerprint else None,
+                     progress=lambda text: progress(text, next(steps, 3), 4))
+    except VerifyError as err:
+        return dict(ok=False, problems=str(err).splitlines())
+    return dict(ok=result.ok, summary=result.summary(), rows=result.rows)
+
+
 def recover(server, progress, plan: dict, stats: str | list | None, runs: str, out: str, minutes: float,
             lr: float = 1e-4, train_samples: int = 1024, **config) -> dict:
     """Export `plan` to `out`/pruned, distil it from the loaded original for `minutes` into

@@ -328,7 +328,8 @@ def save_recovered(student: PreTrainedModel, pruned_dir, out_dir, lineage: dict 
     """Write `student` as the pruned checkpoint `pruned_dir` it was loaded from is written (the
     same files, keys and dtypes, the same plan and config), into the new directory `out_dir`,
     atomically; it reloads with `moeviz.loading.load_model` like the export."""
-    from .export import CARD_FILE
+    from .card import with_verification
+    from .export import CARD_FILE, file_checksums
     from .reload import ExportLayout
 
     src, out = Path(pruned_dir), Path(out_dir)
@@ -351,8 +352,11 @@ def save_recovered(student: PreTrainedModel, pruned_dir, out_dir, lineage: dict 
         for file in src.iterdir():  # config, plan, index, tokenizer, model card
             if file.is_file() and file.suffix != ".safetensors" and file.name != LINEAGE_FILE:
                 shutil.copy2(file, tmp / file.name)
-        if lineage is not None:
+        if lineage is not None:  # the export's checksums and verifications are not these files'
+            lineage = {k: v for k, v in lineage.items() if k != "verifications"} | dict(files=file_checksums(tmp))
             (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
+            if (tmp / CARD_FILE).is_file():
+                (tmp / CARD_FILE).write_text(with_verification((tmp / CARD_FILE).read_text(), []))
             if (tmp / CARD_FILE).is_file() and (recovery := lineage.get("recovery")):
                 with open(tmp / CARD_FILE, "a") as card:
                     card.write(f"\n## Recovery\n\nAfter pruning, distilled from `{lineage.get('teacher')}` for "

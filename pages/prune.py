@@ -1,6 +1,7 @@
 import hashlib
 import json
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import streamlit as st
@@ -446,12 +447,31 @@ if c2.button("Export checkpoint"):
 if result := st.session_state.pop("export_job_result", None):  # beside the button that asked for it
     c2.success(f"Exported to {result['path']} as a {result['kind']} checkpoint, with its model card "
                f"(README.md). Loads with {result['loaders']}.")
+    st.session_state["verify_target"] = result
+if target := st.session_state.get("verify_target"):  # the last export: checked where it will be served
+    engines = ["transformers" if target["kind"] == STANDARD else "moeviz"] + (["vllm"] if find_spec("vllm") else [])
+    v1, v2 = c2.columns([1, 2])
+    engine = v2.selectbox("Verify in", engines, key="verify_engine", label_visibility="collapsed",
+                          help="the export's files first (checksums, every tensor, every expert the plan keeps), then "
+                               "this engine's greedy tokens and log-probabilities on held-out prompts against the plan "
+                               "applied in place")
+    if v1.button("Verify", help=f"check {target['path']} as it will be served"):
+        if job := submit(name, "verify", export=target["path"], engine=engine):
+            st.session_state["verify_job"] = job
+            st.session_state.pop("verify_job_error", None)
+            st.session_state.pop("verify_job_result", None)
+    if checked := st.session_state.get("verify_job_result"):
+        if checked.get("problems"):
+            c2.error("The files are not whole:\n\n" + "\n".join(f"- {line}" for line in checked["problems"]))
+        else:
+            (c2.success if checked["ok"] else c2.error)(checked["summary"] + " (also in the card and the lineage)")
 
 
 @st.fragment(run_every=1)
 def jobs_ui():
     """Polls the backend while a job runs (only then: an idle page does no work)."""
-    for key, label in (("eval_job", "Evaluation"), ("export_job", "Export"), ("recover_job", "Recovery")):
+    for key, label in (("eval_job", "Evaluation"), ("export_job", "Export"), ("verify_job", "Verification"),
+                       ("recover_job", "Recovery")):
         job = st.session_state.get(key)
         if job is None:
             continue
@@ -491,9 +511,9 @@ def recover_ui(run) -> None:
         st.error(error)  # beside the button that started it
 
 
-if any(st.session_state.get(k) for k in ("eval_job", "export_job", "recover_job")):
+if any(st.session_state.get(k) for k in ("eval_job", "export_job", "verify_job", "recover_job")):
     jobs_ui()
-for key in ("eval_job", "export_job"):
+for key in ("eval_job", "export_job", "verify_job"):
     if error := st.session_state.get(f"{key}_error"):
         st.error(error)
 recover_shown = False

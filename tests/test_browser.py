@@ -229,6 +229,11 @@ def test_every_page_and_the_pruning_flow(server, page, tmp_path):
     assert out.name == "demo-mone-novice-25pct" and "expert_substitution" in (out / "config.json").read_text()
     assert "Evaluated in place" in (out / "README.md").read_text()  # the card has the run just evaluated
     _no_error(page)
+    page.get_by_role("button", name="Verify", exact=True).click()  # in moeviz, which serves a substitution
+    verified = page.get_by_text("Verified in moeviz.load_model")
+    verified.wait_for(timeout=300_000)
+    assert "5/5 prompts equal" in verified.inner_text() and "against the plan applied in place on demo" in verified.inner_text()
+    assert "## Verification\n\n- Verified in moeviz.load_model" in (out / "README.md").read_text()
     page.get_by_role("button", name="Export checkpoint").click()  # again, to the same directory: refused
     refused = page.get_by_text("is a directory that is not empty")
     refused.wait_for(timeout=60_000)

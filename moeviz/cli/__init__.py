@@ -60,7 +60,8 @@ def return_freed_memory() -> None:
     libc.mallopt(-8, 2)  # M_ARENA_MAX
 
 
-COMMANDS = (model.add_info, calibrate.add_calibrate, prune.add_plan, prune.add_prune, evaluate.add_evaluate,
+COMMANDS = (model.add_info, calibrate.add_calibrate, prune.add_plan, prune.add_prune, prune.add_verify,
+            evaluate.add_evaluate,
             distill.add_distill, evaluate.add_sweep, calibrate.add_stability, model.add_trace, model.add_serve,
             evaluate.add_runs)
 

@@ -1,5 +1,5 @@
-"""Commands that prune: `plan` (a plan from cached statistics) and `prune` (the pruned checkpoint,
-streamed from the original's files)."""
+"""Commands that prune: `plan` (a plan from cached statistics), `prune` (the pruned checkpoint,
+streamed from the original's files) and `verify` (that checkpoint checked where it will be served)."""
 
 from __future__ import annotations
 
@@ -150,3 +150,43 @@ def _sequential_plan(args):
         stats, path = calibrate(model, config, tokenizer, progress=progress)
     print(f"sequential statistics: {path}", file=sys.stderr)
     return make_plan(stats, PlanConfig("moe_pruner", ratio=args.ratio, nm=nm), calibration=str(path)), stats
+
+
+def add_verify(sub) -> None:
+    verify = sub.add_parser("verify", help="check an export's files, then serve it in an engine and compare its outputs "
+                                           "with the plan's")
+    verify.add_argument("export", help="the exported checkpoint directory")
+    verify.add_argument("--engine", choices=("transformers", "vllm", "moeviz"),
+                        help="what serves it (default: stock transformers for a standard export, moeviz otherwise)")
+    verify.add_argument("--python", help="run the engine in this Python (vLLM pins its own torch and transformers, so "
+                                         "it often has a venv of its own; default: this one)")
+    verify.add_argument("--data", help="the prompts' text (default: the plan's calibration text, held-out part)")
+    verify.add_argument("--prompts", type=positive, default=5, help="held-out prompts")
+    verify.add_argument("--prompt-tokens", type=positive, default=32)
+    verify.add_argument("--new-tokens", type=positive, default=16, help="greedy tokens to continue each prompt by")
+    verify.add_argument("--tolerance", type=float, help="the largest log-prob difference that passes (default: by "
+                                                        "dtype, 1e-3 for float32, 0.05 float16, 0.15 bfloat16)")
+    verify.add_argument("--device", default="auto")
+    verify.add_argument("--files-only", action="store_true", help="check the files alone (no engine, no weights read)")
+    verify.set_defaults(func=_verify)
+
+
+def _verify(args) -> int:
+    from ..verify import VerifyError, check_files, verify
+
+    if args.files_only:
+        problems = check_files(args.export)
+        print("\n".join(problems) or f"{args.export}: the files are whole")
+        return 1 if problems else 0
+    try:
+        result = verify(args.export, args.engine, args.python, args.data, args.prompts, args.prompt_tokens,
+                        args.new_tokens, args.device, args.tolerance, progress=lambda text: print(text, file=sys.stderr))
+    except VerifyError as err:  # the files, one line each: before any model was built
+        print(err)
+        return 1
+    for i, row in enumerate(result.rows):
+        same = "tokens equal" if row["first_difference"] is None else (
+            f"tokens differ from token {row['first_difference']}" + (" (a tie)" if row["equal"] else ""))
+        print(f"prompt {i}: {same}, largest log-prob difference {row['diff']:.2g}")
+    print(result.summary())
+    return 0 if result.ok else 1
