@@ -267,3 +267,11 @@ def test_the_readme_python_runs_on_the_demo(tmp_path, monkeypatch):
             assert scope["routing"].top_k_index.shape == (5, 2)
             assert not (scope["pruned_logits"] == scope["original_logits"]).all()  # the plan changes the outputs
             assert (tmp_path / "cache").is_dir()
+
+
+def test_the_demo_page_says_what_the_app_says_each_demo_teaches():
+    from moeviz.demo import DEMO_MODELS
+
+    page = " ".join((ROOT / "docs" / "demo.md").read_text().split())
+    for name, demo in DEMO_MODELS.items():
+        assert f"**{name}** — {demo.teaches}" in page, f"docs/demo.md's line for {name} differs from the sidebar's"
