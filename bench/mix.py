@@ -3,7 +3,7 @@
     python bench/mix.py [--model demo-fine] [--ratio 0.25] [--methods mone,reap] [--shares 0:1:0.1,0.95,0.99]
                         [--task-examples 200] [--heldout 32] [--out DIR] [--figure docs/mix-fine.png]
 
-Calibrates the model once per demo domain (256 × 128 tokens each, as the README's demo-fine
+Calibrates the model once per demo domain (256 × 128 tokens each, as docs/measurements.md's demo-fine
 sweep, cached under cache/), mixes the four domains other than arithmetic at equal shares into
 "the rest", and for each method (its default mode: MoNE novices, REAP removal) runs
 `moeviz.evaluate.mix_tradeoff` as arithmetic's share of the calibration goes from 0 to 1 (steps
@@ -46,7 +46,7 @@ from moeviz.loading import load_model, model_fingerprint  # noqa: E402
 from moeviz.methods import PlanConfig  # noqa: E402
 from moeviz.stats import ExpertStats  # noqa: E402
 
-TASK = "arithmetic"  # the fragile task on demo-fine (README: 0.51 at 25 % under MoNE novices)
+TASK = "arithmetic"  # the fragile task on demo-fine (docs/measurements.md: 0.51 at 25 % under MoNE novices)
 OTHERS = [d for d in DOMAINS if d != TASK]
 KEEP = 0.9  # the bar: a mix that keeps the task at 0.9 of the original
 

@@ -1,11 +1,11 @@
-"""What a short recovery returns on a demo model: the README's recovery tables.
+"""What a short recovery returns on a demo model: docs/measurements.md's recovery tables.
 
     python bench/recovery.py [--model demo|demo-fine] [--minutes 5] [--lr 1e-3] [--only mone,reap]
                              [--ratios 0.25] [--out DIR]
 
 For each plan of PLANS: export it from the demo checkpoint, distil it from the original for
 --minutes on this machine (`moeviz.recover`, the defaults but the learning rate), then evaluate
-the original, the plan before recovery and after it the same way as the README's sweep table
+the original, the plan before recovery and after it the same way as docs/measurements.md's sweep table
 (128 held-out sequences of 128 tokens, 200 examples per demo task), all stored in DIR/runs.sqlite.
 Prints one markdown row per plan as it finishes: mean task accuracy and perplexity of each,
 the steps and the minutes. Calibration: 256 × 128 tokens of demo text, as the sweep's.

@@ -62,6 +62,9 @@ def test_a_model_that_cannot_fit_is_refused_in_one_line(tiny_dir, capsys, monkey
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "only 0.0 GiB of RAM is free" in err
     assert "--device-map auto" in err and "--offload" in err
+    # the options it names are the command's own, and they reach the loader
+    assert main(["calibrate", "--model", str(tiny_dir), "--data", "random", "--device-map", "auto", "--offload"]) == 2
+    assert "Use either offload or device_map, not both" in capsys.readouterr().err
 
 
 def test_plan_and_prune_commands(tiny_dir, tmp_path, capsys):

@@ -7,12 +7,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import check_fraction, model_args, positive, progress_bar
+from .common import check_fraction, device_map_arg, model_args, positive, progress_bar
 
 
 def add_calibrate(sub) -> None:
     cal = sub.add_parser("calibrate", help="collect per-expert statistics (cached); prints the stats directory")
     model_args(cal)
+    device_map_arg(cal)
     cal.add_argument("--data", default="demo",
                      help="demo, demo:DOMAIN[,DOMAIN], a .txt/.jsonl file, a dataset name (c4, wikitext2…) or random; "
                           "several sources as NAME=SOURCE,NAME=SOURCE (or demo:each, one per demo domain): the "
@@ -54,7 +55,7 @@ def _calibrate(args) -> int:
         model = load_skeleton(args.model, args.trust_remote_code, with_files=True)
         tokenizer = load_tokenizer(model._moeviz_source, args.trust_remote_code)
     else:  # loaded once for every source
-        model, tokenizer = load_model(args.model, device=device, dtype=args.dtype,
+        model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, device_map=args.device_map,
                                       trust_remote_code=args.trust_remote_code, offload=args.offload)
     for label, source in sources:  # one cache entry per source, each reusable alone
         config = replace(config, data=source)
@@ -75,6 +76,7 @@ def _calibrate(args) -> int:
 def add_stability(sub) -> None:
     st = sub.add_parser("stability", help="how many calibration tokens before a pruning decision settles")
     model_args(st)
+    device_map_arg(st)
     st.add_argument("--data", default="demo", help="the calibration text source")
     st.add_argument("--samples", type=positive, default=256, help="calibration sequences in all")
     st.add_argument("--seq-len", type=positive, default=128)
@@ -111,7 +113,7 @@ def _stability(args) -> int:
     config = CalibConfig(data=args.data, num_samples=args.samples, seq_len=args.seq_len,
                          batch_size=args.batch_size, seed=args.seed, probe_tokens=0)
     rank, device = _start_data_parallel(args.device)  # under torchrun: one shard per process
-    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype,
+    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, device_map=args.device_map,
                                   trust_remote_code=args.trust_remote_code, offload=args.offload)
 
     def progress(done: int, total: int) -> None:

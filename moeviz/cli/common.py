@@ -20,6 +20,11 @@ def model_args(p: argparse.ArgumentParser) -> None:
                    help="run the model repository's own code (only for repositories you trust)")
 
 
+def device_map_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device-map", choices=("auto",), help="auto: spread a model too large for one GPU over all of "
+                                                           "them (accelerate's device map)")
+
+
 def eval_args(p: argparse.ArgumentParser) -> None:
     """The held-out text and tasks of an evaluation (evaluate, distill, sweep); see `eval_config_of`."""
     p.add_argument("--data", help="held-out text for perplexity and fidelity (default: demo; for a plan made "

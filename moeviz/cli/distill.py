@@ -7,12 +7,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import check_new_dir, eval_args, eval_config_of, model_args, positive, stats_of
+from .common import check_new_dir, device_map_arg, eval_args, eval_config_of, model_args, positive, stats_of
 
 
 def add_distill(sub) -> None:
     di = sub.add_parser("distill", help="recover a pruned checkpoint: expert-wise distillation from the original")
     model_args(di)
+    device_map_arg(di)
     di.set_defaults(model=None)
     eval_args(di)
     di.add_argument("--teacher", help="the original model (default: the parent `moeviz prune` recorded)")
@@ -64,7 +65,7 @@ def _distill(args) -> int:
                            logit_kl=args.kl, train_all=args.train_all,
                            gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
     eval_config = eval_config_of(argparse.Namespace(**{**vars(args), "reference": teacher_name}))
-    teacher, tokenizer = load_model(teacher_name, device=args.device, dtype=args.dtype,
+    teacher, tokenizer = load_model(teacher_name, device=args.device, dtype=args.dtype, device_map=args.device_map,
                                     trust_remote_code=args.trust_remote_code)
     tokens = sample_sequences(eval_config.data, args.train_samples, args.seq_len, tokenizer, args.seed, split="train",
                               vocab_size=teacher.config.vocab_size)

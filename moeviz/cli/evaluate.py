@@ -6,13 +6,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import (calibration_label, eval_args, eval_config_of, mix_arg, model_args, plan_and_stats,
+from .common import (calibration_label, device_map_arg, eval_args, eval_config_of, mix_arg, model_args, plan_and_stats,
                      positive, stats_of)
 
 
 def add_evaluate(sub) -> None:
     ev = sub.add_parser("evaluate", help="perplexity, demo tasks, fidelity to a reference, size and speed")
     model_args(ev)
+    device_map_arg(ev)
     eval_args(ev)
     ev.add_argument("--reference", help="the original model, for KL, top-1 agreement and savings")
     ev.add_argument("--plan", help="evaluate this plan applied to --model, against --model itself")
@@ -41,7 +42,7 @@ def _evaluate(args) -> int:
         from ..data import mix_sources
 
         config = replace(config, data=mix_sources(plan.mix))
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                                   trust_remote_code=args.trust_remote_code)
 
     def progress(step, done, total):
@@ -53,7 +54,7 @@ def _evaluate(args) -> int:
         from ..runs import RunStore, store_export_evaluation
 
         store = RunStore(args.runs)
-        reference, _ = load_model(args.reference, device=args.device, dtype=args.dtype,
+        reference, _ = load_model(args.reference, device=args.device, dtype=args.dtype, device_map=args.device_map,
                                   trust_remote_code=args.trust_remote_code)
         ids = store_export_evaluation(store, model, reference, tokenizer, config, args.model, args.reference,
                                       plan_of(model), progress)
@@ -73,7 +74,7 @@ def _evaluate(args) -> int:
     else:
         reference = None
         if args.reference:
-            reference, _ = load_model(args.reference, device=args.device, dtype=args.dtype,
+            reference, _ = load_model(args.reference, device=args.device, dtype=args.dtype, device_map=args.device_map,
                                       trust_remote_code=args.trust_remote_code)
         report = evaluate(model, config, tokenizer, reference, progress=progress, plan=plan, stats=stats)
         if plan is not None:
@@ -126,6 +127,7 @@ def _summary(report: dict) -> str:
 def add_sweep(sub) -> None:
     sw = sub.add_parser("sweep", help="plan, apply, evaluate and store every method × ratio")
     model_args(sw)
+    device_map_arg(sw)
     eval_args(sw)
     sw.add_argument("--stats", required=True, help="the stats directory of this model, or several, comma-separated, "
                     "mixed at --mix")
@@ -149,7 +151,7 @@ def _sweep(args) -> int:
 
     stats = stats_of(args)
     methods, ratios = _sweep_grid(args.methods, args.ratios)  # every argument checked before any work
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                                   trust_remote_code=args.trust_remote_code)
     with tqdm(total=1 + len(methods) * len(ratios), unit="run", file=sys.stderr) as bar:
         def progress(done, total, label):

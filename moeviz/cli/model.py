@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import model_args, plan_and_stats
+from .common import device_map_arg, model_args, plan_and_stats
 
 
 def add_info(sub) -> None:
@@ -32,6 +32,7 @@ def _info(args) -> int:
 def add_trace(sub) -> None:
     tr = sub.add_parser("trace", help="route one text through the experts (before and after a plan)")
     model_args(tr)
+    device_map_arg(tr)
     text = tr.add_mutually_exclusive_group(required=True)
     text.add_argument("--text", help="the text to trace")
     text.add_argument("--text-file", help="read the text from this file")
@@ -50,7 +51,7 @@ def _trace(args) -> int:
 
     text = Path(args.text_file).read_text() if args.text_file else args.text
     plan, stats = plan_and_stats(args)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                                   trust_remote_code=args.trust_remote_code)
     if tokenizer is None:
         raise TraceError(f"{args.model} has no tokenizer: moeviz cannot turn a text into its tokens.")
