@@ -267,7 +267,7 @@ def verify(path, engine: str | None = None, python: str | None = None, data: str
     say(f"The intended model: {num_prompts} prompts of {prompt_tokens} tokens, {new_tokens} more each")
     reference, how, dtype = intended(path, lineage, prompts, new_tokens, device, model)
     say(f"{_ENGINE_NAMES[engine]} on the export")
-    got = run_engine(path, engine, prompts, new_tokens, python, device)
+    got = run_engine(path, engine, prompts, new_tokens, python, device, str(dtype).removeprefix("torch."))
     tol = tolerance if tolerance is not None else TOLERANCE.get(dtype, 0.15)
     result = Verification(engine, got.get("version"), got.get("device", "?"), how, tolerance=tol)
     if "error" in got:
@@ -357,9 +357,10 @@ def intended(path: Path, lineage: dict, prompts, new_tokens: int, device: str, m
 
 
 def run_engine(path: Path, engine: str, prompts, new_tokens: int, python: str | None = None,
-               device: str = "auto") -> dict:
-    """`moeviz/engine.py` in `python` (default this one): the engine's result, or its refusal."""
-    request = dict(engine=engine, path=str(path), prompts=prompts, new_tokens=new_tokens,
+               device: str = "auto", dtype: str | None = None) -> dict:
+    """`moeviz/engine.py` in `python` (default this one): the engine's result, or its refusal.
+    `dtype` is the intended model's, so that no engine casts a float32 checkpoint down."""
+    request = dict(engine=engine, path=str(path), prompts=prompts, new_tokens=new_tokens, dtype=dtype,
                    device=None if device == "auto" else device)
     env = {**VLLM_CPU, **os.environ} if engine == "vllm" else dict(os.environ)
     with tempfile.TemporaryDirectory() as tmp:
