@@ -54,12 +54,16 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def supported_architectures() -> list[str]:
-    """The MoE families moeviz was checked on: every causal-LM MoE family of the installed
-    transformers that it does not refuse (see `moeviz.tiny.moe_families`)."""
-    from .tiny import moe_families
-
-    return sorted(set(moe_families()) - {f.model_type for f in FAMILIES.values() if f.refused})
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where the module computes: its weights' device, or accelerate's execution device when
+    its weights are offloaded. For a whole model: where its inputs go (the embeddings)."""
+    if isinstance(module, PreTrainedModel):
+        module = module.get_input_embeddings()
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device)
+    return next(module.parameters()).device
 
 
 @dataclass(frozen=True)
@@ -373,7 +377,6 @@ def check_reading(adapter: Adapter, tokens: torch.Tensor | None = None) -> None:
         vocab = model.get_input_embeddings().weight.shape[0]
         tokens = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
     try:
-        from .loading import execution_device
 
         model(tokens.to(execution_device(model)))
     finally:

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from .adapters import Adapter, get_adapter
+from .adapters import Adapter, execution_device, get_adapter
 from .data import parse_source, sample_sequences
-from .loading import execution_device, model_fingerprint
+from .loading import model_fingerprint
 from .observe import Observer, distributed
 from .stats import STATS_VERSION, ExpertStats, StatsError
 

@@ -98,6 +98,12 @@ def _version(engine: str) -> str | None:
     return None
 
 
+def _default_device(request: dict) -> str:
+    import torch
+
+    return (request.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")).upper()
+
+
 def _device_name(device) -> str:
     return "CUDA" if device.type == "cuda" else device.type.upper()
 
@@ -108,8 +114,8 @@ def main(argv: list[str]) -> int:
         result = run(request)
     except Exception as err:  # the engine refused the checkpoint: its own words go back
         traceback.print_exc(file=sys.stderr)
-        result = dict(engine=request["engine"], version=_version(request["engine"]), device=request.get("device") or
-                      "default", error=f"{type(err).__name__}: {err}")
+        result = dict(engine=request["engine"], version=_version(request["engine"]), device=_default_device(request),
+                      error=f"{type(err).__name__}: {err}")
     with open(argv[1], "w") as out:
         json.dump(result, out)
     return 0

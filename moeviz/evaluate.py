@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from .loading import execution_device
+from .adapters import execution_device
 from .data import parse_sources, sample_sequences
 
 Progress = Callable[[str, int, int], None]  # (step, done, total)

@@ -11,7 +11,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from .loading import execution_device
+from .adapters import execution_device
 from .demo.corpus import DOMAINS, task_examples
 
 MONE_TASKS = ("arc_easy", "arc_challenge", "boolq", "copa", "mmlu", "openbookqa", "piqa", "rte", "winogrande")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
-from .adapters import check_reading, get_adapter
+from .adapters import check_reading, execution_device, get_adapter
 from .checkpoint import DEMO, causal_lm_class, check_fits, fingerprint, local_dir, model_bytes, read_config, resolve_source, skeleton
 
 __all__ = ["DEMO", "load_model", "load_skeleton", "load_config", "load_tokenizer", "local_dir", "model_fingerprint",
@@ -170,18 +170,6 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
         return None  # e.g. a random model saved without tokenizer: use the `random` text source
-
-
-def execution_device(module: torch.nn.Module) -> torch.device:
-    """Where the module computes: its weights' device, or accelerate's execution device when
-    its weights are offloaded. For a whole model: where its inputs go (the embeddings)."""
-    if isinstance(module, PreTrainedModel):
-        module = module.get_input_embeddings()
-    hook = getattr(module, "_hf_hook", None)
-    device = getattr(hook, "execution_device", None)
-    if device is not None:
-        return torch.device(device)
-    return next(module.parameters()).device
 
 
 def model_fingerprint(model: PreTrainedModel | str | os.PathLike) -> str:

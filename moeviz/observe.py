@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from .adapters import SCORINGS, Adapter, MoELayer, score, swap_forward
-from .loading import execution_device
+from .adapters import execution_device
 
 # Sums per layer: name → shape given (E, H, I). Means and variances are derived later.
 SUM_SHAPES = {

@@ -47,10 +47,10 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from .adapters import MoELayer, get_adapter
+from .adapters import MoELayer, execution_device, get_adapter
 from .apply import NoviceExperts, model_info
 from .checkpoint import Checkpoint, read_config, readable, scale_key
-from .loading import execution_device, load_model, model_fingerprint
+from .loading import load_model, model_fingerprint
 from .plan import LINEAGE_FILE, PLAN_FILE, PlanError, PruningPlan
 
 Progress = Callable[[int, int | None, dict], None]  # (step, steps if known, {"loss", "ce", "mse", "kl", "lr", "seconds"})

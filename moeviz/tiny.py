@@ -13,6 +13,8 @@ import re
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
+from .adapters import FAMILIES
+
 _BASE = dict(
     vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -190,3 +192,9 @@ def moe_families() -> list[str]:
         if re.search(r"use_experts_implementation|self\.experts\b", code):
             families.append(next((t for t in types if t.endswith("_text")), sorted(types)[0]))
     return families
+
+
+def supported_architectures() -> list[str]:
+    """The MoE families moeviz was checked on: every causal-LM MoE family of the installed
+    transformers that it does not refuse (`moe_families`)."""
+    return sorted(set(moe_families()) - {f.model_type for f in FAMILIES.values() if f.refused})

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import get_adapter
-from .loading import execution_device
+from .adapters import execution_device
 
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000",
            "#7F3C8D", "#11A579", "#3969AC", "#F2B701", "#E73F74", "#80BA5A", "#E68310", "#008695")

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moeviz.adapters import get_adapter, supported_architectures
+from moeviz.adapters import get_adapter
+from moeviz.tiny import supported_architectures
 from moeviz.analysis import weight_gram
 from moeviz.loading import load_model
 from moeviz.tiny import TINY_CONFIGS, tiny_model
