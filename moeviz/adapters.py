@@ -23,6 +23,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
