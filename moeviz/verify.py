@@ -259,10 +259,13 @@ def verify(path, engine: str | None = None, python: str | None = None, data: str
     say("Checking the files and their checksums")
     if problems := check_files(path):
         raise VerifyError("\n".join(problems))
+    lineage = read_lineage(path) or {}
+    if "files" not in lineage:
+        say("No checksums in the lineage (not moeviz's export, or written before moeviz kept them): the files "
+            "were checked against their config" + (" and plan" if lineage else "") + " only")
     engine = engine or default_engine(path)
     if engine not in ENGINES:
         raise VerifyError(f"Unknown engine {engine!r}: one of {', '.join(ENGINES)}")
-    lineage = read_lineage(path) or {}
     prompts = held_out_prompts(path, lineage, data, num_prompts, prompt_tokens)
     say(f"The intended model: {num_prompts} prompts of {prompt_tokens} tokens, {new_tokens} more each")
     reference, how, dtype = intended(path, lineage, prompts, new_tokens, device, model)
