@@ -109,8 +109,8 @@ def plan_heatmap(pruned: dict[int, list[int]], layer_indices: list[int], num_exp
             text=text, marker=dict(size=1, opacity=0), showlegend=False, hoverinfo="none",
             hovertemplate="layer %{customdata[0]}, %{text}<extra></extra>"))
     fig = _grid_layout(fig, title, num_experts, len(layer_indices))
-    fig.update_layout(showlegend=True, height=fig.layout.height + 40, margin=dict(b=90),  # the legend below the axis
-                      legend=dict(orientation="h", yanchor="top", y=-0.12 * 240 / fig.layout.height, xanchor="left", x=0))
+    fig.update_layout(showlegend=True, height=fig.layout.height + 40, margin=dict(b=90),  # the legend at the foot,
+                      legend=dict(orientation="h", yref="container", yanchor="bottom", y=0, xanchor="left", x=0))  # under the axis title
     return fig
 
 
