@@ -58,9 +58,8 @@ def check_files(path) -> list[str]:
     if missing:  # nothing further can be read
         return [f"{name} is missing: {_missing_why(path, name, manifest)}" for name in missing]
     problems = _index(path) or _structure(path, lineage)
-    for name, want in manifest.items():
-        got = file_checksums(path, [name])[name]
-        if got != want:
+    for name, got in file_checksums(path, list(manifest)).items() if manifest else ():
+        if got != (want := manifest[name]):
             problems.append(f"{name} differs from the file the export wrote ({want['bytes']:,} bytes, sha256 "
                             f"{want['sha256'][:12]}…; now {got['bytes']:,} bytes, {got['sha256'][:12]}…): a broken "
                             "or edited copy; copy it again from the export")
@@ -97,7 +96,7 @@ def _index(path: Path) -> list[str]:
                 if key not in headers.get(file, {})]
     for file, header in headers.items():
         if extra := [k for k in header if weight_map.get(k) != file]:
-            problems.append(f"{file.name} holds {len(extra)} tensor(s) {INDEX_FILE} does not list (e.g. {extra[0]}): "
+            problems.append(f"{file} holds {len(extra)} tensor(s) {INDEX_FILE} does not list (e.g. {extra[0]}): "
                             "loaders would not read them")
     return problems
 
@@ -135,6 +134,8 @@ def _structure(path: Path, lineage: dict | None) -> list[str]:
         return [f"{len(absent)} replacement vector(s) of the expert substitution are not in the files ("
                 f"{_layers(sorted({layer for layer, _ in absent}))}, e.g. {absent[0][1]}): copy the export again"]
     adapter = get_adapter(skeleton(config, str(path), ckpt.keys()))
+    if mixed := _mixed_dtypes(ckpt, adapter):
+        return mixed
     if lineage and (problems := _experts(path, ckpt, adapter, PruningPlan(**lineage["plan"]), lineage["kind"])):
         return problems  # a wrong count makes every tensor below look wrong
     try:
@@ -160,6 +161,18 @@ def _structure(path: Path, lineage: dict | None) -> list[str]:
     if lost := [name for name, t in tensors if written[id(t)] < t.numel()]:
         problems.append(f"The files lack {len(lost)} tensor(s) the config promises, e.g. {', '.join(lost[:3])}")
     return problems
+
+
+def _mixed_dtypes(ckpt: Checkpoint, adapter) -> list[str]:
+    """The experts of a layer hold each tensor in one dtype: another betrays a replaced tensor."""
+    layers = {layer.layer_idx: layer for layer in adapter.layers}
+    dtypes: dict[tuple[int, str], set[str]] = {}
+    for key in ckpt.keys():
+        ek = parse_expert_key(key, layers)
+        if ek is not None and ek.expert_idx is not None and ek.name != "approx_value":
+            dtypes.setdefault((ek.layer_idx, ek.name), set()).add(ckpt.info(key)["dtype"])
+    return [f"layer {layer}: its experts' {name} come in {len(found)} dtypes ({', '.join(sorted(found))}): one was "
+            "replaced by another tensor" for (layer, name), found in dtypes.items() if len(found) > 1]
 
 
 def _experts(path: Path, ckpt: Checkpoint, adapter, plan: PruningPlan, kind: str) -> list[str]:

@@ -103,6 +103,14 @@ def test_a_broken_copy_is_named_in_one_line_before_any_model_is_built(exports, n
     said = check_files(swapped)
     assert len(said) == 1 and said[0].startswith(f"{shard} differs from the file the export wrote")
 
+    recast = _copy(exports, name, STANDARD, tmp_path / "recast")  # one expert's tensor in another dtype
+    tensors = load_file(recast / "model.safetensors")
+    key = next(k for k in sorted(tensors) if re.search(r"\.layers\.1\.\w+\.experts\.0\.", k))
+    tensors[key] = tensors[key].half()
+    save_file(tensors, recast / "model.safetensors", metadata={"format": "pt"})
+    said = check_files(recast)
+    assert said[0].startswith("layer 1: its experts' ") and "come in 2 dtypes (F16, F32)" in said[0], said
+
     edited = _copy(exports, name, STANDARD, tmp_path / "edited")
     config = json.loads((edited / "config.json").read_text())
     field = next(f for f in ("num_local_experts", "num_experts") if f in config)
