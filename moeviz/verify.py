@@ -180,13 +180,14 @@ def _experts(path: Path, ckpt: Checkpoint, adapter, plan: PruningPlan, kind: str
     them, and the config counts them so; every substituted expert has its vector."""
     original = dict(zip(plan.model.get("layer_indices") or [], plan.model.get("num_experts") or []))
     layers = {layer.layer_idx: layer for layer in adapter.layers}
-    held: dict[int, set[int]] = {}
+    held: dict[int, set[int]] = {}  # the expert ids of per-expert keys
+    fused: dict[int, set[int]] = {}  # the first dimension of fused (E, …) tensors: a count, not ids
     for key in ckpt.keys():
         ek = parse_expert_key(key, layers)
         if ek is not None and ek.expert_idx is not None and ek.name != "approx_value":
             held.setdefault(ek.layer_idx, set()).add(ek.expert_idx)
-        elif ek is not None and ek.expert_idx is None:  # a fused (E, …) tensor: its first dimension
-            held.setdefault(ek.layer_idx, set()).update(range(ckpt.shape(key)[0]))
+        elif ek is not None and ek.expert_idx is None:
+            fused.setdefault(ek.layer_idx, set()).add(ckpt.shape(key)[0])
     substituted = read_substitution(json.loads((path / "config.json").read_text()))
     stored_plan = PruningPlan.load(path / PLAN_FILE) if (path / PLAN_FILE).is_file() else None
     problems, miscounted = [], {}
@@ -206,10 +207,13 @@ def _experts(path: Path, ckpt: Checkpoint, adapter, plan: PruningPlan, kind: str
             counted, ids = (n if kind == MOEVIZ_ONLY else len(kept)), set(range(len(kept)))
         if layer.num_experts != counted:
             miscounted.setdefault((layer.num_experts, counted), []).append(layer_idx)
-        elif held.get(layer_idx, set()) != ids:
-            found = held.get(layer_idx, set())
+        elif layer_idx in held and held[layer_idx] != ids:  # (a layout of its own, Aria's `fc1`: the dry run checks it)
+            found = held[layer_idx]
             problems.append(f"layer {layer_idx}: the files hold {len(found)} experts ({_ids(found - ids, 'extra')}"
                             f"{_ids(ids - found, 'missing')}); its plan keeps {len(kept)}")
+        elif layer_idx in fused and fused[layer_idx] != {len(kept)}:
+            problems.append(f"layer {layer_idx}: the files' fused expert tensors hold {sorted(fused[layer_idx])} "
+                            f"experts; its plan keeps {len(kept)}")
     for (says, counted), where in miscounted.items():  # one line for every layer miscounted alike
         problems.insert(0, f"config.json gives {says} experts a layer, the plan makes it {counted} in "
                            f"{_layers(where)} ({kind} export): the config was edited or is another model's")
@@ -361,15 +365,21 @@ def intended(path: Path, lineage: dict, prompts, new_tokens: int, device: str, m
         except ValueError as err:  # the plan needs statistics that are not at hand
             why = f"the plan cannot be applied in place here ({err})"
         finally:
-            if own:
+            if own:  # freed before the engine starts: the GPU is the engine's now
                 del model
-                gc.collect()
+                _free()
     export = load_model(path, device=device)[0]
     result = greedy(export, prompts, new_tokens)
     dtype = next(export.parameters()).dtype
     del export
-    gc.collect()
+    _free()
     return result, f"moeviz.load_model of the export ({why})", dtype
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_engine(path: Path, engine: str, prompts, new_tokens: int, python: str | None = None,

@@ -22,6 +22,7 @@ from moeviz.loading import load_model
 from moeviz.methods import PlanConfig, make_plan
 from moeviz.plan import STANDARD, SUBSTITUTION, PlanError
 from moeviz.tiny import moe_families, tiny_model
+from moeviz.verify import check_files
 
 # Families moeviz refuses, with the words of the reason it gives.
 REFUSED = {
@@ -74,6 +75,7 @@ def _pipeline(family, root: Path) -> dict:
         target = root / family / mode
         out[f"{mode}_kind"] = export_plan(source, plan, stats, target).name
         out[f"{mode}_export"] = target
+        out[f"{mode}_files"] = check_files(target)  # what `moeviz verify` finds wrong: nothing
     out["novice_reloaded"] = _logits(load_model(out["novice_export"], device="cpu")[0])
     return out
 
@@ -147,6 +149,7 @@ def test_family_end_to_end(family, results):
         assert NO_NOVICES[family] in result["novice_refused"]
     for mode in modes:
         assert result[f"{mode}_restored"], f"{mode}: the model is not restored bit for bit"
+        assert result[f"{mode}_files"] == [], result[f"{mode}_files"]
         torch.testing.assert_close(result[f"{mode}_applied"], result[f"{mode}_in_place"], **tol)
     assert result["remove_kind"] == STANDARD and result.get("novice_kind", SUBSTITUTION) == SUBSTITUTION
     stock = result["stock"]
@@ -192,6 +195,7 @@ def test_composite_checkpoint_as_it_ships(tmp_path):
         with applied(model, plan, stats):
             wanted[mode] = _logits(model)
         export_plan(source, plan, stats, tmp_path / mode)
+        assert check_files(tmp_path / mode) == []  # its vision tower too: every tensor in place
     saved = json.loads((tmp_path / "remove" / "config.json").read_text())
     assert saved["architectures"] == ["Qwen3_5MoeForConditionalGeneration"]
     assert saved["text_config"]["num_experts"] == plans["remove"].model["num_experts"][0] - 2
