@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from .adapters import Adapter, ExpertWeights, MoELayer, get_adapter, swap_forward
+from .adapters import Adapter, get_adapter, swap_forward
+from .moe_layer import ExpertWeights, MoELayer
 from .checkpoint import fingerprint as model_fingerprint
 from .methods.moe_pruner import pruning_mask
 from .plan import PlanError, PruningPlan

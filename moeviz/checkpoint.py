@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from safetensors import safe_open
 
-from .adapters import ExpertWeights
+from .moe_layer import ExpertWeights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -41,11 +41,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapters import Adapter, ExpertWeights, get_adapter
+from .adapters import Adapter, get_adapter
 from .apply import align_neurons, check_plan, novices_of, renumber_ids, set_config_count
 from .checkpoint import (MOEVIZ_MODEL_TYPE, ROLES, Checkpoint, ExpertKey, demo_names, demo_path, dequantize, fingerprint,
                          local_dir, parse_expert_key, read_config, readable, scale_key, skeleton)
 from .methods.moe_pruner import pruning_mask
+from .moe_layer import ExpertWeights
 from .card import model_card
 from .plan import (LINEAGE_FILE, MOEVIZ_ONLY, PLAN_FILE, STANDARD, SUBSTITUTION, ExportKind, PruningPlan,
                    export_kind)

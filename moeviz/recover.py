@@ -47,7 +47,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from .adapters import MoELayer, execution_device, get_adapter
+from .adapters import execution_device, get_adapter
+from .moe_layer import MoELayer
 from .apply import NoviceExperts, model_info
 from .checkpoint import Checkpoint, read_config, readable, scale_key
 from .loading import load_model, model_fingerprint
