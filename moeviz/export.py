@@ -43,8 +43,9 @@ from safetensors.torch import save_file
 
 from .adapters import Adapter, get_adapter
 from .apply import align_neurons, check_plan, novices_of, renumber_ids, set_config_count
+from .building import skeleton
 from .checkpoint import (MOEVIZ_MODEL_TYPE, ROLES, Checkpoint, ExpertKey, demo_names, demo_path, dequantize, fingerprint,
-                         local_dir, parse_expert_key, read_config, readable, scale_key, skeleton)
+                         local_dir, parse_expert_key, read_config, readable, scale_key)
 from .methods.moe_pruner import pruning_mask
 from .moe_layer import ExpertWeights
 from .card import model_card
