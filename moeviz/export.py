@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 from .adapters import Adapter, get_adapter
-from .apply import check_plan, set_config_count
+from .apply import check_plan
 from .building import skeleton
 from .card import model_card
 from .checkpoint import (MOEVIZ_MODEL_TYPE, Checkpoint, demo_names, demo_path, fingerprint, local_dir, read_config,
@@ -46,6 +46,7 @@ from .plan import (LINEAGE_FILE, MOEVIZ_ONLY, PLAN_FILE, STANDARD, SUBSTITUTION,
 from .reload import ROUTER_SEMANTICS, is_pruned_export
 from .rewrite import Progress, Rewriter, mtp_layers
 from .stats import ExpertStats
+from .surgery import set_config_count
 
 CARD_FILE = "README.md"
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",

@@ -48,11 +48,12 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .adapters import execution_device, get_adapter
-from .moe_layer import MoELayer
-from .apply import NoviceExperts, model_info
+from .apply import model_info
 from .checkpoint import Checkpoint, read_config, readable, scale_key
 from .loading import load_model, model_fingerprint
+from .moe_layer import MoELayer
 from .plan import LINEAGE_FILE, PLAN_FILE, PlanError, PruningPlan
+from .surgery import NoviceExperts
 
 Progress = Callable[[int, int | None, dict], None]  # (step, steps if known, {"loss", "ce", "mse", "kl", "lr", "seconds"})
 

@@ -20,13 +20,13 @@ import torch
 from safetensors.torch import save_file
 
 from .adapters import Adapter
-from .apply import align_neurons, novices_of, renumber_ids
 from .checkpoint import ROLES, Checkpoint, ExpertKey, dequantize, parse_expert_key, scale_key
 from .methods.moe_pruner import pruning_mask
 from .moe_layer import ExpertWeights
 from .plan import STANDARD, SUBSTITUTION, ExportKind, PruningPlan
 from .reload import expert_file_tensors, file_tensors
 from .stats import ExpertStats
+from .surgery import align_neurons, novices_of, renumber_ids
 
 INDEX_FILE = "model.safetensors.index.json"
 REPLACEMENTS_FILE = "model-expert-replacements.safetensors"  # the substitution's constant vectors
@@ -281,7 +281,7 @@ class Rewriter:
 
     def _router(self, key: str, layer_idx: int, is_weight: bool, dim: int | None) -> torch.Tensor:
         """Router rows (or biases) of the kept experts; a survivor's row merged as apply_plan does;
-        a table of expert ids renumbered as `apply.renumber_ids` does."""
+        a table of expert ids renumbered as `surgery.renumber_ids` does."""
         if self.plan.mode not in ("remove", "merge") or not self.plan.pruned.get(layer_idx):
             return self.ckpt.tensor(key)  # novices and drops: the router still routes to all E experts
         keep = self.plan.kept(layer_idx, self.num_experts[layer_idx])
