@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from moeviz import analysis, plots
+from moeviz import analysis, analysis_plots, plots
 from moeviz.adapters import get_adapter
 from moeviz.stats import ExpertStats
 from moeviz.tiny import tiny_model
@@ -95,10 +95,11 @@ def main():
     figures = {
         "layer × expert heatmap (48 × 128)": lambda: plots.layer_expert_heatmap(
             stats.view("frequency"), stats.layer_indices, "frequency", "frequency"),
-        "similarity matrix (128 × 128)": lambda: plots.similarity_heatmap(sim[0], labels, "layer 0", "outputs"),
-        "dendrogram (128 leaves)": lambda: plots.dendrogram(link),
-        "expert map (6,144 points)": lambda: plots.embedding_scatter(xy, stats.layer_indices),
-        "homogeneity curves": lambda: plots.depth_curves(stats.layer_indices, h[0]),
+        "similarity matrix (128 × 128)": lambda: analysis_plots.similarity_heatmap(
+            sim[0], labels, "layer 0", "outputs"),
+        "dendrogram (128 leaves)": lambda: analysis_plots.dendrogram(link),
+        "expert map (6,144 points)": lambda: analysis_plots.embedding_scatter(xy, stats.layer_indices),
+        "homogeneity curves": lambda: analysis_plots.depth_curves(stats.layer_indices, h[0]),
         "plan heatmap": lambda: plots.plan_heatmap({i: list(range(32)) for i in range(L)}, stats.layer_indices, E),
     }
     for name, build in figures.items():

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _WHERE = {  # public name → the submodule that defines it
-    **dict.fromkeys(["Adapter", "MoELayer", "Routing", "get_adapter"], "adapters"),
+    **dict.fromkeys(["Adapter", "get_adapter"], "adapters"),
+    **dict.fromkeys(["MoELayer", "Routing"], "moe_layer"),
     "supported_architectures": "tiny",
     "router_norms": "analysis",
     **dict.fromkeys(["load_texts", "parse_source", "sample_sequences"], "data"),
@@ -21,10 +22,11 @@ _WHERE = {  # public name → the submodule that defines it
 __all__ = list(_WHERE)
 
 if TYPE_CHECKING:
-    from .adapters import Adapter, MoELayer, Routing, get_adapter
+    from .adapters import Adapter, get_adapter
     from .analysis import router_norms
     from .data import load_texts, parse_source, sample_sequences
     from .loading import load_model, model_fingerprint, resolve_device
+    from .moe_layer import MoELayer, Routing
     from .tiny import supported_architectures
 
 

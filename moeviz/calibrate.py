@@ -102,7 +102,7 @@ def calibrate(
                               config.seed, vocab_size=model.config.vocab_size)
     shard = tokens[world.get_rank()::world.get_world_size()] if world is not None else tokens
     if config.sequential_sparsity or config.sequential_nm:
-        from .apply import sparsify_layer
+        from .surgery import sparsify_layer
 
         if not config.layer_by_layer:
             raise ValueError("Sequential MoE-Pruner runs layer by layer: set layer_by_layer=True.")

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from .adapters import check_reading, execution_device, get_adapter
-from .checkpoint import DEMO, causal_lm_class, check_fits, fingerprint, local_dir, model_bytes, read_config, resolve_source, skeleton
+from .building import causal_lm_class, check_fits, model_bytes, skeleton
+from .checkpoint import DEMO, fingerprint, local_dir, read_config, resolve_source
 
 __all__ = ["DEMO", "load_model", "load_skeleton", "load_config", "load_tokenizer", "local_dir", "model_fingerprint",
            "resolve_device", "resolve_source", "execution_device"]

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .adapters import SCORINGS, Adapter, MoELayer, score, swap_forward
-from .adapters import execution_device
+from .adapters import Adapter, execution_device, swap_forward
+from .moe_layer import SCORINGS, MoELayer, score
 
 # Sums per layer: name → shape given (E, H, I). Means and variances are derived later.
 SUM_SHAPES = {

@@ -47,11 +47,13 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from .adapters import MoELayer, execution_device, get_adapter
-from .apply import NoviceExperts, model_info
+from .adapters import execution_device, get_adapter
+from .apply import model_info
 from .checkpoint import Checkpoint, read_config, readable, scale_key
 from .loading import load_model, model_fingerprint
+from .moe_layer import MoELayer
 from .plan import LINEAGE_FILE, PLAN_FILE, PlanError, PruningPlan
+from .surgery import NoviceExperts
 
 Progress = Callable[[int, int | None, dict], None]  # (step, steps if known, {"loss", "ce", "mse", "kl", "lr", "seconds"})
 

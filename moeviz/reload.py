@@ -23,10 +23,11 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .adapters import Adapter, get_adapter
-from .apply import install_novices, remove_experts
+from .building import skeleton
 from .checkpoint import (MOEVIZ_MODEL_TYPE, ROLES, Checkpoint, ExpertKey, dequantize, parse_expert_key, read_config,
-                         scale_key, skeleton)
+                         scale_key)
 from .plan import PLAN_FILE, PruningPlan
+from .surgery import install_novices, remove_experts
 
 ROUTER_SEMANTICS = dict(preserve_logical_expert_ids=True, preserve_router_weights=True,
                         renormalize_after_substitution=False)  # the only semantics version 1 defines

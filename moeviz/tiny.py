@@ -149,7 +149,7 @@ def tiny_config(model_type: str, **overrides):
 def tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:
     """A randomly initialised model of `model_type`, in eval mode, on the CPU."""
     config = tiny_config(model_type, **overrides)
-    from .checkpoint import build_causal_lm
+    from .building import build_causal_lm
 
     torch.manual_seed(seed)
     model = build_causal_lm(config)

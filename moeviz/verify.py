@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 
 from .adapters import get_adapter
+from .building import skeleton
 from .card import with_verification
-from .checkpoint import (Checkpoint, _header, demo_names, fingerprint, local_dir, parse_expert_key, read_config,
-                         skeleton)
-from .export import CARD_FILE, INDEX_FILE, file_checksums, write_atomically
+from .checkpoint import Checkpoint, _header, demo_names, fingerprint, local_dir, parse_expert_key, read_config
+from .export import CARD_FILE, file_checksums, write_atomically
 from .plan import LINEAGE_FILE, MOEVIZ_ONLY, PLAN_FILE, SUBSTITUTION, PruningPlan
 from .reload import ExportLayout, is_pruned_export, read_substitution
+from .rewrite import INDEX_FILE
 
 ENGINES = ("transformers", "vllm", "moeviz")
 ENGINE_SCRIPT = Path(__file__).with_name("engine.py")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from moeviz import analysis, plots
+from moeviz import analysis, analysis_plots, plots
 from moeviz.calibrate import CalibConfig
 from moeviz.methods import PlanConfig, get_method, method_names
 from pages.common import cache_dir, calibration_sources, current_model, finished, load_stats, poll, stats_ui, submit
@@ -24,15 +24,17 @@ st.caption(
     "the fraction of experts that carry half of the routed tokens. C-Prune reports deeper layers to "
     "be more homogeneous: they can give up more experts."
 )
-st.plotly_chart(plots.depth_curves(stats.layer_indices, {"mean similarity": h["mean_similarity"],
-                                                         "half-mass fraction": h["half_mass_fraction"]},
-                                   "Homogeneity across depth", "value"), key="homogeneity")
-st.plotly_chart(plots.depth_curves(stats.layer_indices, {"usage entropy": h["usage_entropy"]},
-                                   "Router usage entropy (0 to log₂ E: all tokens to one expert, to all evenly)",
-                                   "bits", y_range=(0, math.log2(stats.num_experts) * 1.02)), key="entropy")
+st.plotly_chart(analysis_plots.depth_curves(stats.layer_indices, {"mean similarity": h["mean_similarity"],
+                                                                  "half-mass fraction": h["half_mass_fraction"]},
+                                            "Homogeneity across depth", "value"), key="homogeneity")
+st.plotly_chart(analysis_plots.depth_curves(stats.layer_indices, {"usage entropy": h["usage_entropy"]},
+                                            "Router usage entropy (0 to log₂ E: all tokens to one expert, "
+                                            "to all evenly)",
+                                            "bits", y_range=(0, math.log2(stats.num_experts) * 1.02)), key="entropy")
 layer_sim = analysis.layer_similarity(stats)
-st.plotly_chart(plots.similarity_heatmap(layer_sim, None, "Layer × layer similarity of mean expert outputs",
-                                         "cosine", axis="decoder layer", names=stats.layer_indices),
+st.plotly_chart(analysis_plots.similarity_heatmap(layer_sim, None,
+                                                  "Layer × layer similarity of mean expert outputs",
+                                                  "cosine", axis="decoder layer", names=stats.layer_indices),
                 key="layer_sim")
 
 
@@ -60,8 +62,9 @@ def specialisation_ui() -> None:
     st.plotly_chart(plots.layer_expert_heatmap(shares[names.index(source)], stats.layer_indices,
                                                f"Share of each expert's usage due to {source}", "share"),
                     key="specialisation")
-    st.plotly_chart(plots.depth_curves(stats.layer_indices, {"specialisation": analysis.specialisation_index(shares)},
-                                       "Specialisation by source across depth", "index (0–1)"),
+    st.plotly_chart(analysis_plots.depth_curves(stats.layer_indices,
+                                                {"specialisation": analysis.specialisation_index(shares)},
+                                                "Specialisation by source across depth", "index (0–1)"),
                     key="specialisation_depth")
     st.markdown("**Do the sources agree on what to prune?**")
     c1, c2 = st.columns(2)
@@ -73,8 +76,8 @@ def specialisation_ui() -> None:
     st.caption("What am I looking at: for every pair of calibration sources, the fraction of the experts "
                "one prunes that the other prunes too (1 = the same plan). Low values mean the decision "
                "depends on the calibration text: calibrate on text like the model's real use.")
-    st.plotly_chart(plots.similarity_heatmap(overlap, None, f"{method} at {ratio:.0%}: pruned-set overlap",
-                                             "overlap", axis="source", names=names), key="agreement")
+    st.plotly_chart(analysis_plots.similarity_heatmap(overlap, None, f"{method} at {ratio:.0%}: pruned-set overlap",
+                                                      "overlap", axis="source", names=names), key="agreement")
 
 
 def stability_ui() -> None:
@@ -111,7 +114,7 @@ def stability_ui() -> None:
     st.caption(f"Measured for these settings (kept in {out.parent.name}/{out.name}): change the ratio, the "
                "sequences, the chunks or the methods to measure again.")
     for method, rows in json.loads(out.read_text()).items():
-        st.plotly_chart(plots.stability_curves(rows, f"{method}: agreement with the full calibration"),
+        st.plotly_chart(analysis_plots.stability_curves(rows, f"{method}: agreement with the full calibration"),
                         key=f"stability_{method}")
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from moeviz import analysis, plots
+from moeviz import analysis, analysis_plots
 from pages.common import (cache_dir, calibration_sources, current_model, finished, load_stats, persistent, poll,
                           stats_ui, submit)
 
@@ -57,8 +57,10 @@ st.caption(
 )
 wide = stats.num_experts > 32  # many leaves: one figure per row
 left, right = (st.container(), st.container()) if wide else st.columns(2)
-left.plotly_chart(plots.similarity_heatmap(sim[row], labels, f"Layer {layer_idx}", space, link=link), key="sim")
-right.plotly_chart(plots.dendrogram(link, f"Layer {layer_idx}: hierarchical clustering", n_clusters=n_clusters),
+left.plotly_chart(analysis_plots.similarity_heatmap(sim[row], labels, f"Layer {layer_idx}", space, link=link),
+                  key="sim")
+right.plotly_chart(analysis_plots.dendrogram(link, f"Layer {layer_idx}: hierarchical clustering",
+                                             n_clusters=n_clusters),
                    key="dendro")
 scores = analysis.silhouette_by_count(sim[row], range(2, min(stats.num_experts, 17)))
 if scores:
@@ -98,4 +100,5 @@ elif colour == "main source":
     color = shares.argmax(0)
 st.caption("What am I looking at: every expert of every layer, placed so that experts with alike "
            "mean outputs sit close together.")
-st.plotly_chart(plots.embedding_scatter(xy, stats.layer_indices, color, colour, categories=categories), key="map")
+st.plotly_chart(analysis_plots.embedding_scatter(xy, stats.layer_indices, color, colour, categories=categories),
+                key="map")

@@ -97,7 +97,7 @@ def test_hash_routing_tables_renumbered_to_surviving_experts():
     """DeepSeek-V4's hash routing sends each token id to k fixed experts (`tid2eid`): removal keeps
     every kept expert's tokens on it (renumbered) and sends a removed expert's tokens to the kept
     expert with the closest router row that the token does not use already (or its merge survivor)."""
-    from moeviz.apply import renumber_ids
+    from moeviz.surgery import renumber_ids
 
     router = torch.eye(6)
     router[5] = torch.tensor([0.1, 0.0, 0.0, 0.9, 0.5, 0.0])  # closest to expert 3, then 4

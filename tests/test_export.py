@@ -19,11 +19,12 @@ from moeviz.apply import applied, apply_plan, model_info
 from moeviz.calibrate import CalibConfig, calibrate
 from moeviz.checkpoint import Checkpoint, fingerprint
 from moeviz.evaluate import EvalConfig
-from moeviz.export import INDEX_FILE, REPLACEMENTS_FILE, export_plan
+from moeviz.export import export_plan
 from moeviz.loading import load_model
 from moeviz.methods import PlanConfig, make_plan
 from moeviz.plan import MOEVIZ_ONLY, PLAN_FILE, STANDARD, SUBSTITUTION, PlanError, PruningPlan, export_kind
 from moeviz.reload import file_tensors, load_exported
+from moeviz.rewrite import INDEX_FILE, REPLACEMENTS_FILE
 from moeviz.runs import RunStore, store_evaluation
 from moeviz.tiny import tiny_model
 

@@ -56,7 +56,7 @@ def test_cli_layer_by_layer(tmp_path, capsys):
 
 def test_sequential_moe_pruner_scores_each_layer_after_the_ones_before_are_pruned(tmp_path):
     from moeviz.adapters import get_adapter
-    from moeviz.apply import sparsify_layer
+    from moeviz.surgery import sparsify_layer
 
     tiny_model("mixtral", num_hidden_layers=3).save_pretrained(tmp_path / "m")
     config = dict(CONFIG, probe_tokens=0)

@@ -8,7 +8,7 @@ import pytest
 from scipy.cluster.hierarchy import dendrogram as scipy_dendrogram
 from scipy.cluster.hierarchy import fcluster
 
-from moeviz import analysis, plots
+from moeviz import analysis, analysis_plots, plots
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def _leaf_x(fig):
 def test_dendrogram_shows_and_labels_every_leaf(planted):
     sim, _ = planted
     _, link = analysis.cluster_layer(sim, n_clusters=5)
-    fig = plots.dendrogram(link, "layer 0")
+    fig = analysis_plots.dendrogram(link, "layer 0")
     leaves = _leaf_trace(fig)
     assert len(leaves.x) == 40 and sorted(leaves.customdata) == list(range(40))
     assert list(leaves.customdata) == scipy_dendrogram(link, no_plot=True)["leaves"]
@@ -44,14 +44,14 @@ def test_dendrogram_shows_and_labels_every_leaf(planted):
     assert lo <= links.min() and links.max() <= hi
     ylo, yhi = fig.layout.yaxis.range
     assert ylo < 0 < link[:, 2].max() < yhi and fig.layout.yaxis.title.text.startswith("distance")
-    named = plots.dendrogram(link, names=[f"L{i}" for i in range(40)], axis="layer")
+    named = analysis_plots.dendrogram(link, names=[f"L{i}" for i in range(40)], axis="layer")
     assert list(named.layout.xaxis.ticktext) == [f"L{i}" for i in leaves.customdata]
 
 
 def test_dendrogram_links_are_few_traces():
     rng = np.random.default_rng(1)
     _, link = analysis.cluster_layer(analysis.cosine_matrix(rng.standard_normal((128, 8))), n_clusters=16)
-    fig = plots.dendrogram(link, n_clusters=16)
+    fig = analysis_plots.dendrogram(link, n_clusters=16)
     assert len(fig.data) <= len(plots.LINES) + 3  # one line trace per colour, merges, leaves
     assert sum(sum(v is None for v in t.x) for t in fig.data if t.mode == "lines") == 127  # every link drawn
 
@@ -61,10 +61,10 @@ def test_the_cut_splits_into_n_clusters_and_moves_with_n(planted):
     figs = {}
     for n in (3, 8):
         labels, link = analysis.cluster_layer(sim, n_clusters=n)
-        cut = plots.cut_height(link, n)
+        cut = analysis_plots.cut_height(link, n)
         assert len(set(fcluster(link, cut, criterion="distance"))) == n
-        np.testing.assert_array_equal(plots.cluster_labels(link, n), labels)
-        fig = plots.dendrogram(link, n_clusters=n)
+        np.testing.assert_array_equal(analysis_plots.cluster_labels(link, n), labels)
+        fig = analysis_plots.dendrogram(link, n_clusters=n)
         line = fig.layout.shapes[0]
         assert line.y0 == line.y1 == pytest.approx(cut) and f"{n} clusters" in fig.layout.annotations[0].text
         leaf_colours = list(_leaf_trace(fig).marker.color)
@@ -77,16 +77,16 @@ def test_the_cut_splits_into_n_clusters_and_moves_with_n(planted):
     assert figs[3][0].layout.shapes[0].y0 > figs[8][0].layout.shapes[0].y0
     assert figs[3][1] != figs[8][1]
     colours = {t.line.color for t in figs[8][0].data if t.mode == "lines"}
-    assert plots.ABOVE_CUT in colours and len(colours) > 2
-    assert plots.dendrogram(link).layout.shapes == ()  # no cut asked, none drawn
+    assert analysis_plots.ABOVE_CUT in colours and len(colours) > 2
+    assert analysis_plots.dendrogram(link).layout.shapes == ()  # no cut asked, none drawn
 
 
 def test_similarity_heatmap_follows_the_dendrogram_and_outlines_clusters(planted):
     sim, truth = planted
     for n in (5, 9):
         labels, link = analysis.cluster_layer(sim, n_clusters=n)
-        dendro = plots.dendrogram(link, n_clusters=n)
-        heat = plots.similarity_heatmap(sim, labels, "layer 0", "outputs", link=link)
+        dendro = analysis_plots.dendrogram(link, n_clusters=n)
+        heat = analysis_plots.similarity_heatmap(sim, labels, "layer 0", "outputs", link=link)
         order = list(_leaf_trace(dendro).customdata)
         assert list(heat.data[0].x) == [str(i) for i in order] == list(heat.data[0].y)
         np.testing.assert_allclose(heat.data[0].z, sim[np.ix_(order, order)])
@@ -100,22 +100,22 @@ def test_similarity_heatmap_follows_the_dendrogram_and_outlines_clusters(planted
             assert rect.line.color == leaf_colour[members[0]] and (rect.x0, rect.x1) == (rect.y0, rect.y1)
     # the same from the linkage alone, and an explicit order wins
     _, link = analysis.cluster_layer(sim, n_clusters=5)
-    assert len(plots.similarity_heatmap(sim, link=link, n_clusters=5).layout.shapes) == 5
-    assert plots.similarity_heatmap(sim[:16, :16]).layout.height is None  # Streamlit's default height
-    tall = plots.similarity_heatmap(np.eye(64)).layout.height
+    assert len(analysis_plots.similarity_heatmap(sim, link=link, n_clusters=5).layout.shapes) == 5
+    assert analysis_plots.similarity_heatmap(sim[:16, :16]).layout.height is None  # Streamlit's default height
+    tall = analysis_plots.similarity_heatmap(np.eye(64)).layout.height
     assert tall >= 64 * 12  # 64 labels, each with a row tall enough for its 9 px type
-    assert list(plots.similarity_heatmap(sim, link=link, order=np.arange(40)[::-1]).data[0].x)[0] == "39"
+    assert list(analysis_plots.similarity_heatmap(sim, link=link, order=np.arange(40)[::-1]).data[0].x)[0] == "39"
     # alike experts sit together: the planted groups are contiguous in the leaf order
-    order = plots.leaf_order(link)
+    order = analysis_plots.leaf_order(link)
     assert (np.diff(truth[order]) != 0).sum() == 4
 
 
 def test_similarity_heatmap_keeps_its_old_calls():
     sim = np.eye(4)
-    fig = plots.similarity_heatmap(sim, np.array([2, 1, 2, 1]), "layer 0", "outputs")
+    fig = analysis_plots.similarity_heatmap(sim, np.array([2, 1, 2, 1]), "layer 0", "outputs")
     assert fig.data[0].type == "heatmap" and fig.layout.xaxis.title.text == "expert"
     assert list(fig.data[0].x) == ["1", "3", "0", "2"] and len(fig.layout.shapes) == 2
-    fig = plots.similarity_heatmap(sim, None, "layers", "cosine", axis="decoder layer", names=[3, 5, 7, 9])
+    fig = analysis_plots.similarity_heatmap(sim, None, "layers", "cosine", axis="decoder layer", names=[3, 5, 7, 9])
     assert list(fig.data[0].x) == ["3", "5", "7", "9"] and fig.layout.shapes == ()
 
 
@@ -204,13 +204,13 @@ def test_ratio_curve_marks_the_current_ratio():
 
 def test_embedding_depth_stability_and_run_curves():
     xy = np.random.default_rng(0).standard_normal((2, 8, 2))
-    fig = plots.embedding_scatter(xy, [0, 1])  # coloured by layer: a category each
+    fig = analysis_plots.embedding_scatter(xy, [0, 1])  # coloured by layer: a category each
     assert [t.name for t in fig.data] == ["0", "1"] and [len(t.x) for t in fig.data] == [8, 8]
     assert list(fig.data[1].customdata[1]) == [1, 1] and fig.data[0].marker.color != fig.data[1].marker.color
-    many = plots.embedding_scatter(np.zeros((40, 4, 2)), list(range(40)))  # too many layers for categories
+    many = analysis_plots.embedding_scatter(np.zeros((40, 4, 2)), list(range(40)))  # too many layers for categories
     assert len(many.data) == 1 and many.data[0].marker.colorbar.tickformat == "d"
     codes = np.array([[0] * 8, [1] * 4 + [0] * 4])
-    fig = plots.embedding_scatter(np.zeros((2, 8, 2)), [0, 1], codes, "main source", categories=["a", "b"])
+    fig = analysis_plots.embedding_scatter(np.zeros((2, 8, 2)), [0, 1], codes, "main source", categories=["a", "b"])
     assert [t.name for t in fig.data] == ["a", "b"] and [len(t.x) for t in fig.data] == [12, 4]
     runs = pd.DataFrame(dict(method=["original", "mone", "mone", "random"], mode=[None, "novice", "novice", "remove"],
                              ratio=[0.0, 0.5, 0.25, 0.25], task_mean=[0.99, 0.2, 0.47, 0.25]))
@@ -222,12 +222,12 @@ def test_embedding_depth_stability_and_run_curves():
     runs["task_mean_se"] = [0.01, 0.03, 0.04, 0.035]
     fig = plots.ratio_curves(runs, "task_mean")
     assert list(fig.data[0].error_y.array) == [0.04, 0.03] and fig.data[0].error_y.visible  # ± SE, in ratio order
-    fig = plots.depth_curves([0, 1], {"mean similarity": [0.1, 0.2]})
+    fig = analysis_plots.depth_curves([0, 1], {"mean similarity": [0.1, 0.2]})
     assert fig.layout.xaxis.title.text == "decoder layer" and list(fig.layout.xaxis.tickvals) == [0, 1]
     assert fig.layout.yaxis.range is None
-    fig = plots.depth_curves([0, 1], {"usage entropy": [3.98, 3.95]}, y_range=(0, 4))
+    fig = analysis_plots.depth_curves([0, 1], {"usage entropy": [3.98, 3.95]}, y_range=(0, 4))
     assert list(fig.layout.yaxis.range) == [0, 4]  # the whole range of the entropy, not its ripple
-    fig = plots.stability_curves([dict(tokens=10, overlap=0.5, rank_correlation=0.7)])
+    fig = analysis_plots.stability_curves([dict(tokens=10, overlap=0.5, rank_correlation=0.7)])
     assert [t.name for t in fig.data] == ["pruned-set overlap", "rank correlation"]
 
 
@@ -242,8 +242,8 @@ def test_figures_of_a_large_model_build_fast():
                                                              log=True),
         "plan": lambda: plots.plan_heatmap({i: list(range(32)) for i in range(L)}, list(range(L)), E,
                                            toggled={(i, i) for i in range(L)}),
-        "similarity": lambda: plots.similarity_heatmap(sim, labels, "layer 0", "outputs", link=link),
-        "dendrogram": lambda: plots.dendrogram(link, n_clusters=32),
+        "similarity": lambda: analysis_plots.similarity_heatmap(sim, labels, "layer 0", "outputs", link=link),
+        "dendrogram": lambda: analysis_plots.dendrogram(link, n_clusters=32),
         "ratio curve": lambda: plots.ratio_curve(
             {m: [dict(ratio=r, kl=r, top1_agreement=1 - r) for r in np.linspace(0, 0.9, 15)] for m in "abcd"}, 0.25),
     }

@@ -15,10 +15,11 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from moeviz.calibrate import CalibConfig, calibrate
-from moeviz.export import INDEX_FILE, REPLACEMENTS_FILE, export_plan
+from moeviz.export import export_plan
 from moeviz.loading import load_model
 from moeviz.methods import PlanConfig, make_plan
 from moeviz.plan import LINEAGE_FILE, MOEVIZ_ONLY, STANDARD, SUBSTITUTION
+from moeviz.rewrite import INDEX_FILE, REPLACEMENTS_FILE
 from moeviz.verify import VerifyError, check_files, read_lineage, verify
 
 PLANS = {STANDARD: PlanConfig("frequency", ratio=0.25), SUBSTITUTION: PlanConfig("mone", ratio=0.25, mode="novice"),
