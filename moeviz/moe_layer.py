@@ -324,8 +324,9 @@ def _find_router(block: nn.Module, num_experts: int, hidden_size: int) -> tuple[
             if p.dim() == 2 and tuple(p.shape) == (num_experts, hidden_size) and "shared" not in name:
                 return name, children[name], pname
     extra = [(p.shape[0], name, pname) for name in order if "router" in name or name == "gate"
-             for pname, p in children[name].named_parameters() if p.dim() == 2 and num_experts < p.shape[0] <= 2 * num_experts]
-    if extra:  # the fewest extra classes: ZAYA's router also holds (D, H) and (D, D) projections
+             for pname, p in children[name].named_parameters() if p.dim() == 2 and p.shape[0] > num_experts]
+    if extra:  # the fewest extra classes (ZAYA's router also holds (D, H) and (D, D) projections); no bound on
+        # their number: LongCat-Flash keeps its 256 zero experts whatever number of routed ones survive a pruning
         _, name, pname = min(extra)
         return name, children[name], pname
     rows = sorted({tuple(p.shape) for n in order for p in children[n].parameters() if p.dim() == 2})

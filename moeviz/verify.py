@@ -15,7 +15,6 @@ original is not at hand (the result says which). The result goes into the lineag
 
 from __future__ import annotations
 
-import datetime
 import gc
 import json
 import os
@@ -23,7 +22,8 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -187,7 +187,7 @@ def _experts(path: Path, ckpt: Checkpoint, adapter, plan: PruningPlan, kind: str
         ek = parse_expert_key(key, layers)
         if ek is not None and ek.expert_idx is not None and ek.name != "approx_value":
             held.setdefault(ek.layer_idx, set()).add(ek.expert_idx)
-        elif ek is not None and ek.expert_idx is None:
+        elif ek is not None and ek.expert_idx is None and len(ckpt.shape(key)) >= 2:  # not a router's (E,) bias
             fused.setdefault(ek.layer_idx, set()).add(ckpt.shape(key)[0])
     substituted = read_substitution(json.loads((path / "config.json").read_text()))
     stored_plan = PruningPlan.load(path / PLAN_FILE) if (path / PLAN_FILE).is_file() else None
@@ -247,18 +247,15 @@ class Verification:
     def summary(self) -> str:
         where = f"{_ENGINE_NAMES[self.engine]} {self.version or ''}".strip() + f" ({self.device})"
         if self.error:
-            return f"Refused by {where} on {_today()}: {self.error}"
+            return f"Refused by {where} on {date.today()}: {self.error}"
         equal = sum(r["equal"] for r in self.rows)
         diff = max((r["diff"] for r in self.rows), default=0.0)
-        return (f"{'Verified' if self.ok else 'Differs'} in {where} on {_today()}: {equal}/{len(self.rows)} prompts "
-                f"equal, largest log-prob difference {diff:.2g} (tolerance {self.tolerance:g}), against {self.reference}")
+        verdict = "Verified" if self.ok else "Differs"
+        return (f"{verdict} in {where} on {date.today()}: {equal}/{len(self.rows)} prompts equal, largest log-prob "
+                f"difference {diff:.2g} (tolerance {self.tolerance:g}), against {self.reference}")
 
 
 _ENGINE_NAMES = dict(transformers="transformers", vllm="vLLM", moeviz="moeviz.load_model")
-
-
-def _today() -> str:
-    return datetime.date.today().isoformat()
 
 
 def default_engine(path) -> str:
@@ -444,8 +441,7 @@ def record(path: Path, result: Verification) -> None:
     if lineage is None:
         return  # not moeviz's export: nothing of moeviz's to update
     lineage.setdefault("verifications", {})[result.engine] = dict(
-        summary=result.summary(), ok=result.ok, engine=result.engine, version=result.version, device=result.device,
-        date=_today(), reference=result.reference, tolerance=result.tolerance, prompts=result.rows, error=result.error)
+        asdict(result), summary=result.summary(), ok=result.ok, date=date.today().isoformat())
     write_atomically(path / LINEAGE_FILE, json.dumps(lineage, indent=2))
     card = path / CARD_FILE
     if card.is_file():
