@@ -33,7 +33,7 @@ def add_distill(sub) -> None:
     di.add_argument("--seed", type=int, default=0)
     di.add_argument("--stats", help="the plan's stats directory, to evaluate the plan before recovery "
                                     "(default: the plan's own calibration)")
-    di.add_argument("--runs", default="cache/runs.sqlite", help="store the evaluation here, beside the plan's")
+    di.add_argument("--runs", default="cache/runs.sqlite", help="store the evaluation here, beside the plan's (default: cache/runs.sqlite)")
     di.add_argument("--no-evaluate", action="store_true", help="only train and save")
     di.add_argument("--no-check", action="store_true",
                     help="keep the trained model even when it is worse than the pruned one on held-out text")

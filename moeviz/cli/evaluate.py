@@ -198,7 +198,7 @@ def _has_tabulate() -> bool:
 
 def add_runs(sub) -> None:
     runs = sub.add_parser("runs", help="list stored runs, or delete one")
-    runs.add_argument("--runs", default="cache/runs.sqlite")
+    runs.add_argument("--runs", default="cache/runs.sqlite", help="the runs store (SQLite) to read")
     runs.add_argument("--model", help="only this model's runs")
     runs.add_argument("--method", help="only this method's runs")
     runs.add_argument("--delete", type=int, metavar="ID", help="delete run ID (asks first)")
