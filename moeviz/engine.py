@@ -3,7 +3,7 @@
 Run as a script by any Python environment (vLLM pins its own torch and transformers, so it often
 lives in a venv of its own, without moeviz): `python engine.py REQUEST.json RESULT.json`. The
 request is {"engine": "transformers" | "vllm" | "moeviz", "path", "prompts": [[token ids]],
-"new_tokens", "dtype", "device"}; the result {"engine", "version", "device", "tokens": [[the
+"new_tokens", "dtype", "device", "device_map", "tp" (vLLM's tensor-parallel size)}; the result {"engine", "version", "device", "tokens": [[the
 generated ids]], "logprobs": [[log p of every token after the first, prompt and generated]]},
 or {"error": "Type: message"} when the engine refuses the checkpoint. Nothing here imports
 moeviz but the "moeviz" engine.
@@ -18,9 +18,9 @@ import traceback
 
 def greedy(model, prompts: list[list[int]], new_tokens: int) -> dict:
     """Greedy continuations by a transformers model, then one teacher-forced pass over the whole
-    sequences for the log-probabilities of their tokens; also, for every generated token, how far
-    the runner-up's log-probability lies below it (a tie there may go either way). Prompts of one
-    length go as one batch."""
+    sequences for the log-probabilities of their tokens; also, for every generated token, the
+    runner-up and how far its log-probability lies below (a tie there may go either way). Prompts
+    of one length go as one batch."""
     import torch
 
     device = next(model.parameters()).device
@@ -33,10 +33,12 @@ def greedy(model, prompts: list[list[int]], new_tokens: int) -> dict:
                 ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
             logp = model(ids).logits[:, :-1].float().log_softmax(-1)
             said = logp.gather(2, ids[:, 1:, None])[..., 0]
-            top = logp[:, length - 1:].topk(2, dim=-1).values
+            top = logp[:, length - 1:].topk(2, dim=-1)
             for row, i in enumerate(rows):
-                out[i] = (ids[row, length:].tolist(), said[row].tolist(), (top[row, :, 0] - top[row, :, 1]).tolist())
-    return dict(tokens=[o[0] for o in out], logprobs=[o[1] for o in out], margins=[o[2] for o in out])
+                out[i] = (ids[row, length:].tolist(), said[row].tolist(),
+                          (top.values[row, :, 0] - top.values[row, :, 1]).tolist(), top.indices[row, :, 1].tolist())
+    return dict(tokens=[o[0] for o in out], logprobs=[o[1] for o in out], margins=[o[2] for o in out],
+                runner_up=[o[3] for o in out])
 
 
 def run(request: dict) -> dict:
@@ -50,12 +52,14 @@ def run(request: dict) -> dict:
         import moeviz
         from moeviz import load_model
 
-        model, version = load_model(path, device=device, dtype=request.get("dtype"))[0], moeviz.__version__
+        model = load_model(path, device=device, dtype=request.get("dtype"), device_map=request.get("device_map"))[0]
+        version = moeviz.__version__
     elif engine == "transformers":
         import transformers
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=request.get("dtype") or "auto").to(device)
+        model = AutoModelForCausalLM.from_pretrained(  # straight to where it runs: no whole copy in CPU memory first
+            path, dtype=request.get("dtype") or "auto", device_map=request.get("device_map") or device)
         version = transformers.__version__
     else:
         raise ValueError(f"Unknown engine {engine!r}")
@@ -73,7 +77,7 @@ def _vllm(request: dict) -> dict:
     llm = LLM(model=request["path"], dtype=request.get("dtype") or "auto", enforce_eager=True, seed=0,
               skip_tokenizer_init=True, max_model_len=longest, tensor_parallel_size=request.get("tp", 1))
     params = SamplingParams(max_tokens=request["new_tokens"], temperature=0.0, logprobs=1, prompt_logprobs=0,
-                            detokenize=False)
+                            detokenize=False, ignore_eos=True)  # as many tokens as the intended model's
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
     tokens, logprobs = [], []
     for prompt, out in zip(prompts, outs):

@@ -109,6 +109,8 @@ def export_plan(source, plan: PruningPlan, stats: ExpertStats | None, out_dir,
                        plan=json.loads(plan.to_json()))
         if rewriter.mtp_note:
             lineage["mtp"] = rewriter.mtp_note
+        if stats is not None and (data := _calibration_data(stats)):
+            lineage["data"] = data  # the text `moeviz verify` takes its held-out prompts from
         if kind.name == MOEVIZ_ONLY:
             plan.save(tmp / PLAN_FILE)
         lineage["files"] = file_checksums(tmp)  # what `moeviz verify` checks a copy against
@@ -149,11 +151,25 @@ def _sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
+def _calibration_data(stats: ExpertStats) -> str | None:
+    calibration = stats.meta.get("calibration") or {}
+    return (calibration[0] if isinstance(calibration, list) and calibration else calibration or {}).get("data")
+
+
 def write_atomically(file: Path, text: str) -> None:
-    """Replace a small text file at once: written beside it, then renamed over it."""
-    tmp = file.with_name(f".tmp.{file.name}")
-    tmp.write_text(text)
-    tmp.replace(file)
+    """Replace a small text file at once: written to a file of its own beside it (two writers do not
+    share one), flushed to disk, then renamed over it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file.stat().st_mode & 0o777 if file.exists() else 0o644)  # mkstemp's is 0o600
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _prepare_target(out: Path, size: int) -> Path:

@@ -75,7 +75,8 @@ def verify(server, progress, export: str, engine: str | None = None) -> dict:
     """`moeviz.verify.verify` of an export of the loaded model, its intended outputs from the
     loaded original with the plan applied in place: {"ok", "summary", "rows"}, or {"ok": False,
     "problems"} for files that are not whole."""
-    from .verify import VerifyError, read_lineage
+    from .plan import read_lineage
+    from .verify import VerifyError
     from .verify import verify as run
 
     model, _, fingerprint = server.loaded()

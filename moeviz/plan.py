@@ -26,6 +26,16 @@ LINEAGE_FILE = "moeviz_lineage.json"  # beside every export and recovered checkp
 SCOPES = ("layer", "global")
 
 
+def read_lineage(path) -> dict | None:
+    """The lineage beside an export or a recovered checkpoint (None when there is none or it
+    cannot be read: a cut copy)."""
+    file = Path(path) / LINEAGE_FILE
+    try:
+        return json.loads(file.read_text()) if file.is_file() else None
+    except ValueError:
+        return None
+
+
 class PlanError(ValueError):
     """A plan that cannot be applied to this model."""
 

@@ -52,7 +52,7 @@ from .apply import model_info
 from .checkpoint import Checkpoint, read_config, readable, scale_key
 from .loading import load_model, model_fingerprint
 from .moe_layer import MoELayer
-from .plan import LINEAGE_FILE, PLAN_FILE, PlanError, PruningPlan
+from .plan import LINEAGE_FILE, PLAN_FILE, PlanError, PruningPlan, read_lineage
 from .surgery import NoviceExperts
 
 Progress = Callable[[int, int | None, dict], None]  # (step, steps if known, {"loss", "ce", "mse", "kl", "lr", "seconds"})
@@ -103,11 +103,6 @@ def plan_of(model: PreTrainedModel) -> PruningPlan:
             return PruningPlan(**lineage["plan"])
     raise PlanError("Which of the teacher's experts each student expert is cannot be known without the plan: "
                     "give plan=…, or a checkpoint written by `moeviz prune`.")
-
-
-def read_lineage(path) -> dict | None:
-    file = Path(path) / LINEAGE_FILE
-    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def pairs(student: PreTrainedModel, teacher: PreTrainedModel, plan: PruningPlan, every_layer: bool) -> list[_Pair]:

@@ -29,6 +29,10 @@ from .checkpoint import (MOEVIZ_MODEL_TYPE, ROLES, Checkpoint, ExpertKey, dequan
 from .plan import PLAN_FILE, PruningPlan
 from .surgery import install_novices, remove_experts
 
+# tensors beside a quantized weight that the weight consumes, or that only a quantized kernel reads
+# (static activation scales, zero points): a dequantized model has no place for them
+QUANT_SIDECARS = ("_scale_inv", "weight_scale", "input_scale", "k_scale", "v_scale", "weight_zero_point",
+                  "weight_global_scale", "input_global_scale")
 ROUTER_SEMANTICS = dict(preserve_logical_expert_ids=True, preserve_router_weights=True,
                         renormalize_after_substitution=False)  # the only semantics version 1 defines
 
@@ -261,7 +265,7 @@ class ExportLayout:
         if key in self.values:
             wrapper, row = self.values[key]
             return wrapper.novices[row]
-        if key.endswith(("_scale_inv", "weight_scale")):
+        if key.endswith(QUANT_SIDECARS):
             return None
         if ek is None:
             if _part(key) not in self.parts:

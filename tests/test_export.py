@@ -27,6 +27,7 @@ from moeviz.reload import file_tensors, load_exported
 from moeviz.rewrite import INDEX_FILE, REPLACEMENTS_FILE
 from moeviz.runs import RunStore, store_evaluation
 from moeviz.tiny import tiny_model
+from moeviz.filecheck import check_files
 
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
 FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "olmoe", "gpt_oss"]
@@ -433,6 +434,7 @@ def test_fp8_checkpoints_export_with_their_quantization_intact(family, tmp_path)
         plan = PruningPlan("manual", 0.25, "layer", mode, info, pruned=pruned, **extra)
         out = tmp_path / name
         kind = export_plan(source, plan, stats, out)
+        assert check_files(out) == [], name  # scales consumed with their weights in the dry run
         assert (kind.name == SUBSTITUTION) == (mode == "novice")
         assert ("vLLM's expert substitution (0.33.0) refuses fp8 experts" in kind.loaders) == (mode == "novice")
         config = json.loads((out / "config.json").read_text())
@@ -534,6 +536,9 @@ def test_mtp_layers_export_as_the_user_chooses(with_mtp):
     kept = {k: v for k, v in load_file(root / "novice" / "model.safetensors").items() if f"layers.{n}." in k}
     assert kept.keys() == {k for k in src if f"layers.{n}." in k} and kept[router].shape[0] == E
     assert "kept whole" in (root / "novice" / "README.md").read_text()
+    for done in ("prune", "drop", "novice"):  # `moeviz verify` finds each whole, MTP layer counted, not built
+        assert check_files(root / done) == [], done
+    assert check_files(source) == []  # the original too (no lineage: against its config)
 
 
 def test_an_export_of_a_demo_model_names_it_by_its_name_and_tags_are_valid(tmp_path):

@@ -22,7 +22,7 @@ from moeviz.loading import load_model
 from moeviz.methods import PlanConfig, make_plan
 from moeviz.plan import STANDARD, SUBSTITUTION, PlanError
 from moeviz.tiny import moe_families, tiny_model
-from moeviz.verify import check_files
+from moeviz.filecheck import check_files
 
 # Families moeviz refuses, with the words of the reason it gives.
 REFUSED = {

@@ -12,10 +12,11 @@ from moeviz.checkpoint import fingerprint
 from moeviz.cli import main
 from moeviz.data import sample_sequences
 from moeviz.export import export_plan
+from moeviz.filecheck import check_files
 from moeviz.loading import load_model
 from moeviz.methods import PlanConfig, make_plan
-from moeviz.plan import PlanError, PruningPlan
-from moeviz.recover import DistillConfig, distill, plan_of, read_lineage, recover_checkpoint
+from moeviz.plan import PlanError, PruningPlan, read_lineage
+from moeviz.recover import DistillConfig, distill, plan_of, recover_checkpoint
 from moeviz.runs import RunStore
 from moeviz.tiny import tiny_model
 
@@ -118,6 +119,8 @@ def test_a_recovered_checkpoint_reloads_with_the_logits_it_had_in_memory(tmp_pat
     lineage = read_lineage(tmp_path / "recovered")
     assert lineage["parent"] == str((tmp_path / "pruned").resolve()) and lineage["recovery"]["steps"] == 1
     assert plan_of(again).pruned == plan.pruned
+    assert check_files(tmp_path / "recovered") == []  # its own checksums, not the export's
+    assert "## Verification\n\nNot verified yet" in (tmp_path / "recovered" / "README.md").read_text()
 
 
 def test_cli_distill_trains_saves_and_stores_the_pair(tmp_path, capsys):

@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save_file
 
 from moeviz.calibrate import CalibConfig, calibrate
 from moeviz.export import export_plan
+from moeviz.filecheck import check_files
 from moeviz.loading import load_model
 from moeviz.methods import PlanConfig, make_plan
-from moeviz.plan import LINEAGE_FILE, MOEVIZ_ONLY, STANDARD, SUBSTITUTION
+from moeviz.plan import LINEAGE_FILE, MOEVIZ_ONLY, STANDARD, SUBSTITUTION, read_lineage
 from moeviz.rewrite import INDEX_FILE, REPLACEMENTS_FILE
-from moeviz.verify import VerifyError, check_files, read_lineage, verify
+from moeviz.verify import VerifyError, compare, verify
 
 PLANS = {STANDARD: PlanConfig("frequency", ratio=0.25), SUBSTITUTION: PlanConfig("mone", ratio=0.25, mode="novice"),
          MOEVIZ_ONLY: PlanConfig("frequency", ratio=0.25, scope="global")}
@@ -120,6 +121,48 @@ def test_a_broken_copy_is_named_in_one_line_before_any_model_is_built(exports, n
     said = check_files(edited)
     assert said[0].startswith(f"config.json gives {kept + 2} experts a layer, the plan makes it {kept} in layers ")
     assert said[1].startswith("config.json differs from the file the export wrote")
+
+
+def test_a_file_that_is_not_whole_is_named_and_an_edit_that_shapes_nothing_is_a_note(exports, tmp_path):
+    pointer = _copy(exports, "demo", STANDARD, tmp_path / "pointer")  # a clone without git-lfs
+    (pointer / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    said = check_files(pointer)
+    assert said[0].startswith("model.safetensors is a git-lfs pointer") and "git lfs pull" in said[0], said
+    cut = _copy(exports, "demo", STANDARD, tmp_path / "cut")  # a copy cut off half-way
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:len(data) // 2])
+    (cut / LINEAGE_FILE).write_text(json.dumps({k: v for k, v in read_lineage(cut).items() if k != "files"}))
+    said = check_files(cut)
+    assert len(said) == 1 and said[0].startswith("model.safetensors is cut short: its header promises"), said
+    (cut / "config.json").write_text('{"model_type": "mix')
+    assert check_files(cut) == ["config.json is not valid JSON (Unterminated string starting at: line 1 column 16 "
+                                "(char 15); 19 bytes): a cut or edited copy"]
+    edited = _copy(exports, "demo", STANDARD, tmp_path / "edited")  # serving settings, not weights
+    (edited / "generation_config.json").write_text('{"do_sample": true}')
+    notes = []
+    assert check_files(edited, notes) == [] and notes[0].startswith("generation_config.json differs from the file")
+
+
+def test_a_tie_is_the_runner_up_within_the_tolerance_and_nothing_else():
+    reference = dict(tokens=[[5, 6, 7]], logprobs=[[-1.0, -1.0, -0.5, -0.6, -0.7]], margins=[[2.0, 1e-4, 3.0]],
+                     runner_up=[[9, 8, 4]])
+    took_runner_up = dict(tokens=[[5, 8, 7]], logprobs=[[-1.0, -1.0, -0.5, -0.6, -0.9]])
+    [row] = compare([[1, 2, 3]], reference, took_runner_up, 1e-3)
+    assert row["equal"] and row["first_difference"] == 1 and row["diff"] == 0.0  # only the shared tokens compared
+    [row] = compare([[1, 2, 3]], reference, dict(took_runner_up, tokens=[[5, 3, 7]]), 1e-3)
+    assert not row["equal"]  # not the runner-up: no tie, however close the top two
+    [row] = compare([[1, 2, 3]], reference, dict(took_runner_up, tokens=[[5, 6]]), 1e-3)
+    assert not row["equal"] and row["first_difference"] == 2  # stopped early (an engine that stops at EOS)
+
+
+def test_the_export_against_its_own_reading_is_consistent_not_verified(exports, tmp_path):
+    path = _copy(exports, "demo", SUBSTITUTION, tmp_path)
+    lineage = read_lineage(path)
+    (path / LINEAGE_FILE).unlink()  # no lineage: no original to compare with
+    result = verify(path, engine="moeviz", data="demo", num_prompts=2, new_tokens=4)
+    assert result.ok and not result.independent
+    assert result.summary().startswith("Consistent in moeviz.load_model") and "it has no moeviz lineage" in result.summary()
+    assert lineage["data"] == "demo"  # what the prompts are taken from when the stats are not at hand
 
 
 def test_what_the_files_cannot_show_the_engine_does(exports, tmp_path):

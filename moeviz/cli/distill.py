@@ -46,7 +46,8 @@ def _distill(args) -> int:
 
     from ..data import sample_sequences
     from ..loading import load_model, model_fingerprint
-    from ..recover import DistillConfig, plan_of, read_lineage, recover_checkpoint
+    from ..plan import read_lineage
+    from ..recover import DistillConfig, plan_of, recover_checkpoint
 
     if args.model is None:
         raise ValueError("Give --model: the pruned checkpoint `moeviz prune` wrote.")

@@ -7,8 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import (calibration_label, check_fraction, check_new_dir, mix_arg, positive, progress_bar,
-                     stats_of)
+from .common import (calibration_label, check_fraction, check_new_dir, device_map_arg, mix_arg, positive,
+                     progress_bar, stats_of)
 
 
 def add_plan(sub) -> None:
@@ -167,20 +167,25 @@ def add_verify(sub) -> None:
     verify.add_argument("--tolerance", type=float, help="the largest log-prob difference that passes (default: by "
                                                         "dtype, 1e-3 for float32, 0.05 float16, 0.15 bfloat16)")
     verify.add_argument("--device", default="auto")
+    device_map_arg(verify)
+    verify.add_argument("--tp", type=positive, default=1, help="vLLM's tensor-parallel size (GPUs)")
     verify.add_argument("--files-only", action="store_true", help="check the files alone (no engine, no weights read)")
     verify.set_defaults(func=_verify)
 
 
 def _verify(args) -> int:
-    from ..verify import VerifyError, check_files, verify
+    from ..filecheck import check_files
+    from ..verify import VerifyError, verify
 
     if args.files_only:
-        problems = check_files(args.export)
-        print("\n".join(problems) or f"{args.export}: the files are whole")
+        notes: list[str] = []
+        problems = check_files(args.export, notes)
+        print("\n".join([*problems, *(f"note: {n}" for n in notes)]) or f"{args.export}: the files are whole")
         return 1 if problems else 0
     try:
         result = verify(args.export, args.engine, args.python, args.data, args.prompts, args.prompt_tokens,
-                        args.new_tokens, args.device, args.tolerance, progress=lambda text: print(text, file=sys.stderr))
+                        args.new_tokens, args.device, args.tolerance, progress=lambda text: print(text, file=sys.stderr),
+                        device_map=args.device_map, tp=args.tp)
     except VerifyError as err:  # the files, one line each: before any model was built
         print(err)
         return 1
