@@ -109,7 +109,7 @@ def export_plan(source, plan: PruningPlan, stats: ExpertStats | None, out_dir,
                        plan=json.loads(plan.to_json()))
         if rewriter.mtp_note:
             lineage["mtp"] = rewriter.mtp_note
-        if stats is not None and (data := _calibration_data(stats)):
+        if stats is not None and (data := stats.calibration_data):
             lineage["data"] = data  # the text `moeviz verify` takes its held-out prompts from
         if kind.name == MOEVIZ_ONLY:
             plan.save(tmp / PLAN_FILE)
@@ -149,11 +149,6 @@ def _sha256(file: Path) -> str:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _calibration_data(stats: ExpertStats) -> str | None:
-    calibration = stats.meta.get("calibration") or {}
-    return (calibration[0] if isinstance(calibration, list) and calibration else calibration or {}).get("data")
 
 
 def write_atomically(file: Path, text: str) -> None:

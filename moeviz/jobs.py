@@ -195,8 +195,7 @@ def curve(server, progress, stats: str | list, methods: list[str], ratios: list[
 
     model, tokenizer, fingerprint = server.loaded()
     loaded = load_mix(stats)
-    calibration = loaded.meta.get("calibration") or {}
-    data = data or (calibration[0] if isinstance(calibration, list) else calibration).get("data", "demo")
+    data = data or loaded.calibration_data or "demo"
     result = ratio_curve(model, tokenizer, loaded, methods, ratios, mode, scope, data, num_samples, seq_len,
                          fingerprint, progress)
     if "{method}" not in out:

@@ -78,6 +78,12 @@ class ExpertStats:
         return int(self.meta["top_k"])
 
     @property
+    def calibration_data(self) -> str | None:
+        """The text source the statistics were calibrated on (a mix's first source)."""
+        calibration = self.meta.get("calibration") or {}
+        return ((calibration[0] if calibration else {}) if isinstance(calibration, list) else calibration).get("data")
+
+    @property
     def has_probes(self) -> bool:
         return "probe_out_sum" in self.tensors
 

@@ -150,8 +150,7 @@ def _calibration_data(lineage: dict) -> str | None:
     except (FileNotFoundError, ValueError, OSError):
         stats = None
     if stats is not None:
-        calibration = stats.meta.get("calibration") or {}
-        return (calibration[0] if isinstance(calibration, list) else calibration).get("data")
+        return stats.calibration_data
     return "demo" if lineage.get("parent") in demo_names() else None
 
 
