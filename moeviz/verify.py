@@ -106,7 +106,7 @@ def verify(path, engine: str | None = None, python: str | None = None, data: str
     reference, how, dtype = intended(path, lineage, prompts, new_tokens, device, model, device_map)
     say(f"{_ENGINE_NAMES[engine]} on the export")
     got = run_engine(path, engine, prompts, new_tokens, python, device, str(dtype).removeprefix("torch."),
-                     device_map, tp)
+                     device_map, tp, say)
     tol = tolerance if tolerance is not None else TOLERANCE.get(dtype, 0.15)
     result = Verification(engine, got.get("version"), got.get("device", "?"), how, tolerance=tol,
                           independent=not (engine == "moeviz" and how.startswith("moeviz.load_model")))
@@ -227,9 +227,11 @@ def _free() -> None:
 
 
 def run_engine(path: Path, engine: str, prompts, new_tokens: int, python: str | None = None,
-               device: str = "auto", dtype: str | None = None, device_map: str | None = None, tp: int = 1) -> dict:
-    """`moeviz/engine.py` in `python` (default this one): the engine's result, or its error.
-    `dtype` is the intended model's, so that no engine casts a float32 checkpoint down."""
+               device: str = "auto", dtype: str | None = None, device_map: str | None = None, tp: int = 1,
+               say=lambda text: None) -> dict:
+    """`moeviz/engine.py` in `python` (default this one): the engine's result, or its error; its
+    log goes to `say` line by line. `dtype` is the intended model's, so that no engine casts a
+    float32 checkpoint down."""
     request = dict(engine=engine, path=str(path), prompts=prompts, new_tokens=new_tokens, dtype=dtype,
                    device=None if device == "auto" else device, device_map=device_map, tp=tp)
     cpu_only = engine == "vllm" and not torch.cuda.is_available()  # vLLM's CPU build wants these
@@ -237,11 +239,16 @@ def run_engine(path: Path, engine: str, prompts, new_tokens: int, python: str | 
     with tempfile.TemporaryDirectory() as tmp:
         ask, answer = Path(tmp) / "request.json", Path(tmp) / "result.json"
         ask.write_text(json.dumps(request))
-        run = subprocess.run([python or sys.executable, str(ENGINE_SCRIPT), str(ask), str(answer)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        run = subprocess.Popen([python or sys.executable, str(ENGINE_SCRIPT), str(ask), str(answer)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+        last = ""
+        for line in run.stderr:  # the engine's own log (vLLM loading a large model takes minutes): shown as it goes
+            if line.strip():
+                last = line.strip()
+                say(f"  {engine}: {last[:200]}")
+        run.wait()
         if not answer.is_file():
-            last = (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1]
-            raise VerifyError(f"{engine} could not be run by {python or sys.executable}: {last}")
+            raise VerifyError(f"{engine} could not be run by {python or sys.executable}: {last or f'exit status {run.returncode}'}")
         return json.loads(answer.read_text())
 
 
