@@ -75,11 +75,20 @@ def verify(server, progress, export: str, engine: str | None = None) -> dict:
     """`moeviz.verify.verify` of an export of the loaded model, its intended outputs from the
     loaded original with the plan applied in place: {"ok", "summary", "rows"}, or {"ok": False,
     "problems"} for files that are not whole."""
+    import torch
+
+    from .checkpoint import Checkpoint
     from .plan import read_lineage
-    from .verify import VerifyError
+    from .verify import VerifyError, default_engine, gpu_room
     from .verify import verify as run
 
     model, _, fingerprint = server.loaded()
+    device = next(model.parameters()).device
+    if device.type == "cuda":  # the engine loads the export beside the original this backend holds there
+        why = gpu_room(Checkpoint(export).nbytes, *torch.cuda.mem_get_info(device), engine or default_engine(export))
+        if why:
+            return dict(ok=False, summary=f"Not run: {why}, beside the original this dashboard holds there. "
+                                          f"`moeviz verify {export}` on the command line frees it before the engine starts.")
     lineage = read_lineage(export) or {}
     steps = iter(range(4))
     try:

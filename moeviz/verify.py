@@ -220,6 +220,16 @@ def local_original(parent: str | None) -> str | None:
         return None
 
 
+def gpu_room(needed: int, free: int, total: int, engine: str) -> str | None:
+    """Why an engine cannot load an export of `needed` bytes beside a model already on the GPU
+    (None: it can). vLLM starts only with 90 % of the GPU free (its default memory utilisation)."""
+    if engine == "vllm" and free < 0.9 * total:
+        return f"vLLM starts with 90 % of the GPU free, and {free / 2**30:.1f} of {total / 2**30:.1f} GiB are"
+    if needed * 1.1 > free:
+        return f"the export needs about {needed / 2**30:.1f} GiB of GPU memory, and {free / 2**30:.1f} GiB are free"
+    return None
+
+
 def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():

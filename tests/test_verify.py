@@ -21,7 +21,7 @@ from moeviz.loading import load_model
 from moeviz.methods import PlanConfig, make_plan
 from moeviz.plan import LINEAGE_FILE, MOEVIZ_ONLY, STANDARD, SUBSTITUTION, read_lineage
 from moeviz.rewrite import INDEX_FILE, REPLACEMENTS_FILE
-from moeviz.verify import VerifyError, compare, verify
+from moeviz.verify import VerifyError, compare, gpu_room, verify
 
 PLANS = {STANDARD: PlanConfig("frequency", ratio=0.25), SUBSTITUTION: PlanConfig("mone", ratio=0.25, mode="novice"),
          MOEVIZ_ONLY: PlanConfig("frequency", ratio=0.25, scope="global")}
@@ -153,6 +153,14 @@ def test_a_tie_is_the_runner_up_within_the_tolerance_and_nothing_else():
     assert not row["equal"]  # not the runner-up: no tie, however close the top two
     [row] = compare([[1, 2, 3]], reference, dict(took_runner_up, tokens=[[5, 6]]), 1e-3)
     assert not row["equal"] and row["first_difference"] == 2  # stopped early (an engine that stops at EOS)
+
+
+def test_the_dashboard_runs_no_engine_that_cannot_fit_beside_the_original_it_holds():
+    gib = 2**30
+    assert gpu_room(10 * gib, free=60 * gib, total=80 * gib, engine="transformers") is None
+    assert "needs about 10.0 GiB" in gpu_room(10 * gib, free=8 * gib, total=80 * gib, engine="moeviz")
+    assert "vLLM starts with 90 % of the GPU free, and 60.0 of 80.0 GiB are" == gpu_room(
+        10 * gib, free=60 * gib, total=80 * gib, engine="vllm")
 
 
 def test_the_export_against_its_own_reading_is_consistent_not_verified(exports, tmp_path):
