@@ -18,7 +18,10 @@ host synchronisations, and the same statistics as on the CPU. One command:
    seconds (the student loaded beside the teacher, its checkpoint not written back), and
    layer-by-layer calibration (the model not loaded). CUDA: `torch.cuda.max_memory_allocated`;
    CPU: resident memory sampled every 5 ms.
-5. Calibrates the shipped `demo-fine` on --device and on the CPU and compares every statistic:
+5. Exports a 25 % removal of the checkpoint (a standard one) and runs `moeviz verify` on it with
+   stock transformers on --device (and vLLM, where it is importable), against the plan applied in
+   place on the original: the export's and the verification's seconds, and the verdict.
+6. Calibrates the shipped `demo-fine` on --device and on the CPU and compares every statistic:
    the counts exactly, the rest by the largest difference relative to the statistic's largest
    magnitude (tolerance 1e-4).
 
@@ -247,6 +250,7 @@ class Bench:
         with self.section("memory: calibrate"), peak_above(self.device) as peak:
             stats, _ = calibrate(model, config, use_cache=False)
         self.results["memory_calibrate"] = peak.get("bytes", 0) / ckpt
+        self.stats = stats  # the verification's plan, once the model is gone
         plan = make_plan(stats, PlanConfig("mone", ratio=0.25))
         eval_config = EvalConfig(data="random", num_samples=size["samples"], seq_len=size["seq_len"],
                                  batch_size=size["batch_size"])
@@ -277,6 +281,26 @@ class Bench:
                 del student
         self.results["memory_distill"] = peak.get("bytes", 0) / self.results["checkpoint_bytes"]
         self.results["distill_steps"] = report["steps"]
+
+    def verify(self, path: Path) -> None:
+        """A 25 % removal exported and verified where it is served, against the plan in place."""
+        from importlib.util import find_spec
+
+        from moeviz.export import export_plan
+        from moeviz.methods import PlanConfig, make_plan
+        from moeviz.verify import verify
+
+        plan = make_plan(self.stats, PlanConfig("frequency", ratio=0.25))
+        with tempfile.TemporaryDirectory(prefix="moeviz-gpu-", dir=self.args.dir) as tmp:
+            start = time.perf_counter()
+            export_plan(str(path), plan, self.stats, Path(tmp) / "pruned")
+            self.results["export_s"] = time.perf_counter() - start
+            for engine in ("transformers", "vllm") if find_spec("vllm") else ("transformers",):
+                start = time.perf_counter()
+                result = verify(Path(tmp) / "pruned", engine=engine, device=str(self.device))
+                self.results[f"verify_{engine}_s"] = time.perf_counter() - start
+                self.results[f"verify_{engine}"] = result.summary()
+                self.results[f"verify_{engine}_ok"] = result.ok
 
     def layer_by_layer(self, path: Path) -> None:
         from moeviz.calibrate import CalibConfig, calibrate
@@ -336,6 +360,9 @@ class Bench:
         if "layer_by_layer" not in skip and "path" in locals():
             with self.section("memory: layer by layer"):
                 self.layer_by_layer(path)
+        if "verify" not in skip and hasattr(self, "stats"):  # the model gone: the device is the engine's
+            with self.section("export and verify"):
+                self.verify(path)
         if "agreement" not in skip:
             with self.section("CPU/device agreement"):
                 self.agreement()
@@ -379,6 +406,9 @@ def table(r: dict) -> str:
         ("… trace, with a plan", f("memory_trace")),
         (f"… distill (student beside the teacher, {f('distill_steps', '{}')} steps)", f("memory_distill")),
         ("peak memory, × checkpoint: calibrate layer by layer (model not loaded)", f("memory_layer_by_layer")),
+        ("export of a 25 % removal, s", f("export_s", "{:.0f}")),
+        *((f"moeviz verify in {e}, s: verdict", f"{f(f'verify_{e}_s', '{:.0f}')}: {r[f'verify_{e}']}")
+          for e in ("transformers", "vllm") if f"verify_{e}" in r),
         ("demo-fine: statistics on the device equal the CPU's", agree),
     ]
     head = (f"{m['device']} ({m['gpu'] or 'CPU'}), {m['date']}, torch {m['torch']}, transformers {m['transformers']}; "
@@ -400,7 +430,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each pass (the best counts)")
     parser.add_argument("--distill-s", type=float, default=30.0, help="seconds of distillation")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=("overhead", "syncs", "memory", "layer_by_layer", "agreement"))
+                        choices=("overhead", "syncs", "memory", "layer_by_layer", "verify", "agreement"))
     args = parser.parse_args()
     results = Bench(args).run()
     Path(args.out).write_text(json.dumps(results, indent=1, default=str))

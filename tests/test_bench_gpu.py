@@ -28,6 +28,8 @@ def test_tiny_run_prints_every_figure_and_imports_nothing_the_gpu_image_lacks(tm
     for key in FIGURES:  # memory above the start may be nothing new on the CPU, whose allocator reuses
         assert results[key] >= 0 if key.startswith("memory") else results[key] > 0, key
     assert results["agreement_ok"] and results["agreement"]["count"]["differing"] == 0
+    assert results["verify_transformers_ok"], results["verify_transformers"]  # the export served as planned
+    assert results["verify_transformers"].startswith("Verified in transformers")
     table = run.stdout.split("| figure | value |")[1]
     assert "–" not in table.replace("– / –", "")  # every figure printed; CUDA's sync count only on CUDA
     assert table.count("\n|") >= 12
