@@ -107,7 +107,7 @@ def slice_block(layer: MoELayer, keep: list[int], in_place: bool,
         if layer.extra_classes:  # LongCat's router counts its zero experts with the routed ones
             _set_count(module, count + layer.extra_classes, E + layer.extra_classes)
         if not in_place and getattr(module, "config", None) is not None:  # ZAYA's router reads the count there
-            module.config = copy.deepcopy(module.config)  # a config: a few hundred bytes, no weights
+            module.config = type(module.config).from_dict(module.config.to_dict())  # its own copy
             set_config_count(module.config, count, E)
     return root
 
