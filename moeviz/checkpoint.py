@@ -82,9 +82,10 @@ def resolve_source(name_or_path: str | os.PathLike) -> str:
     return name
 
 
-def local_dir(name_or_path: str | os.PathLike) -> str:
+def local_dir(name_or_path: str | os.PathLike, download: bool = True) -> str:
     """The directory holding a checkpoint's files: the path itself, or the local copy of a hub
-    id (downloaded into the Hugging Face cache if it is not there yet)."""
+    id (downloaded into the Hugging Face cache if it is not there yet, unless `download` is off:
+    then FileNotFoundError)."""
     source = resolve_source(name_or_path)
     if Path(source).is_dir():
         return source
@@ -94,7 +95,9 @@ def local_dir(name_or_path: str | os.PathLike) -> str:
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
     try:
         return snapshot_download(source, allow_patterns=patterns, local_files_only=True)
-    except LocalEntryNotFoundError:  # not downloaded yet
+    except LocalEntryNotFoundError as err:  # not downloaded yet
+        if not download:
+            raise FileNotFoundError(f"{source} is not in the Hugging Face cache of this machine.") from err
         return snapshot_download(source, allow_patterns=patterns)
 
 

@@ -20,12 +20,10 @@ from pathlib import Path
 
 import torch
 
-from .adapters import get_adapter
-from .building import skeleton
-from .checkpoint import Checkpoint, _header, parse_expert_key, read_config
+from .checkpoint import Checkpoint, _header, parse_expert_key
 from .export import file_checksums
-from .plan import LINEAGE_FILE, MOEVIZ_ONLY, PLAN_FILE, STANDARD, SUBSTITUTION, PruningPlan, read_lineage
-from .reload import ExportLayout, read_substitution
+from .plan import LINEAGE_FILE, MOEVIZ_ONLY, PLAN_FILE, STANDARD, SUBSTITUTION, PruningPlan
+from .reload import meta_model, read_substitution, unfilled
 from .rewrite import INDEX_FILE, mtp_layers
 
 
@@ -137,22 +135,15 @@ def _structure(path: Path, lineage: dict | None) -> list[str]:
     """A dry run of `load_exported` on the meta device: the config's model, cut as the files
     say, and every file tensor put in its place, shapes compared; then what no file filled."""
     ckpt = Checkpoint(path)
-    config = read_config(path)
-    config = type(config).from_dict(config.to_dict())
-    config.dtype = ckpt.main_dtype
     try:
-        layout = ExportLayout(path, config)
+        layout, adapter = meta_model(path, ckpt)
     except ValueError as err:
         return [str(err)]
-    for attr in ("quantization_config", "compression_config"):
-        if hasattr(config, attr):
-            delattr(config, attr)
     absent = [(layer_idx, name) for layer_idx, (_, values) in layout.substituted.items()
               for name in values.values() if name and name not in ckpt.file_of]
     if absent:
         return [f"{len(absent)} replacement vector(s) of the expert substitution are not in the files ("
                 f"{_layers(sorted({layer for layer, _ in absent}))}, e.g. {absent[0][1]}): copy the export again"]
-    adapter = get_adapter(skeleton(config, str(path), ckpt.keys()))
     if mixed := _mixed_dtypes(ckpt, adapter):
         return mixed
     kind = (lineage or {}).get("kind") or (SUBSTITUTION if layout.substituted else MOEVIZ_ONLY if layout.plan else
@@ -181,10 +172,7 @@ def _structure(path: Path, lineage: dict | None) -> list[str]:
                 problems.append(f"{key} is {list(value.shape)} in {ckpt.file_of[key].name}; the config makes it "
                                 f"{list(target.shape)}")
             written[id(target if target._base is None else target._base)] += target.numel()
-    model = adapter.model
-    transient = {name for name, _ in model.named_non_persistent_buffers()}
-    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n not in transient)]
-    if lost := [name for name, t in tensors if written[id(t)] < t.numel()]:
+    if lost := unfilled(adapter.model, written):
         problems.append(f"The files lack {len(lost)} tensor(s) the config promises, e.g. {', '.join(lost[:3])}")
     return problems
 

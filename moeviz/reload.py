@@ -128,17 +128,10 @@ def load_exported(path, config=None, dtype=None, device="cpu") -> PreTrainedMode
     not hold, a composite checkpoint's vision tower, are left unread)."""
     path = Path(path)
     ckpt = Checkpoint(path)
-    config = config if config is not None else read_config(path)
-    config = type(config).from_dict(config.to_dict())  # a copy
     if isinstance(dtype, str):
         dtype = None if dtype == "auto" else getattr(torch, dtype)
-    config.dtype = dtype or ckpt.main_dtype
-    layout = ExportLayout(path, config)
-    for attr in ("quantization_config", "compression_config"):  # weights are dequantized; novices installed
-        if hasattr(config, attr):
-            delattr(config, attr)
-    model = skeleton(config, str(path), ckpt.keys())
-    adapter = get_adapter(model)  # before any wrapping: its layers keep the inner experts
+    layout, adapter = meta_model(path, ckpt, config, dtype)
+    model = adapter.model
     layout.restructure(adapter)
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gave tied parameters separate storage
@@ -150,14 +143,34 @@ def load_exported(path, config=None, dtype=None, device="cpu") -> PreTrainedMode
     for key in sorted(ckpt.keys(), key=lambda k: ckpt.file_of[k]):  # file by file
         for target, value in layout.fill(ckpt, key):
             _copy_into(target, value, written)
-    transient = {name for name, _ in model.named_non_persistent_buffers()}
-    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n not in transient)]
-    missing = [name for name, t in tensors if written[id(t)] < t.numel()]
-    if missing:
+    if missing := unfilled(model, written):
         raise ValueError(f"{path} does not hold {len(missing)} of the model's tensors, e.g. {missing[:3]}.")
     model._moeviz_source = str(path)
     model.name_or_path = str(path)
     return model.eval()
+
+
+def meta_model(path: Path, ckpt: Checkpoint, config=None, dtype=None) -> tuple[ExportLayout, Adapter]:
+    """The export's layout and its original architecture on the meta device, not yet cut: a copy
+    of the config in `dtype` (or the checkpoint's), without its quantization and substitution
+    blocks (weights are dequantized, novices installed). The adapter is made before any wrapping,
+    so that its layers keep the inner experts."""
+    config = config if config is not None else read_config(path)
+    config = type(config).from_dict(config.to_dict())  # a copy
+    config.dtype = dtype or ckpt.main_dtype
+    layout = ExportLayout(path, config)
+    for attr in ("quantization_config", "compression_config"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    return layout, get_adapter(skeleton(config, str(path), ckpt.keys()))
+
+
+def unfilled(model: PreTrainedModel, written: Counter) -> list[str]:
+    """The model's parameters and persistent buffers that the files did not fill whole (`written`:
+    elements copied, by the id of each tensor)."""
+    transient = {name for name, _ in model.named_non_persistent_buffers()}
+    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n not in transient)]
+    return [name for name, t in tensors if written[id(t)] < t.numel()]
 
 
 class ExportLayout:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .card import with_verification
-from .checkpoint import demo_names, fingerprint, resolve_source
+from .checkpoint import demo_names, fingerprint, local_dir
 from .export import CARD_FILE, write_atomically
 from .filecheck import check_files
 from .plan import LINEAGE_FILE, MOEVIZ_ONLY, SUBSTITUTION, PruningPlan, read_lineage
@@ -207,16 +207,8 @@ def local_original(parent: str | None) -> str | None:
     """The original's directory when it is on this machine: a demo, a path, or a hub id already in
     the Hugging Face cache (never downloaded: on a serving machine it may be hundreds of GB)."""
     try:
-        source = resolve_source(parent) if parent else None
-    except FileNotFoundError:
-        return None
-    if source is None or Path(source).is_dir():
-        return source
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(source, allow_patterns=["*.json", "*.safetensors"], local_files_only=True)
-    except Exception:  # noqa: BLE001 (not in the cache, in whatever way the hub says it)
+        return local_dir(parent, download=False) if parent else None
+    except (FileNotFoundError, ValueError):  # ValueError: not a hub id the hub would take
         return None
 
 
